@@ -1,0 +1,64 @@
+"""The small interface between editors and whoever owns the weights.
+
+An editor looks at the model as it is now and proposes a low-rank delta for one fact;
+it never changes weights itself. The engine (service) or the evaluation harness validates
+the proposal, logs it and applies it through ``WeightState``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from .delta import LowRankDelta
+
+
+@dataclass
+class LocalityPrompt:
+    prompt: str
+    target: str
+
+
+@dataclass
+class EditRequest:
+    """One fact to write: ``prompt`` should continue with ``target``."""
+
+    prompt: str
+    target: str
+    rephrases: list[str] = field(default_factory=list)
+    locality: list[LocalityPrompt] = field(default_factory=list)
+    subject: str | None = None
+
+
+@dataclass
+class Proposal:
+    """What an editor wants to change, and why.
+
+    modules:      every editable module of the editor, in module-index order
+    importances:  [L] router scores (HiEdit) or per-module weights (others), float32 CPU
+    selected:     indices into ``modules`` that the delta touches
+    delta:        the low-rank change of the selected modules
+    loss_before:  teacher-forced target loss at the current weights
+    n_tokens:     tokens whose (u, δ) the proposal was built from
+    info:         method-specific notes recorded with the edit (e.g. a derived subject)
+    """
+
+    modules: list[str]
+    importances: torch.Tensor
+    selected: list[int]
+    delta: LowRankDelta
+    loss_before: float
+    n_tokens: int
+    info: dict = field(default_factory=dict)
+
+    @property
+    def selected_modules(self) -> list[str]:
+        return [self.modules[i] for i in self.selected]
+
+
+class Editor(Protocol):
+    method: str
+    modules: list[str]
+
+    def propose(self, request: EditRequest, k: int | None = None) -> Proposal: ...

@@ -1,0 +1,197 @@
+"""HiEdit at edit time: capture (u, δ), route to the top-k modules, run only their editor nets.
+
+    p = Router(u, δ)                    importances over the L editable modules
+    S = topk(p, k)                      the modules this fact changes
+    ΔW_l = -η_l Σ_t ũ_t δ̃_tᵀ, l ∈ S      kept as two factors, never made dense
+
+A checkpoint is a directory with ``editor.safetensors`` (router + low-level nets) and
+``config.json`` (layer spec, k, dimensions, base model id, a fingerprint of the base
+model's editable weights). ``HiEditor.load`` refuses a checkpoint made for another model.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .capture import (DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TARGET_TOKENS, Capture, capture,
+                      teacher_forced)
+from .delta import LowRankDelta
+from .editor import EditRequest, Proposal
+from .model import model_id, resolve_modules
+from .nets import LowLevelNet, Router, topk_ste
+from .state import weights_fingerprint
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "editor.safetensors"
+
+
+class CheckpointMismatch(ValueError):
+    """An editor checkpoint made for another model, dtype-independent weights or layer spec."""
+
+
+@dataclass
+class HiEditConfig:
+    """Everything needed to rebuild the editor nets; saved as the checkpoint's config.json."""
+
+    layer_spec: str                      # e.g. "gate[22-30],up[22-30]"
+    k: int                               # modules edited per fact (paper: L/2)
+    rank: int = 256                      # r of each editor block (paper: 1920 at D = 18432)
+    n_blocks: int = 2
+    router_hidden: int = 256             # encoder width (paper Table 4: 256)
+    lr_init: float = 1e-6                # initial η_l
+    tokens: str = "all"                  # capture positions: "all" (MEND style) or "target"
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
+    max_target_tokens: int = DEFAULT_MAX_TARGET_TOKENS
+    shapes: list[list[int]] = field(default_factory=list)  # (d_in, d_out) per module, filled from the model
+    base_model: str = ""
+    base_fingerprint: str = ""           # of the editable weights rounded to bf16 (dtype-independent)
+    method: str = "hiedit"
+
+
+def base_weights_fingerprint(model: nn.Module, modules: dict[str, nn.Linear]) -> str:
+    """Identity of a base model's editable weights, the same whether it is served in fp32, fp16 or bf16."""
+    return weights_fingerprint("", ((n, m.weight.detach().to(torch.bfloat16)) for n, m in modules.items()))
+
+
+class HiEditNet(nn.Module):
+    """The trainable part: the router and one low-level net per weight shape."""
+
+    def __init__(self, cfg: HiEditConfig):
+        super().__init__()
+        self.cfg = cfg
+        shapes = [tuple(s) for s in cfg.shapes]
+        if not shapes:
+            raise ValueError("HiEditConfig.shapes is empty: build the config with HiEditor.create")
+        self.router = Router(shapes, cfg.router_hidden)
+        self.nets = nn.ModuleDict()
+        self.index_in_group: list[int] = []
+        for shape in sorted(set(shapes)):
+            members = [i for i, s in enumerate(shapes) if s == shape]
+            self.nets[Router.key(shape)] = LowLevelNet(shape[0], shape[1], cfg.rank, cfg.n_blocks,
+                                                       len(members), cfg.lr_init)
+        for i, s in enumerate(shapes):
+            self.index_in_group.append([j for j, t in enumerate(shapes) if t == s].index(i))
+        self.shapes = shapes
+
+    def net_for(self, l: int) -> LowLevelNet:
+        return self.nets[Router.key(self.shapes[l])]
+
+    def update_norms(self, keys: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """Fold one capture into the running normalisers of both levels (training time)."""
+        self.router.update_norms(keys, grads)
+        for shape in sorted(set(self.shapes)):
+            members = [l for l, s in enumerate(self.shapes) if s == shape]
+            rows = torch.cat([torch.cat([keys[l], grads[l]], -1) for l in members])
+            self.nets[Router.key(shape)].norm.update(rows)
+
+    def importances(self, keys: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
+        return self.router(keys, grads)
+
+    def factors(self, l: int, u: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(left [d_out, n], right [n, d_in]) of ΔW_l; differentiable in the net's parameters."""
+        return self.net_for(l).factors(u, delta, self.index_in_group[l])
+
+
+class HiEditor:
+    """HiEdit bound to a model: ``propose(request, k)`` -> Proposal. Never changes weights."""
+
+    method = "hiedit"
+
+    def __init__(self, net: HiEditNet, model: nn.Module, tokenizer):
+        self.net = net.eval()
+        self.cfg = net.cfg
+        self.method = net.cfg.method
+        self.model = model
+        self.tokenizer = tokenizer
+        self.module_map = resolve_modules(model, self.cfg.layer_spec)
+        self.modules = list(self.module_map)
+        device = next(model.parameters()).device
+        self.net.to(device)
+
+    # ---- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, model: nn.Module, tokenizer, layer_spec: str, k: int | None = None, seed: int = 0,
+               **overrides) -> "HiEditor":
+        """A freshly initialised (untrained) editor for ``model``; k defaults to L/2."""
+        modules = resolve_modules(model, layer_spec)
+        shapes = [[m.in_features, m.out_features] for m in modules.values()]
+        cfg = HiEditConfig(layer_spec=layer_spec, k=k or max(1, len(modules) // 2), shapes=shapes,
+                           base_model=model_id(model), base_fingerprint=base_weights_fingerprint(model, modules),
+                           **overrides)
+        if not 1 <= cfg.k <= len(modules):
+            raise ValueError(f"k={cfg.k} is out of range: the layer spec has {len(modules)} modules")
+        torch.manual_seed(seed)
+        return cls(HiEditNet(cfg), model, tokenizer)
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        save_file(state, directory / WEIGHTS_FILE)
+        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, model: nn.Module, tokenizer) -> "HiEditor":
+        """Load a checkpoint; CheckpointMismatch if it was trained for a different base model."""
+        directory = Path(directory)
+        if not (directory / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{directory} is not an editor checkpoint: {CONFIG_FILE} is missing")
+        cfg = HiEditConfig(**json.loads((directory / CONFIG_FILE).read_text()))
+        try:
+            modules = resolve_modules(model, cfg.layer_spec)
+        except ValueError as e:
+            raise CheckpointMismatch(f"editor {directory} does not fit this model: {e}") from e
+        shapes = [[m.in_features, m.out_features] for m in modules.values()]
+        if shapes != cfg.shapes:
+            raise CheckpointMismatch(f"editor {directory} was built for module shapes {cfg.shapes[:2]}..., "
+                                     f"this model has {shapes[:2]}...")
+        fp = base_weights_fingerprint(model, modules)
+        if cfg.base_fingerprint and fp != cfg.base_fingerprint:
+            raise CheckpointMismatch(
+                f"editor {directory} was trained for base model {cfg.base_model!r} "
+                f"(editable-weight fingerprint {cfg.base_fingerprint[:12]}), but the loaded model "
+                f"{model_id(model)!r} has fingerprint {fp[:12]}: load the model it was trained for")
+        net = HiEditNet(cfg)
+        net.load_state_dict(load_file(directory / WEIGHTS_FILE))
+        return cls(net, model, tokenizer)
+
+    # ---- edit path ------------------------------------------------------------------------------
+
+    def capture(self, prompt: str, target: str) -> Capture:
+        example = teacher_forced(self.tokenizer, prompt, target, self.cfg.max_prompt_tokens,
+                                 self.cfg.max_target_tokens)
+        return capture(self.model, self.module_map, example, self.cfg.tokens)
+
+    @torch.no_grad()
+    def propose(self, request: EditRequest, k: int | None = None) -> Proposal:
+        """Route the fact and build the low-rank delta of its top-k modules.
+
+        The normalisers are frozen here (the published code keeps updating them during
+        evaluation): a proposal then depends only on the checkpoint and the current
+        weights, so it is reproducible and replicas agree on what the writer would do.
+        """
+        k = self.cfg.k if k is None else k
+        if not 1 <= k <= len(self.modules):
+            raise ValueError(f"k={k} is out of range: choose 1..{len(self.modules)}")
+        cap = self.capture(request.prompt, request.target)
+        keys = [cap.keys[n] for n in self.modules]
+        grads = [cap.grads[n] for n in self.modules]
+        p = self.net.importances(keys, grads)
+        selected = sorted(p.topk(k).indices.tolist())
+        factors = {}
+        for l in selected:  # only the k selected low-level nets run
+            left, right = self.net.factors(l, keys[l], grads[l])
+            factors[self.modules[l]] = (left.contiguous(), right.contiguous())
+        return Proposal(self.modules, p.float().cpu(), selected, LowRankDelta(factors), cap.loss, cap.n_tokens)
+
+    def route(self, cap: Capture, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Differentiable routing for training: (p [L], m [L]) with m = STE top-k mask."""
+        p = self.net.importances([cap.keys[n] for n in self.modules], [cap.grads[n] for n in self.modules])
+        return p, topk_ste(p, k)

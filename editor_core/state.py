@@ -1,0 +1,159 @@
+"""The weight state of DESIGN §3: W_l = W_l^0 + Σ_{active i, in id order} ΔW_l^(i).
+
+For every editable module the state keeps W^0 (in the model's dtype) and a float32
+accumulator ``acc``; the served weight is ``cast(W^0 + acc)``. Applying edit i adds its
+low-rank product into ``acc`` (``acc.addmm_(left, right)``); rolling it back rebuilds each
+module it touched from zero, adding the remaining deltas in id order. Replaying the same
+active edits in a fresh process performs the same float operations in the same order, so
+the served bytes, and the fingerprint, are bit-identical.
+
+Every change is computed into new tensors first and swapped in at the end, under the
+caller's ``swap_lock``: a failure leaves weights, accumulators and the fingerprint as they were,
+and a reader holding that lock never sees a half-applied edit.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterable
+from typing import ContextManager
+
+import torch
+from torch import nn
+
+from .delta import LowRankDelta
+
+
+class DeltaRejected(ValueError):
+    """A delta that must not be applied: non-finite, wrong module or shape, or it overflows the dtype."""
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's raw bytes (any dtype, bf16 included)."""
+    flat = t.detach().contiguous().to("cpu").reshape(-1).view(torch.uint8)
+    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+
+
+def weights_fingerprint(model_name: str, weights: Iterable[tuple[str, torch.Tensor]]) -> str:
+    h = hashlib.sha256(model_name.encode())
+    for name, w in weights:
+        h.update(name.encode())
+        h.update(tensor_digest(w).encode())
+    return h.hexdigest()
+
+
+class WeightState:
+    """Owns the editable weights of a model: base copies, accumulators, active deltas.
+
+    Args:
+        modules: {dotted name: nn.Linear} for every module any editor may change.
+        model_name: mixed into the fingerprint so different bases never collide.
+    """
+
+    def __init__(self, modules: dict[str, nn.Linear], model_name: str):
+        self.modules = dict(modules)
+        self.model_name = model_name
+        self.base = {n: m.weight.detach().clone() for n, m in self.modules.items()}
+        self.acc: dict[str, torch.Tensor] = {}  # allocated on first touch: float32, same shape as W^0
+        self.deltas: dict[int, LowRankDelta] = {}  # active edits, ascending id
+        self._digests = {n: tensor_digest(w) for n, w in self.base.items()}
+        self._dirty: set[str] = set()  # modules swapped since their digest was taken
+        self.base_fingerprint = self.fingerprint()
+
+    # ---- queries --------------------------------------------------------------------------
+
+    @property
+    def active_ids(self) -> list[int]:
+        return sorted(self.deltas)
+
+    def fingerprint(self) -> str:
+        """sha256 over the model name and the served bytes of every editable module."""
+        for name in list(self._dirty):  # hashed lazily: hashing is off the edit path
+            self._digests[name] = tensor_digest(self.modules[name].weight)
+            self._dirty.discard(name)
+        h = hashlib.sha256(self.model_name.encode())
+        for name in self.modules:
+            h.update(name.encode())
+            h.update(self._digests[name].encode())
+        return h.hexdigest()
+
+    # ---- changes ----------------------------------------------------------------------------
+
+    def validate(self, delta: LowRankDelta) -> None:
+        """Raise DeltaRejected unless ``delta`` can be applied to this state."""
+        for name, (left, right) in delta.factors.items():
+            if name not in self.modules:
+                raise DeltaRejected(f"delta touches {name}, which is not an editable module of this model")
+            d_out, d_in = self.base[name].shape
+            if left.shape[0] != d_out or right.shape[1] != d_in:
+                raise DeltaRejected(f"delta for {name} has shape {left.shape[0]}x{right.shape[1]}, "
+                                    f"the weight is {d_out}x{d_in}")
+        if not delta.is_finite():
+            raise DeltaRejected("delta contains NaN or inf values")
+
+    def apply(self, edit_id: int, delta: LowRankDelta, swap_lock: ContextManager | None = None) -> None:
+        """Add edit ``edit_id``. Ids must grow; anything else is a replay error."""
+        if edit_id in self.deltas:
+            raise ValueError(f"edit {edit_id} is already applied")
+        if self.deltas and edit_id < max(self.deltas):
+            raise ValueError(f"edit {edit_id} is older than the newest active edit {max(self.deltas)}: "
+                             "apply edits in id order")
+        self.validate(delta)
+        new_acc = {}
+        for name, (left, right) in delta.factors.items():
+            acc = self.acc.get(name)
+            acc = torch.zeros(self.base[name].shape, dtype=torch.float32, device=self.base[name].device) \
+                if acc is None else acc.clone()
+            acc.addmm_(left.to(acc.device, torch.float32), right.to(acc.device, torch.float32))
+            new_acc[name] = acc
+        self._swap(new_acc, swap_lock)
+        self.deltas[edit_id] = delta
+
+    def rollback(self, edit_id: int, swap_lock: ContextManager | None = None) -> None:
+        """Remove edit ``edit_id``, rebuilding the modules it touched from W^0 and the rest."""
+        if edit_id not in self.deltas:
+            raise KeyError(f"edit {edit_id} is not active")
+        remaining = {i: d for i, d in self.deltas.items() if i != edit_id}
+        new_acc = self._rebuild(self.deltas[edit_id].modules, remaining)
+        self._swap(new_acc, swap_lock)
+        del self.deltas[edit_id]
+
+    def reset(self, swap_lock: ContextManager | None = None) -> None:
+        """Drop every edit: the served weights become W^0 again, byte for byte."""
+        self._swap({n: None for n in self.acc}, swap_lock)
+        self.deltas.clear()
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _rebuild(self, names: Iterable[str], deltas: dict[int, LowRankDelta]) -> dict[str, torch.Tensor | None]:
+        out: dict[str, torch.Tensor | None] = {}
+        for name in names:
+            acc = None
+            for i in sorted(deltas):
+                factors = deltas[i].factors.get(name)
+                if factors is None:
+                    continue
+                if acc is None:
+                    acc = torch.zeros(self.base[name].shape, dtype=torch.float32, device=self.base[name].device)
+                acc.addmm_(factors[0].to(acc.device, torch.float32), factors[1].to(acc.device, torch.float32))
+            out[name] = acc
+        return out
+
+    def _swap(self, new_acc: dict[str, torch.Tensor | None], swap_lock: ContextManager | None) -> None:
+        """Compute served weights for ``new_acc`` (None = no edits left), then swap them in."""
+        served = {}
+        for name, acc in new_acc.items():
+            w0 = self.base[name]
+            w = w0 if acc is None else (w0.float() + acc).to(w0.dtype)
+            if acc is not None and not bool(torch.isfinite(w).all()):
+                raise DeltaRejected(f"the edited weight of {name} overflows {w0.dtype}")
+            served[name] = w
+        with swap_lock or contextlib.nullcontext():
+            for name, w in served.items():
+                # A pointer swap: readers see the old or the new tensor, never a mix.
+                self.modules[name].weight.data = w if w is not self.base[name] else w.clone()
+                if new_acc[name] is None:
+                    self.acc.pop(name, None)
+                else:
+                    self.acc[name] = new_acc[name]
+            self._dirty.update(served)

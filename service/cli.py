@@ -1,0 +1,39 @@
+"""``hiedit``: one command line for serving, training, evaluating and building assets.
+
+Each subcommand lives in its own module exposing ``configure(parser)`` and ``run(args)``;
+modules are imported only when their subcommand runs, so ``hiedit --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("service.serve_cli", "serve a model and its editor over HTTP (default: the demo assets)"),
+    "train": ("editor_core.train_cli", "train a HiEdit editor by hierarchical RL on an editing dataset"),
+    "eval": ("editor_core.evaluate_cli", "sequential-editing benchmark: results.json, a table and plots"),
+    "build-demo": ("editor_core.demo", "rebuild the committed demo model, tokenizer and editors (seeded)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="hiedit", description="Correct facts inside a served LLM.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, summary) in COMMANDS.items():
+        sub.add_parser(name, help=summary, add_help=False)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        args = parser.parse_args(argv[:1] or ["--help"])
+        return 2
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    cmd_parser = argparse.ArgumentParser(prog=f"hiedit {name}", description=COMMANDS[name][1],
+                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    module.configure(cmd_parser)
+    args = cmd_parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
