@@ -51,6 +51,7 @@ class Proposal:
     loss_before: float
     n_tokens: int
     info: dict = field(default_factory=dict)
+    state_blob: bytes | None = None  # editor state to log with the edit (RLSEdit: its keys), see Editor.restore
 
     @property
     def selected_modules(self) -> list[str]:
@@ -58,7 +59,22 @@ class Proposal:
 
 
 class Editor(Protocol):
+    """What the engine and the evaluation harness call.
+
+    ``propose`` must not change the model or the editor. Stateful editors (RLSEdit's C
+    matrices) change their state only in ``commit`` (called after the delta was logged
+    and applied), ``forget`` (after an edit was rolled back) and ``restore`` (replaying the
+    log at start-up, with the ``state_blob`` the proposal carried). Stateless editors
+    (HiEdit) implement them as no-ops.
+    """
+
     method: str
-    modules: list[str]
+    modules: list[str]  # every module the editor may change, in module-index order
 
     def propose(self, request: EditRequest, k: int | None = None) -> Proposal: ...
+
+    def commit(self, edit_id: int, proposal: Proposal) -> None: ...
+
+    def forget(self, edit_id: int) -> None: ...
+
+    def restore(self, edit_id: int, state_blob: bytes | None) -> None: ...

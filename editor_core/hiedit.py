@@ -191,6 +191,16 @@ class HiEditor:
             factors[self.modules[l]] = (left.contiguous(), right.contiguous())
         return Proposal(self.modules, p.float().cpu(), selected, LowRankDelta(factors), cap.loss, cap.n_tokens)
 
+    # HiEdit keeps no per-edit state: the Editor hooks are no-ops.
+    def commit(self, edit_id: int, proposal: Proposal) -> None:
+        pass
+
+    def forget(self, edit_id: int) -> None:
+        pass
+
+    def restore(self, edit_id: int, state_blob: bytes | None) -> None:
+        pass
+
     def route(self, cap: Capture, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Differentiable routing for training: (p [L], m [L]) with m = STE top-k mask."""
         p = self.net.importances([cap.keys[n] for n in self.modules], [cap.grads[n] for n in self.modules])
