@@ -94,7 +94,21 @@ class HiEditNet(nn.Module):
 
     def factors(self, l: int, u: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(left [d_out, n], right [n, d_in]) of ΔW_l; differentiable in the net's parameters."""
-        return self.net_for(l).factors(u, delta, self.index_in_group[l])
+        return self.net_for(l).factors([u], [delta], [self.index_in_group[l]])[0]
+
+    def factors_many(self, modules: list[int], keys: list[torch.Tensor],
+                     grads: list[torch.Tensor]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """{l: (left, right)} for the given module indices, one batched pass per weight shape.
+
+        keys/grads are indexed by module (all L of them); only ``modules`` are run.
+        """
+        out = {}
+        for shape in sorted(set(self.shapes[l] for l in modules)):
+            members = [l for l in modules if self.shapes[l] == shape]
+            pairs = self.nets[Router.key(shape)].factors([keys[l] for l in members], [grads[l] for l in members],
+                                                         [self.index_in_group[l] for l in members])
+            out.update(zip(members, pairs))
+        return out
 
 
 class HiEditor:
@@ -185,10 +199,8 @@ class HiEditor:
         grads = [cap.grads[n] for n in self.modules]
         p = self.net.importances(keys, grads)
         selected = sorted(p.topk(k).indices.tolist())
-        factors = {}
-        for l in selected:  # only the k selected low-level nets run
-            left, right = self.net.factors(l, keys[l], grads[l])
-            factors[self.modules[l]] = (left.contiguous(), right.contiguous())
+        factors = {self.modules[l]: (left.contiguous(), right.contiguous())  # only the k selected modules run
+                   for l, (left, right) in self.net.factors_many(selected, keys, grads).items()}
         return Proposal(self.modules, p.float().cpu(), selected, LowRankDelta(factors), cap.loss, cap.n_tokens)
 
     # HiEdit keeps no per-edit state: the Editor hooks are no-ops.

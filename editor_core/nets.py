@@ -76,9 +76,9 @@ class EditorBlock(nn.Module):
         nn.init.ones_(self.scale.weight)
         nn.init.zeros_(self.offset.weight)
 
-    def forward(self, h: torch.Tensor, module_idx: int) -> torch.Tensor:
-        idx = torch.tensor(module_idx, device=h.device)
-        return h + self.scale(idx) * torch.relu(h @ self.A @ self.B + self.bias) + self.offset(idx)
+    def forward(self, h: torch.Tensor, module_idx: torch.Tensor) -> torch.Tensor:
+        """h [n, D]; module_idx [n] (each row's module, so several modules share one matmul)."""
+        return h + self.scale(module_idx) * torch.relu(h @ self.A @ self.B + self.bias) + self.offset(module_idx)
 
 
 class LowLevelNet(nn.Module):
@@ -93,21 +93,28 @@ class LowLevelNet(nn.Module):
         self.lr = nn.Embedding(n_modules, 1)
         nn.init.constant_(self.lr.weight, lr_init)
 
-    def forward(self, u: torch.Tensor, delta: torch.Tensor, module_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """u [n, d_in], delta [n, d_out] -> ũ [n, d_in], δ̃ [n, d_out]."""
+    def forward(self, u: torch.Tensor, delta: torch.Tensor, module_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """u [n, d_in], delta [n, d_out], module_idx [n] -> ũ [n, d_in], δ̃ [n, d_out]."""
         h = self.norm(torch.cat([u, delta], dim=-1))
         for block in self.blocks:
             h = block(h, module_idx)
         return h[:, : self.d_in], h[:, self.d_in:]
 
-    def factors(self, u: torch.Tensor, delta: torch.Tensor, module_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """ΔW_l (nn.Linear layout, d_out × d_in) = left @ right with left = -η_l Δ̃ᵀ, right = Ũ.
+    def factors(self, us: list[torch.Tensor], deltas: list[torch.Tensor],
+                module_idx: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """ΔW_l (nn.Linear layout, d_out × d_in) = left @ right, left = -η_l Δ̃ᵀ, right = Ũ, for several modules.
 
-        Returns left [d_out, n] and right [n, d_in]; differentiable in the net's parameters.
+        us[i] [n_i, d_in], deltas[i] [n_i, d_out] of module module_idx[i]; the rows of all
+        modules go through the blocks together. Returns [(left [d_out, n_i], right [n_i, d_in])],
+        differentiable in the net's parameters.
         """
-        u_t, d_t = self(u, delta, module_idx)
-        eta = self.lr.weight[module_idx, 0]
-        return -eta * d_t.T, u_t
+        sizes = [u.shape[0] for u in us]
+        rows = torch.tensor([m for m, n in zip(module_idx, sizes) for _ in range(n)], device=us[0].device)
+        u_t, d_t = self(torch.cat(us), torch.cat(deltas), rows)
+        out = []
+        for m, u_i, d_i in zip(module_idx, u_t.split(sizes), d_t.split(sizes)):
+            out.append((-self.lr.weight[m, 0] * d_i.T, u_i))
+        return out
 
 
 class Router(nn.Module):
@@ -152,13 +159,17 @@ class Router(nn.Module):
 
     def forward(self, keys: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
         """keys[l] [n, d_in_l], grads[l] [n, d_out_l] for every module l -> p [L]."""
-        feats = []
-        for l, shape in enumerate(self.shapes):
+        feats: list[torch.Tensor] = [None] * len(self.shapes)  # type: ignore[list-item]
+        for shape in self.groups:  # one encoder matmul for all modules of a shape
             key = self.key(shape)
-            idx = torch.tensor(self.index_in_group[l], device=keys[l].device)
-            x = self.norms[key](torch.cat([keys[l], grads[l]], -1))
-            e = self.scales[key](idx) * torch.relu(self.encoders[key](x)) + self.offsets[key](idx)
-            feats.append(e.mean(0))
+            members = self._group_members(shape)
+            sizes = [keys[l].shape[0] for l in members]
+            x = torch.cat([torch.cat([keys[l], grads[l]], -1) for l in members])
+            idx = torch.tensor([self.index_in_group[l] for l, n in zip(members, sizes) for _ in range(n)],
+                               device=x.device)
+            e = self.scales[key](idx) * torch.relu(self.encoders[key](self.norms[key](x))) + self.offsets[key](idx)
+            for l, e_l in zip(members, e.split(sizes)):
+                feats[l] = e_l.mean(0)  # token mean, per module
         return self.gate(torch.cat(feats))
 
 
