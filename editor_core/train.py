@@ -1,0 +1,662 @@
+"""Hierarchical-RL trainer for the HiEdit editor (arXiv 2604.11214 §4; reference notes §3-5, §8).
+
+A training *trajectory* is a stream of N facts edited one after another into the same model;
+the edits stay applied (θ_t = θ_{t-1} + ΔW_t). At step t the editor sees edit e_t, captures its
+(u, δ) at θ_{t-1}, routes (p, m = top-k STE mask) and proposes ΔW_l for every module l. With
+K = back_depth, μ = time_decay, α = loc_coef, λ = reg_coef, the step loss (Eq. 4) is
+
+    L_t(m) = λ Σ_l ‖m_l ΔW_l‖² + Σ_{j<min(t,K)} μ^j [ CE(rephrase_{t-j}; θ_t)
+                                                      + α KL(p(loc_{t-j}; θ_{t-1}) ‖ p(loc_{t-j}; θ_t)) ]
+    θ_t = θ_{t-1} + Σ_l m_l ΔW_l
+
+Low level (reward r^L_t = -L_t):   θ_L ← Adam(∇_θL Σ_t L_t(m))
+High level (intrinsic reward Eq. 5, r^H_t = -[L_t(selected k) - sg(L_t(all L))]):
+                                    θ_H ← Adam(∇_θH Σ_t (L_t(m) - sg(L_t(1))))
+
+Both updates happen once per trajectory (``update="trajectory"``; the paper's offline update) or
+after every edit (``update="per_edit"``: the MEND-style "no RL" baseline).
+
+Gradients without dense weight gradients. For a teacher-forced loss the weight gradient of an
+``nn.Linear`` is G_l = ∂L/∂W_l = Σ_s δ_s u_sᵀ (d_out × d_in), with u_s its input and δ_s the
+gradient of its output at token s. Hooks give U_l [n, d_in] and D_l [n, d_out]; with
+ΔW_l = left_l right_l (left [d_out, r], right [r, d_in]) the first-order surrogate is
+
+    ⟨G_l, ΔW_l⟩_F = tr(U_lᵀ D_l left_l right_l) = Σ ((D_l left_l) ⊙ (U_l right_lᵀ))       ([n, r] products)
+
+and ∂L/∂θ_L = Σ_l m_l ∂⟨sg(G_l), ΔW_l(θ_L)⟩/∂θ_L, ∂L/∂m_l = ⟨G_l, ΔW_l⟩ + 2λ m_l ‖ΔW_l‖².
+
+Departures from the published code (reference §5.3-5.4, §8), all deliberate:
+
+1. The router gets a real gradient from the task losses. The published code edits weights in
+   place through ``.data``, so CE and KL have no path to the mask and the router learns only from
+   the L2 term (§5.4, §8.3). Here ∂L/∂m_l = ⟨G_l, ΔW_l⟩ (option (a)/(b) of §5.4) flows through the
+   STE m = onehot_topk(p) + p - sg(p) into p, for selected *and* unselected modules, so the router
+   learns which modules' updates lower the rephrase CE and the locality KL.
+2. Low-level gradients accumulate over the whole trajectory. The MEND-style published code calls
+   ``opt.zero_grad()`` at every step, so only the last step's gradient survives (§5.3 e, §8.2).
+3. The L2 term reaches the low-level net as well (§8.7: in both published code bases it never does).
+4. G_l is taken at the edited weights θ_t (the published code backpropagates after un-applying
+   the shift, §8.8), from fp32 accumulated deltas (``WeightState``), not bf16 in-place updates.
+5. The full-layer baseline L_t(all L) runs under no_grad (§7), and is skipped when k = L, where it
+   equals the selected loss and the advantage is 0 exactly (RLEdit).
+6. Gradients are clipped once per update, on the accumulated sum, not per step on running sums.
+7. Seeds everywhere; the trajectory order is a pure function of (seed, epoch), so a resumed run
+   replays the same trajectories and reaches bit-identical weights.
+
+The advantage L_t(m) - sg(L_t(1)) has the same gradient as L_t(m) (the baseline is a constant); it
+is computed and reported as the router's running reward, as in the paper.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .capture import EditInputError, TeacherForced, _grad_only_for, capture, teacher_forced
+from .data import EditRecord
+from .delta import LowRankDelta
+from .hiedit import CheckpointMismatch, HiEditor
+from .state import WeightState
+
+log = logging.getLogger(__name__)
+
+TRAINER_STATE_FILE = "trainer_state.pt"
+UPDATE_MODES = ("trajectory", "per_edit")
+
+
+class TrainConfigError(ValueError):
+    """A TrainConfig field with an invalid value; the message names the field."""
+
+
+class BadRecord(ValueError):
+    """A training record that cannot be tokenized for this model; names the record index and field."""
+
+
+@dataclass
+class TrainConfig:
+    """Options of the hierarchical-RL trainer.
+
+    Defaults are sized for the few-million-parameter demo models of this repository. The paper's
+    8B-model values are lr_init 1e-6, meta_lr 1e-5, rank 1920, router_hidden 256.
+    """
+
+    # schedule
+    epochs: int = 1
+    trajectories: int | None = None   # per epoch; None = as many full trajectories as the records allow
+    traj_len: int = 20                # N: edits per trajectory (edits stay applied along it)
+    update: str = "trajectory"        # "trajectory" (HiEdit/RLEdit) | "per_edit" (MEND baseline, no RL)
+    stop_after: int | None = None     # stop this call after that many trajectories (resume later)
+    # loss (Eq. 4)
+    back_depth: int = 10              # K: edits replayed per step
+    time_decay: float = 0.95          # μ
+    loc_coef: float = 1.0             # α
+    reg_coef: float = 1e-4            # λ
+    baseline: bool = True             # compute L(all layers) for the advantage (skipped when k = L)
+    # optimisation
+    meta_lr: float = 1e-4             # Adam lr of router and low-level nets
+    eta_lr: float | None = None       # Adam lr of the learned edit lrs η_l (None = meta_lr)
+    max_grad_norm: float = 1.0
+    update_norms: bool = True         # fold each capture into the normalisers (paper: always)
+    # editor construction (used only when the trainer creates the editor)
+    lr_init: float = 1e-2             # initial η_l; 1e-6 (paper) does nothing visible on tiny models
+    rank: int = 256
+    n_blocks: int = 2
+    router_hidden: int = 256
+    tokens: str = "all"               # capture positions: "all" (MEND style) | "target"
+    method: str | None = None         # name saved with the editor; None = hiedit / rledit (k = L) / mend
+    # data
+    skip_bad: bool = False            # skip records the tokenizer cannot encode instead of failing
+    save_every: int = 1               # checkpoint every this many trajectories (and at the end)
+
+    # fields that may change when a run is resumed; every other one must match the checkpoint
+    RESUMABLE = ("epochs", "stop_after", "save_every", "skip_bad", "baseline")
+
+    def validate(self) -> None:
+        def bad(name: str, rule: str):
+            raise TrainConfigError(f"{name}: {rule} (got {getattr(self, name)!r})")
+
+        for name in ("epochs", "traj_len", "back_depth", "rank", "n_blocks", "router_hidden", "save_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(name, "must be an integer >= 1")
+        for name in ("trajectories", "stop_after"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                bad(name, "must be None or an integer >= 1")
+        if self.update not in UPDATE_MODES:
+            bad("update", f"must be one of {UPDATE_MODES}")
+        if self.tokens not in ("all", "target"):
+            bad("tokens", "must be 'all' or 'target'")
+        if not 0 < self.time_decay <= 1:
+            bad("time_decay", "must be in (0, 1]")
+        for name in ("loc_coef", "reg_coef"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                bad(name, "must be a finite number >= 0")
+        for name in ("meta_lr", "lr_init", "max_grad_norm"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
+                bad(name, "must be a finite number > 0")
+        if self.eta_lr is not None and not (math.isfinite(self.eta_lr) and self.eta_lr > 0):
+            bad("eta_lr", "must be None or a finite number > 0")
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class StepStats:
+    """What one edit step of a trajectory measured (all plain floats, for logs and tests).
+
+    ce:       CE of the current edit's rephrase at θ_t (after its edit)
+    ce_before: teacher-forced loss of the edit prompt at θ_{t-1} (what the capture saw)
+    task:     Σ_j μ^j [CE_j + α KL_j] with the selected layers
+    kl:       mean locality KL over the window
+    reg:      λ Σ_l ‖m_l ΔW_l‖²
+    advantage: L(selected) - L(all layers); 0 when k = L or the baseline is off
+    selected: module indices the router chose
+    """
+
+    ce: float
+    ce_before: float
+    task: float
+    kl: float
+    reg: float
+    advantage: float
+    selected: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Example:
+    """A training record tokenized for this model."""
+
+    edit: TeacherForced
+    rephrase: TeacherForced
+    loc: TeacherForced | None
+
+
+def tokenize_records(tokenizer, records: Sequence[EditRecord], max_prompt_tokens: int, max_target_tokens: int,
+                     skip_bad: bool = False) -> tuple[list[_Example], int]:
+    """Tokenize every record for teacher forcing; (examples, n_skipped).
+
+    A record that cannot be encoded raises BadRecord naming its index, case_id and field,
+    unless ``skip_bad``, in which case it is counted and left out.
+    """
+    out, skipped = [], 0
+    for i, r in enumerate(records):
+        parts = {"prompt": (r.prompt, r.target_new), "rephrase": (r.rephrase or r.prompt, r.target_new)}
+        if r.locality_prompt.strip() or r.locality_target.strip():
+            parts["locality_prompt"] = (r.locality_prompt, r.locality_target)
+        tf: dict[str, TeacherForced] = {}
+        try:
+            for name, (prompt, target) in parts.items():
+                try:
+                    tf[name] = teacher_forced(tokenizer, prompt, target, max_prompt_tokens, max_target_tokens)
+                except EditInputError as e:
+                    # teacher_forced names "prompt"/"target"; say which record field that was
+                    target_field = {"prompt": "target_new", "rephrase": "target_new",
+                                    "locality_prompt": "locality_target"}[name]
+                    what = str(e)
+                    field_name = target_field if what.startswith("target") else name
+                    raise BadRecord(f"record {i} (case_id {r.case_id}): field {field_name}: {what}") from e
+        except BadRecord:
+            if not skip_bad:
+                raise
+            skipped += 1
+            continue
+        out.append(_Example(tf["prompt"], tf["rephrase"], tf.get("locality_prompt")))
+    return out, skipped
+
+
+def _pad(batch: Sequence[TeacherForced], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad teacher-forced examples: (input_ids [B,T], attention_mask [B,T], labels [B,T]).
+
+    Right padding keeps every real token's position and causal context unchanged.
+    """
+    width = max(ex.input_ids.shape[1] for ex in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    for b, ex in enumerate(batch):
+        n = ex.input_ids.shape[1]
+        ids[b, :n] = ex.input_ids[0]
+        mask[b, :n] = 1
+        labels[b, :n] = ex.labels[0]
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def _frob2(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """‖left @ right‖_F² = tr((leftᵀ left)(right rightᵀ)) without the dense product."""
+    return ((left.T @ left) * (right @ right.T)).sum()
+
+
+class Trainer:
+    """Runs trajectories for one HiEditor and accumulates the gradients of both levels.
+
+    The public pieces are small on purpose so tests can look at gradients between steps:
+    ``begin_trajectory()``, ``edit_step(i)`` (accumulates), ``optimizer_step()``, ``zero_grad()``.
+    """
+
+    def __init__(self, editor: HiEditor, examples: list[_Example], cfg: TrainConfig, k: int):
+        cfg.validate()
+        self.editor, self.examples, self.cfg, self.k = editor, examples, cfg, k
+        self.model = editor.model
+        self.net = editor.net
+        self.modules = editor.modules
+        self.module_map = editor.module_map
+        self.L = len(self.modules)
+        self.device = next(self.model.parameters()).device
+        self.pad_id = editor.tokenizer.pad_token_id if editor.tokenizer.pad_token_id is not None else 0
+        self.state = WeightState(self.module_map, "train")
+        self.window: deque[int] = deque(maxlen=cfg.back_depth)
+        self.t = 0
+        # Two optimisers, as the published code (opt for the low level, hi_opt for the router);
+        # the learned edit lrs η_l get their own Adam lr (MEND's lr_lr).
+        eta = [p for n, p in self.net.nets.named_parameters() if n.endswith("lr.weight")]
+        low = [p for n, p in self.net.nets.named_parameters() if not n.endswith("lr.weight")]
+        self.low_params = low + eta
+        self.router_params = list(self.net.router.parameters())
+        self.opt_low = torch.optim.Adam([{"params": low, "lr": cfg.meta_lr},
+                                         {"params": eta, "lr": cfg.eta_lr or cfg.meta_lr}])
+        self.opt_router = torch.optim.Adam(self.router_params, lr=cfg.meta_lr)
+        self.zero_grad()
+
+    # ---- bookkeeping ------------------------------------------------------------------------------
+
+    def zero_grad(self) -> None:
+        for p in self.net.parameters():
+            p.grad = None
+
+    def begin_trajectory(self) -> None:
+        """Back to θ_0 (the base weights, byte for byte) with an empty replay window."""
+        self.state.reset()
+        self.window.clear()
+        self.t = 0
+
+    def end(self) -> None:
+        self.state.reset()
+
+    def optimizer_step(self) -> tuple[float, float]:
+        """Clip the accumulated gradients, take one Adam step per level, zero them; (low, router) norms."""
+        low = float(nn.utils.clip_grad_norm_(self.low_params, self.cfg.max_grad_norm))
+        hi = float(nn.utils.clip_grad_norm_(self.router_params, self.cfg.max_grad_norm))
+        self.opt_low.step()
+        self.opt_router.step()
+        self.zero_grad()
+        return low, hi
+
+    # ---- losses -------------------------------------------------------------------------------------
+
+    def _forward(self, ids, mask) -> torch.Tensor:
+        return self.model(input_ids=ids, attention_mask=mask).logits.float()
+
+    @torch.no_grad()
+    def _ref_logprobs(self, locs: list[TeacherForced]) -> torch.Tensor | None:
+        """log p(· | loc, θ_{t-1}) at the locality target positions: [n_pos, V] (None if no loc)."""
+        if not locs:
+            return None
+        ids, mask, labels = _pad(locs, self.pad_id, self.device)
+        return self._forward(ids, mask)[labels != -100].log_softmax(-1)
+
+    def _task_loss(self, logits: torch.Tensor, labels: torch.Tensor, n_reph: int, weights: torch.Tensor,
+                   ref: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Σ_j μ^j [CE_j + α KL_j] for a batch of n_reph rephrase rows then the loc rows.
+
+        Returns (task loss, per-rephrase CE [n_reph], per-loc KL [n_loc]).
+        CE_j: mean over the rephrase's target tokens. KL_j: Σ_v p_ref (log p_ref - log p) averaged
+        over the loc target positions (F.kl_div batchmean per example, as the published util.py).
+        """
+        logp = logits.log_softmax(-1)
+        sel = labels != -100
+        nll = -logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) * sel
+        ce = nll[:n_reph].sum(1) / sel[:n_reph].sum(1)
+        task = (weights[:n_reph] * ce).sum()
+        kl = logits.new_zeros(0)
+        if ref is not None and logits.shape[0] > n_reph:
+            post = logp[n_reph:][sel[n_reph:]]                     # [n_pos, V], rows in (example, position) order
+            per_pos = (ref.exp() * (ref - post)).sum(-1)           # KL(p_ref ‖ p_post) at each position
+            owner = sel[n_reph:].nonzero()[:, 0]                    # loc example of each position
+            n_loc = logits.shape[0] - n_reph
+            kl = torch.zeros(n_loc, device=logits.device).index_add(0, owner, per_pos)
+            kl = kl / sel[n_reph:].sum(1)
+            task = task + self.cfg.loc_coef * (weights[n_reph:] * kl).sum()
+        return task, ce, kl
+
+    # ---- one edit step --------------------------------------------------------------------------------
+
+    def edit_step(self, index: int) -> StepStats:
+        """Edit fact ``index`` into the current model, accumulate both levels' gradients, keep the edit."""
+        cfg, ex = self.cfg, self.examples[index]
+        # 1. (u, δ) of the edit prompt at θ_{t-1}; normalisers see them (training time only).
+        cap = capture(self.model, self.module_map, ex.edit, cfg.tokens)
+        keys = [cap.keys[n] for n in self.modules]
+        grads = [cap.grads[n] for n in self.modules]
+        if cfg.update_norms:
+            self.net.update_norms(keys, grads)
+        # 2. route (p [L], m [L] with the STE) and propose ΔW_l for every module, differentiably.
+        with torch.enable_grad():
+            p, m = self.editor.route(cap, self.k)
+            factors = [self.net.factors(l, keys[l], grads[l]) for l in range(self.L)]
+        selected = [l for l in range(self.L) if float(m[l].detach()) > 0.5]
+
+        # 3. the replay window: edit t and the K-1 before it, weighted μ^j (j = 0 is the newest).
+        self.window.append(index)
+        recent = list(reversed(self.window))
+        reph = [self.examples[i].rephrase for i in recent]
+        loc_pairs = [(j, self.examples[i].loc) for j, i in enumerate(recent) if self.examples[i].loc is not None]
+        locs = [tf for _, tf in loc_pairs]
+        decay = [cfg.time_decay ** j for j in range(len(recent))]
+        weights = torch.tensor(decay + [decay[j] for j, _ in loc_pairs], device=self.device)
+        ref = self._ref_logprobs(locs)                              # at θ_{t-1}, before the edit
+
+        # 4. θ_t = θ_{t-1} + Σ_{l selected} ΔW_l (fp32 accumulators; stays applied).
+        sel_delta = LowRankDelta({self.modules[l]: (factors[l][0].detach(), factors[l][1].detach())
+                                  for l in selected})
+        self.state.apply(2 * self.t, sel_delta)
+
+        # 5. task loss at θ_t and the per-token (u, δ) of every module: G_l = D_lᵀ U_l, never dense.
+        ids, mask, labels = _pad(reph + locs, self.pad_id, self.device)
+        U, D, outs = {}, {}, {}
+
+        def hook(name):
+            def fn(_mod, args, out):
+                U[name] = args[0]
+                outs[name] = out
+            return fn
+
+        handles = [self.module_map[n].register_forward_hook(hook(n)) for n in self.modules]
+        try:
+            with _grad_only_for([mod.weight for mod in self.module_map.values()]), torch.enable_grad():
+                logits = self._forward(ids, mask)
+                task, ce, kl = self._task_loss(logits, labels, len(reph), weights, ref)
+                out_grads = torch.autograd.grad(task, [outs[n] for n in self.modules])
+        finally:
+            for h in handles:
+                h.remove()
+        real = mask.bool()
+        for n, g in zip(self.modules, out_grads):
+            U[n] = U[n].detach()[real].float()                     # [n_tok, d_in]
+            D[n] = g[real].float()                                 # [n_tok, d_out]
+        del outs, logits
+
+        # 6. full-layer baseline L(all L) under no_grad: add the unselected modules' ΔW for one pass.
+        full = float("nan")
+        others = [l for l in range(self.L) if l not in selected]
+        if not others:
+            full = float(task.detach())                            # k = L: selected == all, advantage 0
+        elif cfg.baseline:
+            rest = LowRankDelta({self.modules[l]: (factors[l][0].detach(), factors[l][1].detach())
+                                 for l in others})
+            self.state.apply(2 * self.t + 1, rest)
+            try:
+                with torch.no_grad():
+                    full = float(self._task_loss(self._forward(ids, mask), labels, len(reph), weights, ref)[0])
+            finally:
+                self.state.rollback(2 * self.t + 1)
+
+        # 7. surrogate whose gradient is the true first-order gradient of L_t(m) for both levels:
+        #    S = Σ_l m_l ⟨sg(G_l), ΔW_l(θ_L)⟩ + λ m_l² ‖ΔW_l(θ_L)‖²
+        #    ∂S/∂θ_L = Σ_l m_l [⟨G_l, ∂ΔW_l⟩ + λ ∂‖ΔW_l‖²]     (only selected modules: m_l = 0 otherwise)
+        #    ∂S/∂m_l = ⟨G_l, ΔW_l⟩ + 2λ m_l ‖ΔW_l‖²           -> through the STE into p and the router
+        #    Departure from the published code: there CE/KL never reach the mask (reference §5.4).
+        with torch.enable_grad():
+            surrogate = p.new_zeros(())
+            reg = p.new_zeros(())
+            for l, name in enumerate(self.modules):
+                left, right = factors[l]
+                inner = ((D[name] @ left) * (U[name] @ right.T)).sum()    # ⟨G_l, ΔW_l⟩ via [n, r] products
+                sq = _frob2(left, right)
+                reg = reg + cfg.reg_coef * m[l] ** 2 * sq
+                surrogate = surrogate + m[l] * inner
+            surrogate = surrogate + reg
+            # Gradients accumulate into .grad over the whole trajectory (no zero_grad here).
+            surrogate.backward()
+
+        self.t += 1
+        if cfg.update == "per_edit":
+            self.optimizer_step()
+        loss_sel = float(task.detach()) + float(reg.detach())
+        return StepStats(ce=float(ce[0].detach()), ce_before=cap.loss, task=float(task.detach()),
+                         kl=float(kl.detach().mean()) if kl.numel() else 0.0, reg=float(reg.detach()),
+                         advantage=loss_sel - full if math.isfinite(full) else float("nan"), selected=selected)
+
+    def run_trajectory(self, indices: Sequence[int], step: bool = True, bar=None) -> list[StepStats]:
+        """Edit ``indices`` one after another from θ_0; one optimiser step at the end (trajectory mode)."""
+        self.begin_trajectory()
+        stats = []
+        try:
+            for i in indices:
+                stats.append(self.edit_step(int(i)))
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(_postfix(stats), refresh=False)
+        finally:
+            self.state.reset()
+        if step and self.cfg.update == "trajectory":
+            self.optimizer_step()
+        return stats
+
+
+def _postfix(stats: list[StepStats], last: int = 50) -> dict[str, str]:
+    s = stats[-last:]
+    adv = [x.advantage for x in s if math.isfinite(x.advantage)]
+    return {"ce": f"{sum(x.ce for x in s) / len(s):.3f}", "kl": f"{sum(x.kl for x in s) / len(s):.4f}",
+            "reg": f"{sum(x.reg for x in s) / len(s):.2e}",
+            "adv": f"{sum(adv) / len(adv):+.4f}" if adv else "n/a"}
+
+
+def trajectory_order(n_records: int, traj_len: int, n_traj: int, seed: int, epoch: int) -> list[list[int]]:
+    """Record indices of every trajectory of ``epoch``: a pure function of (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n_records, generator=g).tolist()
+    return [perm[i * traj_len:(i + 1) * traj_len] for i in range(n_traj)]
+
+
+def _default_method(cfg: TrainConfig, k: int, n_modules: int) -> str:
+    if cfg.method:
+        return cfg.method
+    if cfg.update == "per_edit":
+        return "mend"
+    return "rledit" if k == n_modules else "hiedit"
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _load_resume(out_dir: Path, model, tokenizer, layer_spec: str, k: int, seed: int, cfg: TrainConfig):
+    """(editor, trainer state) from ``out_dir``; CheckpointMismatch / TrainConfigError if it does not fit."""
+    editor = HiEditor.load(out_dir, model, tokenizer)  # refuses another base model (CheckpointMismatch)
+    if editor.cfg.layer_spec.replace(" ", "") != layer_spec.replace(" ", ""):
+        raise CheckpointMismatch(f"checkpoint {out_dir} was trained with --layers {editor.cfg.layer_spec!r}, "
+                                 f"not {layer_spec!r}: resume with the same layer spec or choose another --out")
+    if editor.cfg.k != k:
+        raise CheckpointMismatch(f"checkpoint {out_dir} was trained with --k {editor.cfg.k}, not {k}")
+    state = torch.load(out_dir / TRAINER_STATE_FILE, map_location="cpu", weights_only=False)
+    if state["seed"] != seed:
+        raise TrainConfigError(f"seed: the checkpoint in {out_dir} was trained with seed {state['seed']}, not {seed}")
+    for name, value in state["cfg"].items():
+        if name not in TrainConfig.RESUMABLE and getattr(cfg, name) != value:
+            raise TrainConfigError(f"{name}: the checkpoint in {out_dir} was trained with {value!r}, "
+                                   f"not {getattr(cfg, name)!r}; only {', '.join(TrainConfig.RESUMABLE)} may change")
+    editor.net.load_state_dict(state["net"])  # bit-exact with the optimiser state below
+    return editor, state
+
+
+def train_editor(model: nn.Module, tokenizer, layer_spec: str, k: int, records: list[EditRecord],
+                 out_dir: Path | None, seed: int = 0, cfg: TrainConfig | None = None, progress: bool = True,
+                 resume: bool = False, editor: HiEditor | None = None) -> HiEditor:
+    """Train a HiEdit editor for ``model`` on ``records`` by hierarchical RL; returns it (eval mode).
+
+    layer_spec/k: the editable modules and how many each edit changes (k = L gives RLEdit).
+    out_dir: where the editor (config.json + editor.safetensors, loadable by HiEditor.load) and
+        ``trainer_state.pt`` (optimiser state, progress) are written after every trajectory;
+        None trains in memory only. With ``resume`` a run found there continues where it stopped
+        (a checkpoint for another model, layer spec or k is refused with CheckpointMismatch).
+    editor: train this editor instead of creating one (ignored when resuming from out_dir).
+
+    The model is put in eval mode with its parameters frozen; its weights are back to the base
+    values, byte for byte, when this returns.
+    """
+    cfg = cfg or TrainConfig()
+    cfg.validate()
+    torch.manual_seed(seed)
+    model.eval()
+    model.requires_grad_(False)
+    out_dir = Path(out_dir) if out_dir is not None else None
+    state = None
+    if resume and out_dir is not None and (out_dir / TRAINER_STATE_FILE).is_file():
+        editor, state = _load_resume(out_dir, model, tokenizer, layer_spec, k, seed, cfg)
+        log.info("resuming %s at epoch %d, trajectory %d", out_dir, state["epoch"], state["traj"])
+    elif editor is None:
+        editor = HiEditor.create(model, tokenizer, layer_spec, k=k, seed=seed, lr_init=cfg.lr_init, rank=cfg.rank,
+                                 n_blocks=cfg.n_blocks, router_hidden=cfg.router_hidden, tokens=cfg.tokens)
+    else:
+        if editor.cfg.layer_spec.replace(" ", "") != layer_spec.replace(" ", ""):
+            raise CheckpointMismatch(f"the editor given was built for layers {editor.cfg.layer_spec!r}, "
+                                     f"not {layer_spec!r}")
+    if not 1 <= k <= len(editor.modules):
+        raise TrainConfigError(f"k: {k} is out of range, the layer spec has {len(editor.modules)} modules")
+    editor.cfg.k = k
+    editor.cfg.method = editor.method = _default_method(cfg, k, len(editor.modules))
+
+    examples, skipped = tokenize_records(tokenizer, records, editor.cfg.max_prompt_tokens,
+                                         editor.cfg.max_target_tokens, cfg.skip_bad)
+    if skipped:
+        log.warning("skipped %d of %d records the tokenizer cannot encode", skipped, len(records))
+    n_traj = cfg.trajectories or len(examples) // cfg.traj_len
+    if n_traj < 1 or n_traj * cfg.traj_len > len(examples):
+        raise TrainConfigError(f"trajectories: {n_traj} trajectories of traj_len {cfg.traj_len} need "
+                               f"{max(n_traj, 1) * cfg.traj_len} records, only {len(examples)} are usable")
+
+    editor.net.train()
+    trainer = Trainer(editor, examples, cfg, k)
+    epoch0, traj0, history = 0, 0, []
+    if state is not None:
+        trainer.opt_low.load_state_dict(state["opt_low"])
+        trainer.opt_router.load_state_dict(state["opt_router"])
+        epoch0, traj0, history = state["epoch"], state["traj"], state["history"]
+        if state["n_examples"] != len(examples):
+            raise TrainConfigError(f"records: the checkpoint in {out_dir} was trained on {state['n_examples']} "
+                                   f"usable records, this run has {len(examples)}: resume with the same data")
+
+    def save(epoch: int, traj: int) -> None:
+        if out_dir is None:
+            return
+        editor.save(out_dir)
+        _atomic_torch_save({"epoch": epoch, "traj": traj, "seed": seed, "cfg": cfg.as_dict(),
+                            "layer_spec": layer_spec, "k": k, "n_examples": len(examples),
+                            "net": {n: t.detach().cpu().clone() for n, t in editor.net.state_dict().items()},
+                            "opt_low": trainer.opt_low.state_dict(), "opt_router": trainer.opt_router.state_dict(),
+                            "history": history}, out_dir / TRAINER_STATE_FILE)
+
+    total = cfg.epochs * n_traj * cfg.traj_len
+    done = (epoch0 * n_traj + traj0) * cfg.traj_len
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, initial=done, desc=f"train {editor.method} k={k}", unit="edit", dynamic_ncols=True)
+    # Trajectories are numbered pos = epoch * n_traj + traj; the order of each epoch is a pure
+    # function of (seed, epoch), so a resumed run replays exactly the trajectories left.
+    pos, ran, orders = epoch0 * n_traj + traj0, 0, {}
+    try:
+        while pos < cfg.epochs * n_traj and (cfg.stop_after is None or ran < cfg.stop_after):
+            epoch, traj = divmod(pos, n_traj)
+            if epoch not in orders:
+                orders = {epoch: trajectory_order(len(examples), cfg.traj_len, n_traj, seed, epoch)}
+            stats = trainer.run_trajectory(orders[epoch][traj], bar=bar)
+            history.append({"epoch": epoch, "traj": traj, **_postfix(stats, last=len(stats))})
+            pos, ran = pos + 1, ran + 1
+            if ran % cfg.save_every == 0:
+                save(*divmod(pos, n_traj))
+    finally:
+        trainer.end()
+        if bar is not None:
+            bar.close()
+    save(*divmod(pos, n_traj))
+    editor.net.eval()
+    return editor
+
+
+# ---- measuring an editor ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def _greedy_match(model, ex: TeacherForced) -> tuple[bool, float]:
+    """(greedy decoding of the prompt reproduces the whole target, teacher-forced top-1 token accuracy)."""
+    device = next(model.parameters()).device
+    ids, labels = ex.input_ids.to(device), ex.labels.to(device)
+    pos = labels[0] != -100
+    logits = model(input_ids=ids).logits[0]
+    acc = float((logits[pos].argmax(-1) == labels[0, pos]).float().mean())
+    # Greedy: feed the model's own choices instead of the target (no early stop at a mismatch).
+    target = labels[0, pos].tolist()
+    seq = ids[:, :ex.n_prompt_tokens]
+    for tok in target:
+        nxt = int(model(input_ids=seq).logits[0, -1].argmax())
+        if nxt != tok:
+            return False, acc
+        seq = torch.cat([seq, torch.tensor([[nxt]], device=device)], 1)
+    return True, acc
+
+
+def single_edit_efficacy(editor: HiEditor, records: Sequence[EditRecord], k: int | None = None,
+                         progress: bool = False) -> dict[str, float]:
+    """Edit each record alone into the base model and check its prompt; weights are restored after each.
+
+    Returns percentages: ``greedy`` (greedy decoding yields the new target after the edit),
+    ``greedy_before`` (it already did before), ``token_acc`` (teacher-forced top-1 accuracy after)
+    and ``rephrase_greedy`` (the same greedy check on the rephrase).
+    """
+    from .editor import EditRequest
+
+    state = WeightState(editor.module_map, "eval")
+    tok = editor.tokenizer
+    counts = {"greedy": 0.0, "greedy_before": 0.0, "token_acc": 0.0, "rephrase_greedy": 0.0}
+    n = 0
+    items = records
+    if progress:
+        from tqdm.auto import tqdm
+        items = tqdm(records, desc="single-edit efficacy", unit="edit")
+    try:
+        for r in items:
+            try:
+                ex = teacher_forced(tok, r.prompt, r.target_new)
+                rp = teacher_forced(tok, r.rephrase or r.prompt, r.target_new)
+            except EditInputError:
+                continue
+            before, _ = _greedy_match(editor.model, ex)
+            proposal = editor.propose(EditRequest(r.prompt, r.target_new), k=k)
+            state.apply(0, proposal.delta.to(next(editor.model.parameters()).device))
+            after, acc = _greedy_match(editor.model, ex)
+            reph, _ = _greedy_match(editor.model, rp)
+            state.rollback(0)
+            counts["greedy"] += after
+            counts["greedy_before"] += before
+            counts["token_acc"] += acc
+            counts["rephrase_greedy"] += reph
+            n += 1
+    finally:
+        state.reset()
+    return {key: 100.0 * v / max(n, 1) for key, v in counts.items()} | {"n": n}
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Temporarily limit torch's intra-op threads (the CPU machines are shared)."""
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

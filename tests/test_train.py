@@ -1,0 +1,265 @@
+"""The hierarchical-RL trainer: router gradients, accumulation, learning, resume, refusals."""
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from editor_core.capture import capture
+from editor_core.data import EditRecord
+from editor_core.delta import LowRankDelta
+from editor_core.hiedit import CheckpointMismatch, HiEditor
+from editor_core.model import load_model
+from editor_core.state import WeightState
+from editor_core.tiny import build_tiny_model
+from editor_core.train import (TRAINER_STATE_FILE, BadRecord, Trainer, TrainConfig, TrainConfigError,
+                               single_edit_efficacy, tokenize_records, train_editor)
+
+SPEC = "gate[0-1],up[0-1]"  # L = 4 modules
+SMALL = dict(rank=16, router_hidden=16, n_blocks=1)
+
+SUBJECTS = ["Paris", "Rome", "Berlin", "Madrid", "Tokyo", "London", "Cairo", "Lima", "Oslo", "Delhi",
+            "Dublin", "Vienna"]
+OBJECTS = ["France", "Italy", "Germany", "Spain", "Japan", "England", "Egypt", "Peru", "Norway", "India",
+           "Ireland", "Austria"]
+
+
+def _records(n: int = 12) -> list[EditRecord]:
+    out = []
+    for i in range(n):
+        s, o, wrong = SUBJECTS[i % 12], OBJECTS[i % 12], OBJECTS[(i + 5) % 12]
+        out.append(EditRecord(case_id=str(i), prompt=f"{s} is the capital of", target_new=wrong, target_true=o,
+                              rephrase=f"{s} is the capital of", locality_prompt=f"{SUBJECTS[(i + 3) % 12]} is in",
+                              locality_target=OBJECTS[(i + 3) % 12], subject=s))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _model_dir(seed: int = 0) -> Path:
+    texts = [f"{s} is the capital of {o}. {s} is in {o}." for s, o in zip(SUBJECTS, OBJECTS)]
+    out = Path(tempfile.mkdtemp(prefix=f"hiedit-train-{seed}-"))
+    return build_tiny_model(out, arch="llama", seed=seed, texts=texts, vocab_size=300, hidden=32, layers=2,
+                            intermediate=64, heads=4, kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.set_num_threads(1)
+    return load_model(_model_dir())
+
+
+def _trainer(model, tok, cfg: TrainConfig, k: int = 2, seed: int = 0, records=None) -> Trainer:
+    editor = HiEditor.create(model, tok, SPEC, k=k, seed=seed, lr_init=cfg.lr_init, **SMALL)
+    examples, _ = tokenize_records(tok, records or _records(), 64, 8)
+    return Trainer(editor, examples, cfg, k)
+
+
+def _grads(params) -> list[torch.Tensor]:
+    return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+
+
+def test_router_gradient_is_the_true_derivative_of_the_task_loss(tiny):
+    """∂L/∂m_l from the low-rank surrogate equals a finite difference of the real loss, reg off."""
+    model, tok = tiny
+    cfg = TrainConfig(reg_coef=0.0, lr_init=0.3, update_norms=False, **SMALL)
+    tr = _trainer(model, tok, cfg)
+    for i in (0, 1):  # a second step: θ_{t-1} already carries edit 0, and the window has two facts
+        tr.zero_grad()
+        if i == 1:
+            before = {n: m.weight.detach().clone() for n, m in tr.module_map.items()}
+        stats = tr.edit_step(i)
+    # The gate bias enters p additively, so its gradient is ∂S/∂p = ∂S/∂m (STE identity).
+    g_m = tr.net.router.gate.bias.grad.detach().clone()
+    assert g_m.abs().sum() > 0
+
+    # Recompute the step by hand at θ_1 with dense deltas: L(m) = task loss at θ_1 + Σ_l m_l ΔW_l.
+    sel_applied = {n: m.weight.detach().clone() for n, m in tr.module_map.items()}
+    for n, m in tr.module_map.items():
+        m.weight.data = before[n].clone()
+    ex = tr.examples[1]
+    cap = capture(model, tr.module_map, ex.edit, cfg.tokens)
+    keys = [cap.keys[n] for n in tr.modules]
+    grads = [cap.grads[n] for n in tr.modules]
+    with torch.no_grad():
+        dense = [tr.net.factors(l, keys[l], grads[l]) for l in range(tr.L)]
+        dense = [left @ right for left, right in dense]
+    mask = torch.zeros(tr.L)
+    mask[stats.selected] = 1.0
+    for n, l in zip(tr.modules, range(tr.L)):  # the step's own θ_1 is what we rebuild
+        assert torch.allclose(before[n] + mask[l] * dense[l], sel_applied[n], atol=1e-6)
+    recent = [1, 0]
+    reph = [tr.examples[i].rephrase for i in recent]
+    locs = [tr.examples[i].loc for i in recent]
+    weights = torch.tensor([1.0, cfg.time_decay] * 2)
+    ref = tr._ref_logprobs(locs)
+
+    def loss(m: torch.Tensor) -> float:
+        from editor_core.train import _pad
+        for l, (n, mod) in enumerate(tr.module_map.items()):
+            mod.weight.data = before[n] + m[l] * dense[l]
+        ids, am, labels = _pad(reph + locs, tr.pad_id, "cpu")
+        with torch.no_grad():
+            return float(tr._task_loss(tr._forward(ids, am), labels, 2, weights, ref)[0])
+
+    eps = 1e-2
+    for l in range(tr.L):
+        e = torch.zeros(tr.L)
+        e[l] = eps
+        fd = (loss(mask + e) - loss(mask - e)) / (2 * eps)
+        assert fd == pytest.approx(float(g_m[l]), rel=0.03, abs=5e-5), (l, fd, float(g_m[l]))
+    for n, mod in tr.module_map.items():
+        mod.weight.data = before[n]
+    tr.end()
+
+
+def test_router_learns_from_task_losses_not_only_the_l2_term(tiny):
+    """With λ = 0 the router still gets gradient (the published code would give it none), and
+    unselected modules get gradient too, which the L2 term can never give them."""
+    model, tok = tiny
+    g = {}
+    for reg in (0.0, 1.0):
+        tr = _trainer(model, tok, TrainConfig(reg_coef=reg, **SMALL))
+        stats = tr.run_trajectory([0, 1, 2], step=False)
+        g[reg] = tr.net.router.gate.bias.grad.detach().clone()
+        unselected = [l for l in range(tr.L) if l not in stats[-1].selected]
+        tr.end()
+    assert g[0.0].abs().sum() > 0
+    assert not torch.allclose(g[0.0], g[1.0])
+    assert all(g[0.0][l] != 0 for l in unselected)
+    assert tr.net.router.encoders[next(iter(tr.net.router.encoders))].weight.grad.abs().sum() > 0
+
+
+def test_low_level_gradients_accumulate_over_the_trajectory(tiny):
+    """Grad after steps 1+2 = grad of step 1 + grad of step 2 (the MEND-style code kept only step 2's)."""
+    model, tok = tiny
+    cfg = TrainConfig(**SMALL)
+    tr = _trainer(model, tok, cfg)
+    tr.begin_trajectory()
+    tr.edit_step(0)
+    g1 = _grads(tr.low_params)
+    tr.zero_grad()
+    tr.edit_step(1)
+    g2 = _grads(tr.low_params)
+    tr.end()
+
+    tr2 = _trainer(model, tok, cfg)  # same seed: same nets
+    tr2.run_trajectory([0, 1], step=False)
+    g12 = _grads(tr2.low_params)
+    assert sum(float(x.abs().sum()) for x in g1) > 0 and sum(float(x.abs().sum()) for x in g2) > 0
+    for a, b, c in zip(g1, g2, g12):
+        torch.testing.assert_close(c, a + b, rtol=1e-4, atol=1e-7)
+    assert any(not torch.allclose(c, b) for b, c in zip(g2, g12))
+
+
+def test_training_lowers_rephrase_ce_on_the_training_stream(tiny):
+    model, tok = tiny
+    cfg = TrainConfig(traj_len=6, trajectories=2, epochs=3, lr_init=1e-3, meta_lr=1e-3, eta_lr=3e-3, **SMALL)
+    order = list(range(12))
+
+    def stream_ce(editor) -> float:
+        tr = Trainer(editor, tokenize_records(tok, _records(), 64, 8)[0], TrainConfig(update_norms=False, **SMALL), 2)
+        stats = tr.run_trajectory(order[:6], step=False)
+        tr.end()
+        return sum(s.ce for s in stats) / len(stats)
+
+    untrained = HiEditor.create(model, tok, SPEC, k=2, seed=0, lr_init=cfg.lr_init, **SMALL)
+    # give the untrained editor the normaliser statistics training would give it
+    trained = train_editor(model, tok, SPEC, 2, _records(), None, seed=0, cfg=cfg, progress=False)
+    untrained.net.load_state_dict({**untrained.net.state_dict(),
+                                   **{k: v for k, v in trained.net.state_dict().items() if ".norm" in k
+                                      or "norms." in k}})
+    before, after = stream_ce(untrained), stream_ce(trained)
+    assert after < before - 0.1, (before, after)
+
+
+def test_resume_gives_the_uninterrupted_result(tiny, tmp_path):
+    model, tok = tiny
+    cfg = TrainConfig(traj_len=3, trajectories=2, epochs=2, lr_init=1e-2, **SMALL)
+    full = train_editor(model, tok, SPEC, 2, _records(), tmp_path / "a", seed=3, cfg=cfg, progress=False)
+
+    part = TrainConfig(**{**cfg.as_dict(), "stop_after": 3})
+    train_editor(model, tok, SPEC, 2, _records(), tmp_path / "b", seed=3, cfg=part, progress=False)
+    state = torch.load(tmp_path / "b" / TRAINER_STATE_FILE, weights_only=False)
+    assert (state["epoch"], state["traj"]) == (1, 1)
+    resumed = train_editor(model, tok, SPEC, 2, _records(), tmp_path / "b", seed=3, cfg=cfg, progress=False,
+                           resume=True)
+    a, b = full.net.state_dict(), resumed.net.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # the saved editor is what was returned, and it loads for this model
+    loaded = HiEditor.load(tmp_path / "b", model, tok)
+    assert all(torch.equal(v, b[k]) for k, v in loaded.net.state_dict().items())
+    assert loaded.method == "hiedit"
+
+
+def test_training_hands_back_the_base_weights(tiny):
+    model, tok = tiny
+    editor = HiEditor.create(model, tok, SPEC, k=2, **SMALL)
+    before = WeightState(editor.module_map, "m").fingerprint()
+    train_editor(model, tok, SPEC, 4, _records(), None, cfg=TrainConfig(traj_len=4, trajectories=1, **SMALL),
+                 progress=False)
+    assert WeightState(editor.module_map, "m").fingerprint() == before
+
+
+def test_per_edit_mode_steps_after_every_edit(tiny):
+    model, tok = tiny
+    cfg = TrainConfig(traj_len=4, trajectories=1, update="per_edit", **SMALL)
+    tr = _trainer(model, tok, cfg, k=4)
+    tr.run_trajectory([0, 1, 2, 3])
+    steps = {int(s["step"]) for s in tr.opt_low.state_dict()["state"].values()}
+    assert steps == {4}
+    cfg = TrainConfig(traj_len=4, trajectories=1, **SMALL)
+    tr = _trainer(model, tok, cfg, k=4)
+    tr.run_trajectory([0, 1, 2, 3])
+    assert {int(s["step"]) for s in tr.opt_low.state_dict()["state"].values()} == {1}
+    editor = train_editor(model, tok, SPEC, 4, _records(), None, cfg=TrainConfig(traj_len=4, trajectories=1,
+                          update="per_edit", **SMALL), progress=False)
+    assert editor.method == "mend"
+
+
+def test_resume_refuses_another_layer_spec_k_model_or_schedule(tiny, tmp_path):
+    model, tok = tiny
+    cfg = TrainConfig(traj_len=3, trajectories=1, **SMALL)
+    train_editor(model, tok, SPEC, 2, _records(), tmp_path, cfg=cfg, progress=False)
+    with pytest.raises(CheckpointMismatch, match="layers"):
+        train_editor(model, tok, "gate[0-1]", 1, _records(), tmp_path, cfg=cfg, progress=False, resume=True)
+    with pytest.raises(CheckpointMismatch, match="--k"):
+        train_editor(model, tok, SPEC, 3, _records(), tmp_path, cfg=cfg, progress=False, resume=True)
+    with pytest.raises(TrainConfigError, match="traj_len"):
+        train_editor(model, tok, SPEC, 2, _records(), tmp_path,
+                     cfg=TrainConfig(**{**cfg.as_dict(), "traj_len": 4}), progress=False, resume=True)
+    other, other_tok = load_model(_model_dir(seed=1))
+    with pytest.raises(CheckpointMismatch, match="trained for base model"):
+        train_editor(other, other_tok, SPEC, 2, _records(), tmp_path, cfg=cfg, progress=False, resume=True)
+    with pytest.raises(CheckpointMismatch):
+        HiEditor.load(tmp_path, other, other_tok)
+
+
+def test_bad_records_and_options_are_named(tiny):
+    model, tok = tiny
+    records = _records()
+    bad = EditRecord("x", "Paris is in", "  ", "France", "", "", "")
+    with pytest.raises(BadRecord, match=r"record 3 \(case_id x\): field target_new"):
+        tokenize_records(tok, records[:3] + [bad], 64, 8)
+    examples, skipped = tokenize_records(tok, records[:3] + [bad], 64, 8, skip_bad=True)
+    assert (len(examples), skipped) == (3, 1)
+    with pytest.raises(TrainConfigError, match="traj_len"):
+        TrainConfig(traj_len=0).validate()
+    with pytest.raises(TrainConfigError, match="update"):
+        TrainConfig(update="sometimes").validate()
+    with pytest.raises(TrainConfigError, match="trajectories"):
+        train_editor(model, tok, SPEC, 2, records, None, cfg=TrainConfig(traj_len=5, trajectories=3, **SMALL),
+                     progress=False)
+
+
+def test_single_edit_efficacy_restores_weights(tiny):
+    model, tok = tiny
+    editor = HiEditor.create(model, tok, SPEC, k=2, lr_init=0.5, **SMALL)
+    fp = WeightState(editor.module_map, "m").fingerprint()
+    out = single_edit_efficacy(editor, _records()[:3])
+    assert out["n"] == 3 and 0 <= out["greedy"] <= 100
+    assert WeightState(editor.module_map, "m").fingerprint() == fp
