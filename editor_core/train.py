@@ -342,7 +342,7 @@ class Trainer:
         # 2. route (p [L], m [L] with the STE) and propose ΔW_l for every module, differentiably.
         with torch.enable_grad():
             p, m = self.editor.route(cap, self.k)
-            factors = [self.net.factors(l, keys[l], grads[l]) for l in range(self.L)]
+            factors = self.net.factors_many(list(range(self.L)), keys, grads)  # all L: the baseline needs them
         selected = [l for l in range(self.L) if float(m[l].detach()) > 0.5]
 
         # 3. the replay window: edit t and the K-1 before it, weighted μ^j (j = 0 is the newest).

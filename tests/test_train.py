@@ -263,3 +263,43 @@ def test_single_edit_efficacy_restores_weights(tiny):
     out = single_edit_efficacy(editor, _records()[:3])
     assert out["n"] == 3 and 0 <= out["greedy"] <= 100
     assert WeightState(editor.module_map, "m").fingerprint() == fp
+
+
+def _write_counterfact(path: Path, records: list[EditRecord]) -> Path:
+    import json
+    path.write_text(json.dumps([{"case_id": int(r.case_id), "prompt": r.prompt, "target_new": r.target_new,
+                                 "subject": r.subject, "ground_truth": r.target_true, "rephrase_prompt": r.rephrase,
+                                 "locality_prompt": r.locality_prompt, "locality_ground_truth": r.locality_target}
+                                for r in records]))
+    return path
+
+
+def test_cli_trains_resumes_and_refuses(tmp_path, capsys):
+    from service.cli import main
+
+    data = _write_counterfact(tmp_path / "cf.json", _records())
+    base = ["train", "--model", str(_model_dir()), "--data", str(data), "--layers", SPEC, "--out",
+            str(tmp_path / "ed"), "--traj-len", "3", "--trajectories", "2", "--rank", "16", "--router-hidden", "16",
+            "--no-progress", "--threads", "1"]
+    assert main(base + ["--stop-after", "1"]) == 0
+    state = torch.load(tmp_path / "ed" / TRAINER_STATE_FILE, weights_only=False)
+    assert (state["epoch"], state["traj"]) == (0, 1)
+    assert main(base + ["--resume", "--eval-data", str(data), "--eval-n", "3"]) == 0
+    out = capsys.readouterr().out
+    assert '"method": "hiedit"' in out and '"single_edit_efficacy"' in out
+    state = torch.load(tmp_path / "ed" / TRAINER_STATE_FILE, weights_only=False)
+    assert (state["epoch"], state["traj"]) == (1, 0)
+
+    other = [a if a != SPEC else "gate[0-1],up[1]" for a in base]
+    assert main(other + ["--resume"]) == 2
+    assert "--layers" in capsys.readouterr().err
+
+    bad = _write_counterfact(tmp_path / "bad.json", _records()[:4])
+    import json
+    rows = json.loads(bad.read_text())
+    rows[2]["target_new"] = ""
+    bad.write_text(json.dumps(rows))
+    args = [a if a != str(data) else str(bad) for a in base]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "bad.json" in err and "record 2" in err and "target_new" in err

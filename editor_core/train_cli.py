@@ -1,0 +1,111 @@
+"""``hiedit train``: train a HiEdit (or RLEdit, k = L) editor for a model on an editing dataset.
+
+    hiedit train --model DIR --data counterfact-train.json --layers "gate[2-5],up[2-5]" --k 4 --out editors/x
+    hiedit train ... --out editors/x --resume            # continue a stopped run (same data and options)
+
+Checkpoints (the editor plus the optimiser state) are written to ``--out`` after every
+trajectory; ``--resume`` continues from them. A checkpoint made for another base model,
+another ``--layers`` or another ``--k`` is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .train import TrainConfig
+
+_FIELDS = TrainConfig()
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="base model directory or hub id (default: the demo model)")
+    parser.add_argument("--data", required=True, help="editing dataset: ZsRE (MEND format) or CounterFact")
+    parser.add_argument("--layers", required=True, help="editable modules, e.g. 'gate[22-30],up[22-30]'")
+    parser.add_argument("--k", type=int, help="modules edited per fact (default L/2; k = L trains RLEdit)")
+    parser.add_argument("--out", required=True, help="output directory (editor + checkpoints)")
+    parser.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
+    parser.add_argument("--limit", type=int, help="use only the first N records of --data")
+    parser.add_argument("--skip-bad", action="store_true", help="skip bad records (and count them) instead of failing")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    parser.add_argument("--dtype", default="float32", help="base model dtype (float32, bfloat16, float16); "
+                                                           "the editor nets stay float32")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    g = parser.add_argument_group("schedule")
+    g.add_argument("--epochs", type=int, default=_FIELDS.epochs)
+    g.add_argument("--trajectories", type=int, help="trajectories per epoch (default: all records / --traj-len)")
+    g.add_argument("--traj-len", type=int, default=_FIELDS.traj_len, help="edits per trajectory (N)")
+    g.add_argument("--update", choices=["trajectory", "per_edit"], default=_FIELDS.update,
+                   help="one update per trajectory (HiEdit/RLEdit) or after every edit (MEND, no RL)")
+    g.add_argument("--stop-after", type=int, help="stop after this many trajectories (resume later)")
+    g = parser.add_argument_group("loss")
+    g.add_argument("--back-depth", type=int, default=_FIELDS.back_depth, help="K: edits replayed per step")
+    g.add_argument("--time-decay", type=float, default=_FIELDS.time_decay, help="μ")
+    g.add_argument("--loc-coef", type=float, default=_FIELDS.loc_coef, help="α")
+    g.add_argument("--reg-coef", type=float, default=_FIELDS.reg_coef, help="λ")
+    g.add_argument("--no-baseline", action="store_true", help="skip the full-layer baseline (advantage not logged)")
+    g = parser.add_argument_group("optimiser and editor")
+    g.add_argument("--meta-lr", type=float, default=_FIELDS.meta_lr)
+    g.add_argument("--eta-lr", type=float, help="Adam lr of the learned edit lrs (default: --meta-lr)")
+    g.add_argument("--max-grad-norm", type=float, default=_FIELDS.max_grad_norm)
+    g.add_argument("--lr-init", type=float, default=_FIELDS.lr_init, help="initial edit lr η (paper: 1e-6 at 8B)")
+    g.add_argument("--rank", type=int, default=_FIELDS.rank)
+    g.add_argument("--n-blocks", type=int, default=_FIELDS.n_blocks)
+    g.add_argument("--router-hidden", type=int, default=_FIELDS.router_hidden)
+    g.add_argument("--tokens", choices=["all", "target"], default=_FIELDS.tokens)
+    parser.add_argument("--eval-data", help="after training, measure single-edit efficacy on these records")
+    parser.add_argument("--eval-n", type=int, default=50, help="records of --eval-data to measure")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(epochs=args.epochs, trajectories=args.trajectories, traj_len=args.traj_len,
+                       update=args.update, stop_after=args.stop_after, back_depth=args.back_depth,
+                       time_decay=args.time_decay, loc_coef=args.loc_coef, reg_coef=args.reg_coef,
+                       baseline=not args.no_baseline, meta_lr=args.meta_lr, eta_lr=args.eta_lr,
+                       max_grad_norm=args.max_grad_norm, lr_init=args.lr_init, rank=args.rank,
+                       n_blocks=args.n_blocks, router_hidden=args.router_hidden, tokens=args.tokens,
+                       skip_bad=args.skip_bad)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .assets import DEMO_MODEL
+    from .capture import EditInputError
+    from .data import DatasetError, load_records
+    from .hiedit import CheckpointMismatch
+    from .model import LayerSpecError, load_model, resolve_modules
+    from .train import BadRecord, TrainConfigError, single_edit_efficacy, train_editor
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        cfg = config_from_args(args)
+        cfg.validate()
+        model_path = args.model or DEMO_MODEL
+        model, tokenizer = load_model(model_path, dtype=args.dtype, device=args.device)
+        n_modules = len(resolve_modules(model, args.layers))
+        k = args.k or max(1, n_modules // 2)
+        loaded = load_records(args.data, tokenizer=tokenizer, skip_bad=args.skip_bad, limit=args.limit)
+        if loaded.skipped:
+            print(f"skipped {loaded.skipped} bad records of {args.data}", file=sys.stderr)
+        start = time.time()
+        editor = train_editor(model, tokenizer, args.layers, k, loaded.records, Path(args.out), seed=args.seed,
+                              cfg=cfg, progress=not args.no_progress, resume=args.resume)
+        summary = {"out": str(args.out), "method": editor.method, "k": k, "modules": n_modules,
+                   "records": len(loaded.records), "skipped": loaded.skipped, "seconds": round(time.time() - start, 1)}
+        if args.eval_data:
+            eval_records = load_records(args.eval_data, tokenizer=tokenizer, skip_bad=True, limit=args.eval_n).records
+            summary["single_edit_efficacy"] = single_edit_efficacy(editor, eval_records, progress=not args.no_progress)
+        print(json.dumps(summary, indent=2))
+        return 0
+    except (DatasetError, BadRecord, TrainConfigError, CheckpointMismatch, LayerSpecError, EditInputError,
+            FileNotFoundError) as e:
+        print(f"hiedit train: error: {e}", file=sys.stderr)
+        return 2
