@@ -1,0 +1,261 @@
+"""``hiedit eval``: the sequential-editing benchmark from the command line.
+
+    hiedit eval --methods hiedit,rledit,ft --n 200 --out runs/n200
+    hiedit eval --model DIR --editor DIR --data counterfact.json --n 1000 --every 100 --out runs/x
+
+With no model options it uses the demo assets: the demo base model, its HiEdit and RLEdit
+editors, and the evaluation stream written in the demo split. Writes ``results.json``,
+``results.md`` and two PNG plots into ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from itertools import islice
+from pathlib import Path
+
+from .capture import EditInputError
+from .data import DatasetError, EditRecord, SHARED_DATA, glue_sentences, load_records
+from .hiedit import CheckpointMismatch
+from .model import LayerSpecError
+
+
+class EvalSetupError(ValueError):
+    """The benchmark cannot start as asked (missing assets, unknown method, bad option)."""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from .baselines import FTConfig, METHODS, default_methods
+
+    ft = FTConfig()
+    parser.add_argument("--methods", default=",".join(default_methods()),
+                        help=f"comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument("--n", type=int, default=200, help="facts edited one after another")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--every", type=int, default=0, help="also score the edited facts every M edits (0: end only)")
+    parser.add_argument("--model", help="base model directory or hub id (default: the demo model)")
+    parser.add_argument("--editor", help="HiEdit checkpoint (default: the demo HiEdit editor)")
+    parser.add_argument("--rledit-editor", help="RLEdit (k = L) checkpoint; trained and cached when not given "
+                                                "and there is no demo one")
+    parser.add_argument("--mend-editor", help="MEND-style checkpoint; trained and cached when not given")
+    parser.add_argument("--data", help="editing dataset (ZsRE MEND format or CounterFact); default: the demo "
+                                       "split's evaluation stream")
+    parser.add_argument("--train-data", help="facts to train missing editors on (default: the demo split's "
+                                             "editor-training facts, or --data records after the stream)")
+    parser.add_argument("--n-train", type=int, default=None,
+                        help="training facts for editors trained here (default: all available)")
+    parser.add_argument("--n-known", type=int, default=200, help="unedited known facts for General Retention")
+    parser.add_argument("--n-ppl", type=int, default=200, help="held-out GLUE sentences for General Retention")
+    parser.add_argument("--cache-dir", help="where trained baseline editors are cached (default: OUT/editors)")
+    parser.add_argument("--skip-bad", action="store_true", help="skip bad dataset records and count them")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", help="base model dtype: float32, bfloat16 or float16")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=64, help="probes per scoring forward pass")
+    parser.add_argument("--ft-steps", type=int, default=ft.steps)
+    parser.add_argument("--ft-lr", type=float, default=ft.lr)
+    parser.add_argument("--ft-norm-bound", type=float, default=ft.norm_bound,
+                        help="ft: ‖ΔW_l‖_F ≤ bound · ‖W_l‖_F per module")
+    parser.add_argument("--rls-layers", help="layer spec for rlsedit / memit-nohist (default: RLSEdit's own)")
+    parser.add_argument("--train-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="TrainConfig field for editors trained here (repeatable), e.g. epochs=1")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _train_options(items: list[str]) -> dict:
+    """``["epochs=2", "traj_len=10"]`` -> {"epochs": 2, "traj_len": 10}, checked against TrainConfig."""
+    if not items:
+        return {}
+    from dataclasses import fields
+
+    from .train import TrainConfig
+
+    known = {f.name for f in fields(TrainConfig)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise EvalSetupError(f"--train-option {item!r}: expected KEY=VALUE with KEY one of {sorted(known)}")
+        out[key] = _parse_value(value)
+    return out
+
+
+def _demo_split(path: Path) -> tuple[Path, list[str], list[str]]:
+    """(data file, editor-training case ids, evaluation case ids) from the demo split file."""
+    split = json.loads(path.read_text())
+    data = split.get("data") or split.get("data_file") or split.get("source")
+    if data is None:
+        raise EvalSetupError(f"{path}: no 'data' entry naming the CounterFact file the split refers to")
+    data_path = Path(data)
+    if not data_path.is_absolute():
+        for base in (path.parent, SHARED_DATA.parent, SHARED_DATA, SHARED_DATA / "counterfact"):
+            if (base / data_path).is_file():
+                data_path = base / data_path
+                break
+    streams = split.get("streams", split)
+
+    def ids(*names: str) -> list[str]:
+        for name in names:
+            if isinstance(streams.get(name), list):
+                return [str(x) for x in streams[name]]
+            if isinstance(split.get(name), list):
+                return [str(x) for x in split[name]]
+        raise EvalSetupError(f"{path}: none of the lists {names} is present")
+
+    return data_path, ids("editor_train", "train", "editor-training"), ids("eval", "evaluation", "test")
+
+
+def _by_case(records: list[EditRecord], case_ids: list[str], path: Path) -> list[EditRecord]:
+    index = {r.case_id: r for r in records}
+    missing = [c for c in case_ids if c not in index]
+    if missing:
+        raise EvalSetupError(f"{path}: {len(missing)} case ids of the demo split are not in the data "
+                             f"(first: {missing[:3]})")
+    return [index[c] for c in case_ids]
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (DatasetError, CheckpointMismatch, LayerSpecError, EditInputError, EvalSetupError,
+            FileNotFoundError) as exc:
+        print(f"hiedit eval: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .assets import DEMO_HIEDIT, DEMO_MODEL, DEMO_RLEDIT, DEMO_SPLIT
+    from .baselines import METHODS, NEEDS_RLSEDIT, FTConfig, MethodContext, _rlsedit_available
+    from .evaluate import Bench, EvalConfig, markdown_table, plot_curves, plot_selections, run_benchmark
+    from .model import load_model, model_id
+    from .state import WeightState
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise EvalSetupError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+    if any(m in NEEDS_RLSEDIT for m in methods) and not _rlsedit_available():
+        raise EvalSetupError("rlsedit / memit-nohist need editor_core/rlsedit.py, which is not installed")
+    if args.n < 1:
+        raise EvalSetupError("--n must be at least 1")
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    progress = not args.no_progress
+    demo = args.model is None
+    if demo:
+        if not (DEMO_MODEL / "config.json").is_file() or not (DEMO_HIEDIT / "config.json").is_file():
+            raise EvalSetupError(f"the demo assets are not built ({DEMO_MODEL}, {DEMO_HIEDIT}): run `hiedit build-demo`"
+                                 " or pass --model and --editor")
+        model_path, editor_dir = DEMO_MODEL, Path(args.editor) if args.editor else DEMO_HIEDIT
+        rledit_dir = Path(args.rledit_editor) if args.rledit_editor else (
+            DEMO_RLEDIT if (DEMO_RLEDIT / "config.json").is_file() else None)
+    else:
+        if not args.editor:
+            raise EvalSetupError("--model needs --editor: the HiEdit checkpoint trained for that model")
+        model_path, editor_dir = args.model, Path(args.editor)
+        rledit_dir = Path(args.rledit_editor) if args.rledit_editor else None
+    print(f"loading {model_path} ({args.dtype}, {args.device})", file=sys.stderr)
+    model, tokenizer = load_model(model_path, args.dtype, args.device)
+
+    # ---- the stream, the unedited known facts and the training facts -----------------------------
+    if args.data:
+        loaded = load_records(args.data, tokenizer=tokenizer, skip_bad=args.skip_bad, seed=args.seed)
+        records = loaded.records
+        if loaded.skipped:
+            print(f"skipped {loaded.skipped} bad records of {args.data}", file=sys.stderr)
+        stream = records[:args.n]
+        rest = records[args.n:]
+        known = rest[:args.n_known]
+        train = rest[args.n_known:][:args.n_train]  # [:None] = all
+        skipped_records = loaded.skipped
+    else:
+        if not DEMO_SPLIT.is_file():
+            raise EvalSetupError(f"{DEMO_SPLIT} is missing: pass --data, or rebuild the demo assets")
+        data_path, train_ids, eval_ids = _demo_split(DEMO_SPLIT)
+        loaded = load_records(data_path, tokenizer=tokenizer, skip_bad=args.skip_bad, seed=args.seed)
+        stream = _by_case(loaded.records, eval_ids, data_path)[:args.n]
+        train_all = _by_case(loaded.records, train_ids, data_path)
+        # General Retention's known facts are editor-training facts: the base model learnt them,
+        # and the benchmark never edits them. Editors trained here see the same facts as HiEdit.
+        known = train_all[:args.n_known]
+        train = train_all[:args.n_train]
+        skipped_records = loaded.skipped
+    if args.train_data:
+        train = load_records(args.train_data, tokenizer=tokenizer, skip_bad=args.skip_bad,
+                             seed=args.seed).records[:args.n_train]
+    if len(stream) < args.n:
+        print(f"warning: only {len(stream)} facts available for the stream (asked for {args.n})", file=sys.stderr)
+    counterfact = all(r.target_true for r in stream)
+    try:
+        ppl_texts = list(islice(glue_sentences("heldout", seed=0), args.n_ppl)) if args.n_ppl > 0 else []
+    except DatasetError as exc:
+        print(f"warning: no GLUE text for perplexity ({exc}); General Retention uses known facts only",
+              file=sys.stderr)
+        ppl_texts = []
+
+    # ---- methods ---------------------------------------------------------------------------------
+    ctx = MethodContext(model=model, tokenizer=tokenizer, hiedit_dir=editor_dir, rledit_dir=rledit_dir,
+                        mend_dir=Path(args.mend_editor) if args.mend_editor else None, train_records=train,
+                        cache_dir=Path(args.cache_dir) if args.cache_dir else out / "editors", seed=args.seed,
+                        ft=FTConfig(steps=args.ft_steps, lr=args.ft_lr, norm_bound=args.ft_norm_bound),
+                        rls_layers=args.rls_layers, progress=progress,
+                        train_options=_train_options(args.train_option))
+    ctx.hiedit()  # refuse a mismatched checkpoint before anything runs
+    # Editors that must be trained are built before the clock starts, with their own progress bars.
+    editors = {}
+    for name in methods:
+        editors[name] = METHODS[name](ctx)
+    states: dict[tuple[str, ...], WeightState] = {}
+
+    def state_for(editor) -> WeightState:
+        key = tuple(editor.modules)
+        if key not in states:
+            states[key] = WeightState(resolve_modules_by_name(model, editor.modules), model_id(model))
+        return states[key]
+
+    cfg = EvalConfig(every=args.every, batch_size=args.batch_size, skip_bad=args.skip_bad, progress=progress,
+                     seed=args.seed)
+    started = time.time()
+    bench = Bench(model, tokenizer, stream, known, ppl_texts, counterfact)
+    results = run_benchmark(bench, {n: (lambda e=e: e) for n, e in editors.items()}, state_for, cfg)
+    results["setup"] = {
+        "model": str(model_path), "model_id": model_id(model), "editor": str(editor_dir),
+        "rledit_editor": str(rledit_dir) if rledit_dir else None, "layer_spec": ctx.layer_spec,
+        "data": str(args.data) if args.data else "demo split (evaluation stream)",
+        "dtype": args.dtype, "device": args.device, "seed": args.seed, "skipped_records": skipped_records,
+        "n_train_for_trained_editors": len(train), "wall_s": round(time.time() - started, 1),
+        "ft": ctx.ft.__dict__, "argv": sys.argv[1:],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown_table(results)
+    (out / "results.md").write_text(table)
+    plot_curves(results, out / "metrics_vs_edits.png")
+    plot_selections(results, out / "module_selection.png")
+    print(table)
+    print(f"wrote {out / 'results.json'}, results.md, metrics_vs_edits.png, module_selection.png", file=sys.stderr)
+    return 0
+
+
+def resolve_modules_by_name(model, names: list[str]):
+    """{name: nn.Linear} for dotted module names (any editor's module list)."""
+    from torch import nn
+
+    out = {}
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, nn.Linear):
+            raise LayerSpecError(f"{name} is a {type(module).__name__}, not an nn.Linear")
+        out[name] = module
+    return out

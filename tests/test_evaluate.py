@@ -1,0 +1,217 @@
+"""Sequential-editing harness: metrics on hand-made logits, baselines, and a CI-sized run end to end."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from editor_core.baselines import METHODS, FineTuneEditor, FTConfig, NoEdit, RoutedEditor, gradient_norms
+from editor_core.capture import Capture
+from editor_core.editor import EditRequest
+from editor_core.evaluate import (METRICS, Probe, ProbeSet, general_retention, markdown_table, new_over_true,
+                                  top1_accuracy)
+from editor_core.hiedit import HiEditor
+from editor_core.model import load_model
+from editor_core.state import WeightState
+from editor_core.tiny import build_tiny_model
+
+SHARED_CF = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "counterfact-edit.json"
+SPEC = "gate[1-2],up[1-2]"
+
+
+# ---- metrics on hand-made logits ----------------------------------------------------------------
+
+def test_top1_accuracy_counts_only_labelled_positions():
+    logits = torch.tensor([[[0.0, 5.0, 1.0], [3.0, 0.0, 1.0], [0.0, 0.0, 9.0]],
+                           [[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 0.0]]])
+    labels = torch.tensor([[-100, 0, 1], [0, 2, -100]])
+    acc = top1_accuracy(logits, labels)
+    # row 0: pos1 argmax 0 == 0 hit, pos2 argmax 2 != 1 miss -> 0.5; row 1: pos0 hit, pos1 miss -> 0.5
+    assert acc.tolist() == [0.5, 0.5]
+    assert math.isnan(top1_accuracy(logits[:1], torch.full((1, 3), -100))[0])
+
+
+def test_new_over_true_per_token_and_strict():
+    # V = 4; new label tokens 1, 2; old label tokens 3, 2 (second position shared -> never a success)
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0],
+                            [0.0, 2.0, 0.0, 1.0],    # logit[1]=2 > logit[3]=1: success
+                            [0.0, 0.0, 5.0, 0.0]]])  # same token: 5 > 5 is false
+    labels = torch.tensor([[-100, 1, 2]])
+    old = torch.tensor([[-100, 3, 2]])
+    assert new_over_true(logits, labels, old).tolist() == [0.5]
+    # Only positions where both labels are set count (old answer shorter than the new one).
+    old_short = torch.tensor([[-100, 3, -100]])
+    assert new_over_true(logits, labels, old_short).tolist() == [1.0]
+    # Swapping the roles (specificity: true over new) flips the decided position.
+    assert new_over_true(logits, torch.tensor([[-100, 3, -100]]), torch.tensor([[-100, 1, -100]])).tolist() == [0.0]
+
+
+def test_general_retention_definition():
+    assert general_retention(10.0, 10.0, 0.8, 0.8) == 100.0
+    assert general_retention(10.0, 20.0, 0.8, 0.4) == pytest.approx(50.0)  # half of each half
+    assert general_retention(10.0, 5.0, 0.8, 0.9) == 100.0                 # capped: no credit for gains
+    assert general_retention(10.0, float("inf"), 0.8, 0.0) == 0.0
+
+
+def test_gradient_norm_from_factors_matches_dense():
+    torch.manual_seed(0)
+    u, d = torch.randn(5, 6), torch.randn(5, 3)
+    cap = Capture({"m": u}, {"m": d}, 0.0)
+    dense = (d.T @ u).norm()
+    assert gradient_norms(cap, ["m"])[0] == pytest.approx(float(dense), rel=1e-5)
+
+
+# ---- a tiny model, its editors and a small CounterFact file -------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaltiny")
+    records = json.loads(SHARED_CF.read_text())[:60]
+    texts = [f"{r['prompt']} {r['ground_truth']}. {r['rephrase_prompt']} {r['target_new']}. "
+             f"{r['locality_prompt']} {r['locality_ground_truth']}." for r in records]
+    model_dir = build_tiny_model(root / "model", texts=texts, vocab_size=400, hidden=32, layers=4,
+                                 intermediate=64, heads=2, kv_heads=1)
+    model, tok = load_model(model_dir)
+    hiedit = HiEditor.create(model, tok, SPEC, k=2, rank=16, router_hidden=16, lr_init=1e-2)
+    hiedit.save(root / "hiedit")
+    rledit = HiEditor.create(model, tok, SPEC, k=4, seed=1, rank=16, router_hidden=16, lr_init=1e-2)
+    rledit.save(root / "rledit")
+    data = root / "cf.json"
+    data.write_text(json.dumps(records))
+    return {"root": root, "model": model_dir, "hiedit": root / "hiedit", "rledit": root / "rledit", "data": data,
+            "records": records}
+
+
+def test_probe_set_aligns_old_labels(tiny):
+    model, tok = load_model(tiny["model"])
+    probes = [Probe("The Eiffel Tower is in", "Rome", "Paris"), Probe("Miles Davis plays the", "trumpet")]
+    ps = ProbeSet(tok, probes)
+    # Old labels sit exactly on the first min(|new|, |old|) target positions, and nowhere for probe 2.
+    for i, probe in enumerate(probes[:1]):
+        new_pos = (ps.labels[i] != -100).nonzero().squeeze(-1)
+        old_pos = (ps.old_labels[i] != -100).nonzero().squeeze(-1)
+        assert old_pos.numel() >= 1 and old_pos.tolist() == new_pos[:old_pos.numel()].tolist()
+    assert (ps.old_labels[1] == -100).all()
+    s = ps.scores(model, batch_size=1)
+    s2 = ps.scores(model, batch_size=2)  # right padding must not change any score
+    assert torch.allclose(s.top1, s2.top1) and torch.equal(s.argmax[:, :5], s2.argmax[:, :5])
+    assert 0 <= float(s.new_over_true[0]) <= 1 and math.isnan(float(s.new_over_true[1]))
+
+
+def test_baseline_editors_go_through_weight_state(tiny):
+    model, tok = load_model(tiny["model"])
+    hiedit = HiEditor.load(tiny["hiedit"], model, tok)
+    state = WeightState(hiedit.module_map, "tiny")
+    req = EditRequest("The Eiffel Tower is in", "Rome")
+    ft = FineTuneEditor(model, tok, hiedit.module_map, FTConfig(steps=5, lr=1e-2, norm_bound=0.05))
+    before = {n: m.weight.detach().clone() for n, m in hiedit.module_map.items()}
+    prop = ft.propose(req)
+    assert all(torch.equal(m.weight, before[n]) for n, m in hiedit.module_map.items())  # propose never edits
+    for name, (left, right) in prop.delta.factors.items():  # the norm bound holds
+        assert float((left @ right).norm()) <= 0.05 * float(before[name].norm()) * 1.001
+    state.apply(1, prop.delta)
+    assert state.fingerprint() != state.base_fingerprint
+    for router in ("random", "gradnorm"):
+        p = RoutedEditor(hiedit, router).propose(req)
+        assert len(p.selected) == 2 and set(p.delta.modules) == set(p.selected_modules)
+    rnd = RoutedEditor(hiedit, "random", seed=3)
+    assert rnd.propose(req).selected == rnd.propose(req).selected  # seeded by the fact, not by call order
+    assert NoEdit().propose(req).delta.modules == []
+    state.reset()
+    assert state.fingerprint() == state.base_fingerprint
+
+
+def _check_results(out: Path, methods: list[str], n: int) -> dict:
+    results = json.loads((out / "results.json").read_text())
+    assert results["n"] == n and list(results["methods"]) == methods
+    for name, m in results["methods"].items():
+        for key in (*METRICS, "mean", "edit_latency_ms_p50"):
+            assert isinstance(m[key], float) and m[key] == m[key], (name, key, m[key])
+        for key in (*METRICS, "mean"):
+            assert 0.0 <= m[key] <= 100.0, (name, key, m[key])
+            assert 0.0 <= m["top1"][key] <= 100.0
+        assert m["mean"] == pytest.approx(sum(m[k] for k in METRICS[:4]) / 4)
+        assert m["n_edits"] == n and m["curve"][-1]["edits"] == n
+    table = (out / "results.md").read_text()
+    assert all(f"| {name} |" in table for name in methods)
+    for png in ("metrics_vs_edits.png", "module_selection.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return results
+
+
+def test_cli_end_to_end_on_tiny_model(tiny, tmp_path):
+    from service.cli import main
+
+    methods = ["pre", "hiedit", "rledit", "ft", "random-k", "gradnorm-k"]
+    out = tmp_path / "run"
+    rc = main(["eval", "--methods", ",".join(methods), "--n", "20", "--every", "10", "--out", str(out),
+               "--model", str(tiny["model"]), "--editor", str(tiny["hiedit"]), "--rledit-editor",
+               str(tiny["rledit"]), "--data", str(tiny["data"]), "--n-known", "20", "--n-ppl", "20",
+               "--ft-steps", "3", "--no-progress"])
+    assert rc == 0
+    results = _check_results(out, methods, 20)
+    pre, hi = results["methods"]["pre"], results["methods"]["hiedit"]
+    assert pre["general_retention"] == 100.0 and pre["specificity_unchanged"] == 100.0
+    assert pre["edit_latency_ms_p50"] < hi["edit_latency_ms_p50"]
+    assert sum(hi["selections"].values()) == 2 * 20  # k = 2 modules per edit
+    assert sum(results["methods"]["rledit"]["selections"].values()) == 4 * 20
+    assert [p["edits"] for p in hi["curve"]] == [10, 20]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("editor_core.train") is None, reason="editor_core.train not present")
+def test_cli_trains_and_caches_mend(tiny, tmp_path):
+    from service.cli import main
+
+    out = tmp_path / "run"
+    args = ["eval", "--methods", "pre,mend", "--n", "10", "--out", str(out), "--model", str(tiny["model"]),
+            "--editor", str(tiny["hiedit"]), "--data", str(tiny["data"]), "--n-known", "10", "--n-ppl", "10",
+            "--n-train", "8", "--train-option", "traj_len=4", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    assert main(args) == 0
+    _check_results(out, ["pre", "mend"], 10)
+    cached = list((tmp_path / "cache").glob("mend-*/config.json"))
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    assert main(args) == 0  # the second run loads the cached editor instead of training again
+    assert cached[0].stat().st_mtime_ns == stamp
+
+
+def test_cli_refuses_bad_inputs(tiny, tmp_path, capsys):
+    from service.cli import main
+
+    base = ["eval", "--n", "5", "--out", str(tmp_path / "o"), "--model", str(tiny["model"]), "--no-progress",
+            "--methods", "pre,hiedit", "--n-ppl", "0"]
+    # a record with an empty target: the error names file, record index and field
+    bad = [dict(r) for r in tiny["records"][:12]]
+    bad[3]["target_new"] = " "
+    bad_file = tmp_path / "bad.json"
+    bad_file.write_text(json.dumps(bad))
+    assert main(base + ["--editor", str(tiny["hiedit"]), "--data", str(bad_file)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.json" in err and "record 3" in err and "target_new" in err
+    assert main(base + ["--editor", str(tiny["hiedit"]), "--data", str(bad_file), "--skip-bad"]) == 0
+    assert "skipped 1 bad records" in capsys.readouterr().err
+    # an editor made for another layer spec, and one made for another model
+    other_spec = tmp_path / "other-spec"
+    model, tok = load_model(tiny["model"])
+    HiEditor.create(model, tok, "gate[0-1]", k=1, rank=8, router_hidden=8).save(other_spec)
+    assert main(base + ["--editor", str(tiny["hiedit"]), "--rledit-editor", str(other_spec), "--data",
+                        str(tiny["data"]), "--methods", "rledit"]) == 2
+    assert "same modules" in capsys.readouterr().err
+    other_model = build_tiny_model(tmp_path / "m2", seed=7, vocab_size=400, hidden=32, layers=4, intermediate=64,
+                                   heads=2, kv_heads=1)
+    assert main(["eval", "--n", "5", "--out", str(tmp_path / "o2"), "--model", str(other_model), "--editor",
+                 str(tiny["hiedit"]), "--data", str(tiny["data"]), "--methods", "pre", "--no-progress"]) == 2
+    assert "trained for base model" in capsys.readouterr().err
+    assert main(base + ["--editor", str(tiny["hiedit"]), "--methods", "nonsense"]) == 2
+
+
+def test_registry_is_complete():
+    assert {"pre", "hiedit", "rledit", "mend", "ft", "random-k", "gradnorm-k", "rlsedit",
+            "memit-nohist"} <= set(METHODS)
+    md = markdown_table({"n": 1, "scoring": "top-1", "methods": {"x": {
+        **{k: 50.0 for k in (*METRICS, "mean")}, "edit_latency_ms_p50": 1.0, "top1": {}}}})
+    assert "| x | 50.00 |" in md
