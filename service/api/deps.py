@@ -1,0 +1,54 @@
+"""Shared route dependencies: the engine, a database session, and the caller.
+
+Auth plugs in here: every router declares ``Depends(require_scope("read"|"edit"|"admin"))``
+and routes that record who did something take ``CurrentActor``. Today ``current_principal``
+returns the loopback operator; the production issue replaces it with API-key checks
+(401/403) without touching the routes.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from sqlalchemy.orm import Session
+
+from ..auth import ANONYMOUS, SCOPES, Principal
+from ..engine import EditEngine
+
+def current_principal(request: Request) -> Principal:
+    """Who is calling. Without API keys the server binds loopback only, so the caller is the operator."""
+    return ANONYMOUS
+
+
+def require_scope(scope: str):
+    """Dependency factory: 403 unless the caller's scope includes ``scope`` (read < edit < admin)."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}")
+
+    def check(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
+        if not principal.allows(scope):
+            raise HTTPException(403, f"Authorization: scope {principal.scope!r} may not do this; needs {scope!r}")
+        return principal
+    return check
+
+
+def get_engine(request: Request) -> EditEngine:
+    engine = getattr(request.app.state, "engine", None)
+    if engine is None:
+        raise HTTPException(503, "the server is starting: the model is not loaded yet")
+    return engine
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with request.app.state.sessions() as session:
+        yield session
+
+
+def get_actor(principal: Annotated[Principal, Depends(current_principal)]) -> str:
+    return principal.actor
+
+
+EngineDep = Annotated[EditEngine, Depends(get_engine)]
+SessionDep = Annotated[Session, Depends(get_session)]
+CurrentActor = Annotated[str, Depends(get_actor)]

@@ -1,0 +1,86 @@
+"""Reads and writes of the edit log. Functions take a Session and never commit on their own,
+except where the docstring says so: the caller decides what one transaction is."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, selectinload
+
+from .models import Edit, EditDelta, EditLayer, EditStatus, Probe, utcnow
+
+
+def get_edit(session: Session, edit_id: int) -> Edit | None:
+    return session.scalars(select(Edit).options(selectinload(Edit.layers)).where(Edit.id == edit_id)).first()
+
+
+def get_edit_by_key(session: Session, key: str) -> Edit | None:
+    return session.scalars(select(Edit).options(selectinload(Edit.layers))
+                           .where(Edit.idempotency_key == key)).first()
+
+
+def list_edits(session: Session, limit: int = 50, offset: int = 0, status: str | None = None) -> Sequence[Edit]:
+    """Newest first."""
+    q = select(Edit).options(selectinload(Edit.layers)).order_by(Edit.id.desc()).limit(limit).offset(offset)
+    if status:
+        q = q.where(Edit.status == status)
+    return session.scalars(q).all()
+
+
+def count_edits(session: Session, status: str | None = None) -> int:
+    q = select(func.count(Edit.id))
+    if status:
+        q = q.where(Edit.status == status)
+    return int(session.scalar(q) or 0)
+
+
+def last_edit_id(session: Session) -> int | None:
+    return session.scalar(select(func.max(Edit.id)))
+
+
+def active_edits_with_deltas(session: Session) -> list[tuple[Edit, EditDelta]]:
+    """Every applied edit with its stored delta, in id order: what a restart replays."""
+    rows = session.execute(select(Edit, EditDelta).join(EditDelta, EditDelta.edit_id == Edit.id)
+                           .where(Edit.status == EditStatus.APPLIED).order_by(Edit.id)).all()
+    return [(e, d) for e, d in rows]
+
+
+def add_edit(session: Session, edit: Edit, layers: list[EditLayer], blob: bytes,
+             state_blob: bytes | None) -> Edit:
+    """Stage an edit with its per-module rows and delta; the caller commits (one transaction)."""
+    edit.layers = layers
+    edit.delta = EditDelta(blob=blob, nbytes=len(blob), state_blob=state_blob)
+    session.add(edit)
+    session.flush()  # assigns edit.id
+    return edit
+
+
+def set_status(session: Session, edit_id: int, status: str, *, error: str | None = None,
+               when: datetime | None = None) -> None:
+    edit = session.get(Edit, edit_id)
+    if edit is None:
+        raise KeyError(edit_id)
+    edit.status = status
+    if error is not None:
+        edit.error = error
+    if status == EditStatus.ROLLED_BACK:
+        edit.rolled_back_at = when or utcnow()
+
+
+def add_probe(session: Session, probe: Probe) -> Probe:
+    session.add(probe)
+    session.flush()
+    return probe
+
+
+def list_probes(session: Session) -> Sequence[Probe]:
+    return session.scalars(select(Probe).order_by(Probe.id)).all()
+
+
+def delete_probe(session: Session, probe_id: int) -> bool:
+    probe = session.get(Probe, probe_id)
+    if probe is None:
+        return False
+    session.delete(probe)
+    return True

@@ -1,0 +1,603 @@
+"""The single-writer edit engine: owns the weights, the editors, the write lock and the log.
+
+Threads:
+
+* request threads (FastAPI's thread pool) *read*: ``generate`` holds the read side of
+  :class:`RWLock` for the whole generation, so it sees the weights before or after an edit,
+  never in between;
+* one writer thread runs every job that changes state, one at a time, in arrival order:
+  replaying the log at start, edits, rollbacks and the probe/retention report. Gradient
+  capture and the editor's proposal run on the writer without any lock (readers keep
+  generating meanwhile); only the pointer swap inside ``WeightState`` takes the write side;
+* a timer thread queues the periodic probe report.
+
+An edit runs: validate -> propose -> guard (finite, shapes, norm bound) -> log (edit row,
+per-module rows and delta blob in one transaction) -> apply -> editor.commit -> score.
+The database is the source of truth: a logged edit whose apply fails is marked ``failed``,
+and a start replays every ``applied`` edit in id order.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import torch
+from sqlalchemy.orm import Session, sessionmaker
+from torch import nn
+
+from editor_core.capture import EditInputError, teacher_forced
+from editor_core.delta import LowRankDelta
+from editor_core.editor import EditRequest, Editor, LocalityPrompt, Proposal
+from editor_core.model import model_id
+from editor_core.state import DeltaRejected, WeightState
+
+from . import crud
+from .metrics import Metrics
+from .models import Edit, EditLayer, EditStatus, Probe, utcnow
+from .settings import Settings
+
+log = logging.getLogger("hiedit.engine")
+
+
+# ---- errors the API turns into 4xx/503 -------------------------------------------------------------
+
+class EngineError(Exception):
+    """An error with an HTTP status and a message that names the field and the rule."""
+
+    status_code = 400
+
+    def __init__(self, detail: str, status_code: int | None = None, **extra: Any):
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+        if status_code is not None:
+            self.status_code = status_code
+
+
+class InvalidEdit(EngineError):
+    status_code = 422
+
+
+class NotFound(EngineError):
+    status_code = 404
+
+
+class Conflict(EngineError):
+    status_code = 409
+
+
+class Unavailable(EngineError):
+    status_code = 503
+
+
+# ---- readers-writer lock ---------------------------------------------------------------------------
+
+class RWLock:
+    """Many readers or one writer; a waiting writer blocks new readers so it cannot starve."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+# ---- results -----------------------------------------------------------------------------------
+
+@dataclass
+class EditSpec:
+    """A validated edit request as the API hands it to the engine."""
+
+    prompt: str
+    target: str
+    rephrases: list[str] = field(default_factory=list)
+    locality: list[dict] = field(default_factory=list)  # [{"prompt", "target"}]
+    method: str = "hiedit"
+    k: int | None = None
+    subject: str | None = None
+
+    def canonical_hash(self) -> str:
+        """sha256 of the request as JSON with sorted keys: what Idempotency-Key compares."""
+        body = {"prompt": self.prompt, "target": self.target, "rephrases": self.rephrases,
+                "locality": self.locality, "method": self.method, "k": self.k, "subject": self.subject}
+        return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+@dataclass
+class ProbeReport:
+    specificity: float | None
+    edit_retention: float | None
+    probes: int
+    active_edits: int
+    evaluated_at: datetime
+    fingerprint: str
+    changed_probes: list[int]
+    lost_edits: list[int]
+    duration_s: float
+
+    def as_dict(self) -> dict:
+        return {"specificity": self.specificity, "edit_retention": self.edit_retention, "probes": self.probes,
+                "active_edits": self.active_edits, "evaluated_at": self.evaluated_at.isoformat(),
+                "fingerprint": self.fingerprint, "changed_probes": self.changed_probes,
+                "lost_edits": self.lost_edits, "duration_s": round(self.duration_s, 4)}
+
+
+# ---- the engine ----------------------------------------------------------------------------------
+
+_STOP = object()
+
+
+class EditEngine:
+    """Owns model weights (through WeightState), editors, the writer thread and the log.
+
+    Args:
+        settings: server settings (limits, probe intervals).
+        model, tokenizer: the served model; its editable weights are changed only here.
+        editors: {method: editor} of the methods this server can edit with.
+        unavailable: {method: reason} of known methods that are not available, for 503 messages.
+        sessions: sessionmaker bound to the migrated database.
+        metrics: where counters and gauges go.
+    """
+
+    def __init__(self, settings: Settings, model: nn.Module, tokenizer, editors: dict[str, Editor],
+                 unavailable: dict[str, str], sessions: sessionmaker[Session], metrics: Metrics):
+        self.settings = settings
+        self.model = model
+        self.tokenizer = tokenizer
+        self.editors = editors
+        self.unavailable = unavailable
+        self.sessions = sessions
+        self.metrics = metrics
+        self.model_name = model_id(model)
+        self.device = next(model.parameters()).device
+        self.lock = RWLock()
+        self.state = WeightState(self._editable_modules(), self.model_name)
+        self.ready = False
+        self.startup_error: str | None = None
+        self.report: ProbeReport | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._rng_lock = threading.Lock()  # sampling seeds torch's global RNG
+        self._edits_since_report = 0
+        self._report_pending = threading.Event()
+        self._last_report_t = time.monotonic()
+        self._stop = threading.Event()
+        self._writer = threading.Thread(target=self._writer_loop, name="hiedit-writer", daemon=True)
+        self._timer = threading.Thread(target=self._timer_loop, name="hiedit-probe-timer", daemon=True)
+        methods = ",".join(sorted(editors)) or "none"
+        metrics.model_info.labels(model=self.model_name, methods=methods).set(1)
+
+    def _editable_modules(self) -> dict[str, nn.Linear]:
+        """Union of every editor's modules, in the model's module order (a stable fingerprint order)."""
+        wanted: dict[str, nn.Linear] = {}
+        for editor in self.editors.values():
+            for name in editor.modules:
+                wanted[name] = self.model.get_submodule(name)
+        return {name: mod for name, mod in self.model.named_modules() if name in wanted}
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> concurrent.futures.Future:
+        """Start the writer with the log replay as its first job; readiness follows the replay."""
+        self._writer.start()
+        fut = self._submit(self._replay)
+        self._timer.start()
+        return fut
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._queue.put(_STOP)
+        if self._writer.is_alive():
+            self._writer.join(timeout)
+
+    def _submit(self, fn: Callable, *args, **kwargs) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((fn, args, kwargs, fut))
+        self.metrics.queue_depth.set(self._queue.qsize())
+        return fut
+
+    def _writer_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            self.metrics.queue_depth.set(self._queue.qsize())
+            if item is _STOP:
+                return
+            fn, args, kwargs, fut = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # the writer must survive any one job
+                fut.set_exception(e)
+            self._maybe_queue_report()
+
+    def _timer_loop(self) -> None:
+        every = self.settings.probe_every_seconds
+        while not self._stop.wait(1.0 if not every else min(1.0, every)):
+            if every and self.ready and time.monotonic() - self._last_report_t >= every:
+                self._queue_report()
+
+    def _maybe_queue_report(self) -> None:
+        n = self.settings.probe_every_edits
+        if n and self._edits_since_report >= n:
+            self._queue_report()
+
+    def _queue_report(self) -> None:
+        if not self._report_pending.is_set():  # one pending report is enough
+            self._report_pending.set()
+            self._submit(self._report_job)
+
+    # ---- public entry points (called from request threads) ---------------------------------------
+
+    def submit_edit(self, spec: EditSpec, idempotency_key: str | None, actor: str) -> concurrent.futures.Future:
+        """Queue an edit; the future resolves to (Edit, created: bool) or raises an EngineError."""
+        return self._submit(self._edit_job, spec, idempotency_key, actor)
+
+    def submit_rollback(self, edit_id: int) -> concurrent.futures.Future:
+        return self._submit(self._rollback_job, edit_id)
+
+    def submit_report(self) -> concurrent.futures.Future:
+        return self._submit(self._report_job)
+
+    def fingerprint(self) -> str:
+        with self.lock.read():  # hashing a module mid-swap would mix states
+            return self.state.fingerprint()
+
+    def check_prompt(self, prompt: str, field_name: str = "prompt") -> list[int]:
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if len(ids) > self.settings.max_prompt_tokens:
+            raise InvalidEdit(f"{field_name}: {len(ids)} tokens, over the limit of {self.settings.max_prompt_tokens}")
+        return ids
+
+    def generate(self, prompt: str, max_new_tokens: int, temperature: float = 0.0,
+                 seed: int | None = None) -> tuple[str, int]:
+        """Continuation of ``prompt`` (text without the prompt, number of new tokens)."""
+        if not self.ready:
+            raise Unavailable("the server is not ready: the edit log is still being replayed")
+        t0 = time.perf_counter()
+        ids = self.check_prompt(prompt)
+        text, n = self._generate_ids(ids, max_new_tokens, temperature, seed, lock=True)
+        self.metrics.generate_duration.observe(time.perf_counter() - t0)
+        self.metrics.generated_tokens.inc(n)
+        return text, n
+
+    def _generate_ids(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+                      seed: int | None = None, lock: bool = True) -> tuple[str, int]:
+        input_ids = torch.tensor([ids], device=self.device)
+        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                      attention_mask=torch.ones_like(input_ids))
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        sampling = self._rng_lock if temperature > 0 else contextlib.nullcontext()
+        with (self.lock.read() if lock else contextlib.nullcontext()), sampling, torch.no_grad():
+            if temperature > 0:
+                torch.manual_seed(seed if seed is not None else int.from_bytes(hashlib.sha256(
+                    f"{time.time_ns()}".encode()).digest()[:4], "little"))
+            out = self.model.generate(input_ids, **kwargs)
+        new = out[0, input_ids.shape[1]:].tolist()
+        return self.tokenizer.decode(new, skip_special_tokens=True), len(new)
+
+    def add_probe(self, prompt: str, max_new_tokens: int | None) -> Probe:
+        if not self.ready:
+            raise Unavailable("the server is not ready: the edit log is still being replayed")
+        n = max_new_tokens or self.settings.probe_max_new_tokens
+        ids = self.check_prompt(prompt)
+        input_ids = torch.tensor([ids], device=self.device)
+        with self.lock.read(), torch.no_grad():
+            out = self.model.generate(input_ids, max_new_tokens=n, do_sample=False, temperature=None, top_k=None,
+                                      top_p=None, attention_mask=torch.ones_like(input_ids),
+                                      pad_token_id=self.tokenizer.pad_token_id)
+            fingerprint = self.state.fingerprint()
+        new = out[0, input_ids.shape[1]:].tolist()
+        probe = Probe(prompt=prompt, max_new_tokens=n, expected=self.tokenizer.decode(new, skip_special_tokens=True),
+                      expected_ids=new, created_at=utcnow(), fingerprint_at_creation=fingerprint)
+        with self.sessions.begin() as session:
+            crud.add_probe(session, probe)
+        return probe
+
+    # ---- writer jobs ---------------------------------------------------------------------------
+
+    def _replay(self) -> int:
+        """Apply every active edit of the log, in id order; then turn ready."""
+        t0 = time.perf_counter()
+        try:
+            with self.sessions() as session:
+                rows = crud.active_edits_with_deltas(session)
+            for edit, stored in rows:
+                try:
+                    delta = LowRankDelta.from_bytes(stored.blob)
+                    self.state.apply(edit.id, delta.to(self.device), swap_lock=self.lock.write())
+                except (DeltaRejected, ValueError) as e:
+                    # The weights must match the log: an edit that cannot be applied is marked failed,
+                    # which is what a fresh replica would conclude too.
+                    log.error("replay: edit %s cannot be applied (%s); marking it failed", edit.id, e)
+                    with self.sessions.begin() as session:
+                        crud.set_status(session, edit.id, EditStatus.FAILED, error=f"replay: {e}")
+                    continue
+                editor = self.editors.get(edit.method)
+                if editor is not None:
+                    editor.restore(edit.id, stored.state_blob)
+                else:
+                    log.warning("replay: edit %s was made with %r, which this server cannot edit with; "
+                                "its delta is applied, but new %s edits are refused", edit.id, edit.method,
+                                edit.method)
+            self.metrics.active_edits.set(len(self.state.active_ids))
+            self.ready = True
+            log.info("replayed %d edits in %.2fs; fingerprint %s", len(rows), time.perf_counter() - t0,
+                     self.state.fingerprint()[:16])
+            return len(rows)
+        except Exception as e:
+            self.startup_error = f"replaying the edit log failed: {e}"
+            log.exception("replay failed")
+            raise
+
+    def _editor_for(self, method: str) -> Editor:
+        editor = self.editors.get(method)
+        if editor is None:
+            reason = self.unavailable.get(method, "it is not configured")
+            raise Unavailable(f"method: {method!r} is not available on this server ({reason}); "
+                              f"available: {sorted(self.editors) or 'none'}")
+        return editor
+
+    def _validate(self, spec: EditSpec, editor: Editor) -> int:
+        """Check what the request schema cannot: k against the editor, token limits, list sizes."""
+        s = self.settings
+        n_modules = len(editor.modules)
+        k = spec.k if spec.k is not None else int(getattr(getattr(editor, "cfg", None), "k", 0) or n_modules)
+        if not 1 <= k <= n_modules:
+            raise InvalidEdit(f"k: must be between 1 and {n_modules} (the editable modules of {spec.method}), got {k}")
+        if len(spec.rephrases) > s.max_rephrases:
+            raise InvalidEdit(f"rephrases: at most {s.max_rephrases} items, got {len(spec.rephrases)}")
+        if len(spec.locality) > s.max_locality:
+            raise InvalidEdit(f"locality: at most {s.max_locality} items, got {len(spec.locality)}")
+        limit = s.max_prompt_tokens
+        checks = [("prompt", spec.prompt, spec.target)]
+        checks += [(f"rephrases[{i}]", r, spec.target) for i, r in enumerate(spec.rephrases)]
+        checks += [(f"locality[{i}]", loc["prompt"], loc["target"]) for i, loc in enumerate(spec.locality)]
+        for name, prompt, target in checks:
+            try:
+                teacher_forced(self.tokenizer, prompt, target, max_prompt_tokens=limit)
+            except EditInputError as e:
+                msg = str(e)
+                # capture names the fields "prompt"/"target": say which list item they belong to
+                if name != "prompt":
+                    msg = f"{name}.{msg}"
+                raise InvalidEdit(msg) from None
+        return k
+
+    def _score(self, prompts: list[str], target: str) -> dict:
+        """Target probability (whole target, teacher-forced) and top-1 share over ``prompts``.
+
+        Runs on the writer, which is the only thread that changes weights: no lock needed.
+        """
+        probs, top1 = [], []
+        with torch.no_grad():
+            for prompt in prompts:
+                ex = teacher_forced(self.tokenizer, prompt, target, max_prompt_tokens=self.settings.max_prompt_tokens)
+                ex = ex.to(self.device)
+                logits = self.model(input_ids=ex.input_ids).logits[0].float()
+                pos = ex.target_positions
+                labels = ex.labels[0, pos]
+                logp = torch.log_softmax(logits[pos], -1).gather(-1, labels[:, None]).squeeze(-1)
+                probs.append(float(logp.sum().exp()))
+                top1.append(bool((logits[pos].argmax(-1) == labels).all()))
+        return {"prob": sum(probs) / len(probs), "top1": sum(top1) / len(top1)}
+
+    def _edit_job(self, spec: EditSpec, idempotency_key: str | None, actor: str) -> tuple[Edit, bool]:
+        t0 = time.perf_counter()
+        request_hash = spec.canonical_hash()
+        if idempotency_key is not None:
+            with self.sessions() as session:
+                prior = crud.get_edit_by_key(session, idempotency_key)
+            if prior is not None:
+                if prior.request_hash != request_hash:
+                    raise Conflict(f"Idempotency-Key: {idempotency_key!r} was already used for edit {prior.id} "
+                                   "with a different body", edit_id=prior.id)
+                return prior, False
+        try:
+            editor = self._editor_for(spec.method)
+            k = self._validate(spec, editor)
+            request = EditRequest(spec.prompt, spec.target, list(spec.rephrases),
+                                  [LocalityPrompt(loc["prompt"], loc["target"]) for loc in spec.locality],
+                                  spec.subject)
+            try:
+                proposal = editor.propose(request, k)
+            except ValueError as e:  # EditInputError names the field; others: the editor cannot make this edit
+                raise InvalidEdit(str(e) if isinstance(e, EditInputError) else f"edit rejected by {spec.method}: {e}") from None
+            self._guard(proposal)
+        except EngineError:
+            self.metrics.edits.labels(method=spec.method, status="rejected").inc()
+            raise
+        prompts = [spec.prompt] + list(spec.rephrases)
+        before = self._score(prompts, spec.target)
+
+        # Log first: an edit exists only once it is in the database.
+        delta = proposal.delta
+        layers = []
+        for i, name in enumerate(proposal.modules):
+            chosen = i in proposal.selected and name in delta.factors
+            layers.append(EditLayer(index=i, module=name, importance=float(proposal.importances[i]),
+                                    selected=chosen,
+                                    delta_norm=delta.frobenius_norm(name) if chosen else 0.0,
+                                    rank=delta.rank(name) if chosen else 0))
+        edit = Edit(status=EditStatus.APPLIED, method=spec.method, model=self.model_name, prompt=spec.prompt,
+                    target=spec.target, subject=spec.subject, rephrases=list(spec.rephrases),
+                    locality=list(spec.locality), k=k, actor=actor, created_at=utcnow(),
+                    loss_before=float(proposal.loss_before), n_tokens=int(proposal.n_tokens),
+                    info=_jsonable(proposal.info), idempotency_key=idempotency_key, request_hash=request_hash)
+        with self.sessions.begin() as session:
+            crud.add_edit(session, edit, layers, delta.to_bytes(), proposal.state_blob)
+        edit_id = edit.id
+
+        try:
+            self.state.apply(edit_id, delta, swap_lock=self.lock.write())
+        except (DeltaRejected, ValueError) as e:
+            self._mark_failed(edit_id, f"apply: {e}")
+            self.metrics.edits.labels(method=spec.method, status="failed").inc()
+            raise InvalidEdit(f"edit {edit_id} was logged but could not be applied and is marked failed: {e}",
+                              edit_id=edit_id) from None
+        try:
+            editor.commit(edit_id, proposal)
+        except Exception as e:  # keep log, weights and editor state consistent: undo the apply
+            self.state.rollback(edit_id, swap_lock=self.lock.write())
+            self._mark_failed(edit_id, f"editor.commit: {e}")
+            self.metrics.edits.labels(method=spec.method, status="failed").inc()
+            raise EngineError(f"edit {edit_id} failed in the {spec.method} editor and was undone: {e}", 500,
+                              edit_id=edit_id) from e
+
+        after = self._score(prompts, spec.target)
+        latency = time.perf_counter() - t0
+        with self.sessions.begin() as session:
+            row = session.get(Edit, edit_id)
+            row.efficacy = {"before": before["prob"], "after": after["prob"],
+                            "top1_before": before["top1"], "top1_after": after["top1"],
+                            "metric": "probability of the whole target, mean over prompt and rephrases",
+                            "prompts": len(prompts)}
+            row.latency_ms = latency * 1000
+            row.fingerprint_after = self.state.fingerprint()
+        m = self.metrics
+        m.edits.labels(method=spec.method, status="applied").inc()
+        m.edit_duration.labels(method=spec.method).observe(latency)
+        for layer in layers:
+            if layer.selected:
+                m.layer_selections.labels(module=layer.module).inc()
+        m.active_edits.set(len(self.state.active_ids))
+        self._edits_since_report += 1
+        with self.sessions() as session:
+            return crud.get_edit(session, edit_id), True
+
+    def _guard(self, proposal: Proposal) -> None:
+        try:
+            self.state.validate(proposal.delta)
+        except DeltaRejected as e:
+            raise InvalidEdit(f"edit rejected by the guard: {e}") from None
+        bound = self.settings.delta_norm_bound
+        for name in proposal.delta.modules:
+            norm = proposal.delta.frobenius_norm(name)
+            if not math.isfinite(norm) or norm > bound:
+                raise InvalidEdit(f"edit rejected by the guard: the update of {name} has Frobenius norm {norm:.4g}, "
+                                  f"over the bound of {bound:g} (HIEDIT_DELTA_NORM_BOUND)")
+
+    def _mark_failed(self, edit_id: int, error: str) -> None:
+        with self.sessions.begin() as session:
+            crud.set_status(session, edit_id, EditStatus.FAILED, error=error)
+
+    def _rollback_job(self, edit_id: int) -> Edit:
+        with self.sessions() as session:
+            edit = crud.get_edit(session, edit_id)
+        if edit is None:
+            raise NotFound(f"edit_id: no edit {edit_id}")
+        if edit.status == EditStatus.ROLLED_BACK:
+            raise Conflict(f"edit_id: edit {edit_id} is already rolled back")
+        if edit.status != EditStatus.APPLIED:
+            raise Conflict(f"edit_id: edit {edit_id} is {edit.status}: only applied edits can be rolled back")
+        # Log first, as for edits: if the process dies right after, the replay leaves the edit out.
+        with self.sessions.begin() as session:
+            crud.set_status(session, edit_id, EditStatus.ROLLED_BACK)
+        try:
+            self.state.rollback(edit_id, swap_lock=self.lock.write())
+        except Exception as e:
+            with self.sessions.begin() as session:  # weights unchanged: put the log back as it was
+                row = session.get(Edit, edit_id)
+                row.status, row.rolled_back_at = EditStatus.APPLIED, None
+            raise EngineError(f"rollback of edit {edit_id} failed, nothing changed: {e}", 500) from e
+        editor = self.editors.get(edit.method)
+        if editor is not None:
+            editor.forget(edit_id)
+        self.metrics.rollbacks.inc()
+        self.metrics.edits.labels(method=edit.method, status="rolled_back").inc()
+        self.metrics.active_edits.set(len(self.state.active_ids))
+        self._edits_since_report += 1
+        with self.sessions() as session:
+            return crud.get_edit(session, edit_id)
+
+    def _report_job(self) -> ProbeReport:
+        """Specificity over the probes and retention over the active edits, at one weight state."""
+        self._report_pending.clear()
+        t0 = time.perf_counter()
+        with self.sessions() as session:
+            probes = list(crud.list_probes(session))
+            active = list(crud.list_edits(session, limit=1_000_000, status=EditStatus.APPLIED))
+        changed = []
+        for probe in probes:
+            ids = self.tokenizer(probe.prompt, add_special_tokens=True)["input_ids"]
+            input_ids = torch.tensor([ids], device=self.device)
+            with torch.no_grad():  # on the writer: nobody else changes weights, no lock needed
+                out = self.model.generate(input_ids, max_new_tokens=probe.max_new_tokens, do_sample=False,
+                                          temperature=None, top_k=None, top_p=None,
+                                          attention_mask=torch.ones_like(input_ids),
+                                          pad_token_id=self.tokenizer.pad_token_id)
+            if out[0, input_ids.shape[1]:].tolist() != list(probe.expected_ids):
+                changed.append(probe.id)
+        lost = []
+        for edit in active:
+            # Greedy decoding reproduces the target iff the teacher-forced argmax matches every target token.
+            if self._score([edit.prompt], edit.target)["top1"] < 1.0:
+                lost.append(edit.id)
+        spec = 1 - len(changed) / len(probes) if probes else None
+        ret = 1 - len(lost) / len(active) if active else None
+        self.report = ProbeReport(spec, ret, len(probes), len(active), utcnow(), self.state.fingerprint(),
+                                  changed, lost, time.perf_counter() - t0)
+        self.metrics.specificity.set(float("nan") if spec is None else spec)
+        self.metrics.retention.set(float("nan") if ret is None else ret)
+        self._edits_since_report = 0
+        self._last_report_t = time.monotonic()
+        return self.report
+
+
+def _jsonable(info: dict) -> dict:
+    """Proposal.info as JSON: tensors become lists, anything else its str()."""
+    def conv(v):
+        if isinstance(v, torch.Tensor):
+            return v.tolist()
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            return v
+        if isinstance(v, dict):
+            return {str(k): conv(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        return str(v)
+    return conv(dict(info or {}))

@@ -1,0 +1,191 @@
+"""The FastAPI application: lifespan (migrate, load, replay), error shapes and body guards.
+
+``create_app(settings)`` is all a test or ``hiedit serve`` needs. Every error is
+``{"detail": "<field>: <rule>"}`` with a 4xx status; a 500 means a bug, never bad input.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from urllib.parse import unquote_to_bytes
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import db
+from .api.main import api_router
+from .engine import EditEngine, EngineError
+from .loading import load_all
+from .metrics import Metrics
+from .settings import Settings
+
+log = logging.getLogger("hiedit.service")
+
+
+# ---- body guard ----------------------------------------------------------------------------------
+
+class BodyGuard:
+    """413 for bodies over ``max_bytes``; 400 for bodies or query strings that are not UTF-8.
+
+    Why here and not in the routes: the JSON parser would turn bad bytes into a generic
+    "error parsing the body", and a huge body would be read whole before any route ran.
+    The body is buffered (it is small by construction) and replayed to the app.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        bad = _bad_query_param(scope.get("query_string", b""))
+        if bad is not None:
+            await _send_json(send, 400, {"detail": f"{bad}: query parameter is not valid UTF-8"})
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                if int(length) > self.max_bytes:
+                    await _send_json(send, 413, {"detail": f"body: {int(length)} bytes, over the limit of "
+                                                           f"{self.max_bytes} (HIEDIT_MAX_BODY_BYTES)"})
+                    return
+            except ValueError:
+                await _send_json(send, 400, {"detail": "Content-Length: not an integer"})
+                return
+        if scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            total += len(body)
+            if total > self.max_bytes:
+                await _send_json(send, 413, {"detail": f"body: over the limit of {self.max_bytes} bytes "
+                                                       "(HIEDIT_MAX_BODY_BYTES)"})
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        raw = b"".join(chunks)
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            await _send_json(send, 400, {"detail": f"body: not valid UTF-8 (byte {e.start}); send JSON in UTF-8"})
+            return
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": raw, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _bad_query_param(qs: bytes) -> str | None:
+    """Name of the first query parameter whose percent-decoded bytes are not UTF-8, else None."""
+    for part in qs.split(b"&"):
+        name, _, value = part.partition(b"=")
+        for piece in (name, value):
+            try:
+                unquote_to_bytes(piece.replace(b"+", b" ")).decode("utf-8")
+            except UnicodeDecodeError:
+                return unquote_to_bytes(name).decode("utf-8", "replace") or "query"
+    return None
+
+
+async def _send_json(send: Send, status: int, body: dict) -> None:
+    import json
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+# ---- error shapes ------------------------------------------------------------------------------
+
+def _field(loc: tuple) -> str:
+    """('body', 'locality', 0, 'prompt') -> 'locality[0].prompt'."""
+    parts = list(loc[1:]) if loc and loc[0] in ("body", "query", "path", "header") else list(loc)
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or (str(loc[0]) if loc else "body")
+
+
+def _validation_detail(exc: RequestValidationError) -> tuple[str, list[dict]]:
+    items = []
+    for err in exc.errors():
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        if err.get("type") == "json_invalid":
+            msg = f"invalid JSON: {err.get('ctx', {}).get('error', msg)}"
+        items.append({"field": _field(tuple(err.get("loc", ()))), "msg": msg, "type": err.get("type")})
+    return "; ".join(f"{i['field']}: {i['msg']}" for i in items), items
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail, items = _validation_detail(exc)
+        return JSONResponse({"detail": detail, "errors": items}, status_code=422)
+
+    @app.exception_handler(EngineError)
+    async def _engine(_request: Request, exc: EngineError) -> JSONResponse:
+        if exc.status_code >= 500:
+            log.error("engine error: %s", exc.detail)
+        return JSONResponse({"detail": exc.detail, **exc.extra}, status_code=exc.status_code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+
+# ---- the app -------------------------------------------------------------------------------------
+
+def create_app(settings: Settings | None = None, components=None) -> FastAPI:
+    """The service app. ``components`` = (model, tokenizer, editors, unavailable) skips loading (tests, bench)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        sql = db.make_engine(settings.resolved_database_url)
+        await asyncio.to_thread(db.upgrade, sql)
+        app.state.sessions = db.make_sessionmaker(sql)
+        loaded = components or await asyncio.to_thread(load_all, settings)
+        model, tokenizer, editors, unavailable = loaded
+        engine = EditEngine(settings, model, tokenizer, editors, unavailable, app.state.sessions, app.state.metrics)
+        app.state.engine = engine
+        engine.start()  # replays the log on the writer; /readyz turns 200 when it is done
+        log.info("serving %s with methods %s", engine.model_name, sorted(editors) or "none")
+        try:
+            yield
+        finally:
+            engine.stop()
+            sql.dispose()
+
+    app = FastAPI(title="hiedit", version="0.1.0", lifespan=lifespan,
+                  description="Edit facts inside a served LLM: edits, audit, rollback, probes, metrics.")
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.engine = None
+    install_error_handlers(app)
+    app.include_router(api_router)
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)
+    return app

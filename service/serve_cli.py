@@ -1,0 +1,69 @@
+"""``hiedit serve``: the HTTP service on uvicorn (DESIGN §5).
+
+With no options it serves the demo model and its trained editor on 127.0.0.1:8000, logging
+edits to SQLite under the data directory. Every flag also reads its ``HIEDIT_*`` variable;
+a flag given on the command line wins.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+# flag -> Settings field; the default None means "take HIEDIT_* or the Settings default"
+_FLAGS: list[tuple[str, dict]] = [
+    ("--host", dict(help="bind address (HIEDIT_HOST; default 127.0.0.1)")),
+    ("--port", dict(type=int, help="port (HIEDIT_PORT; default 8000)")),
+    ("--model", dict(help="model directory or hub id (HIEDIT_MODEL; default: the demo model)")),
+    ("--editor", dict(help="HiEdit checkpoint directory, or 'none' (HIEDIT_EDITOR; default: the demo editor)")),
+    ("--untrained-editor", dict(metavar="LAYER_SPEC",
+                                help="instead of loading an editor, create an UNTRAINED one over these modules, "
+                                     "e.g. 'gate[0-1],up[0-1]' (a scaled gradient step; for stand-ins and tests)")),
+    ("--untrained-lr", dict(type=float, help="edit learning rate of --untrained-editor")),
+    ("--untrained-k", dict(type=int, help="k of --untrained-editor (default L/2)")),
+    ("--rlsedit", dict(choices=["auto", "on", "off"], help="RLSEdit method (HIEDIT_RLSEDIT; default auto)")),
+    ("--database-url", dict(help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db "
+                                 "(HIEDIT_DATABASE_URL; default sqlite under --home)")),
+    ("--home", dict(help="data directory (HIEDIT_HOME; default: the user data dir)")),
+    ("--dtype", dict(help="float32 | float16 | bfloat16 (HIEDIT_DTYPE)")),
+    ("--device", dict(help="cpu | cuda | cuda:N (HIEDIT_DEVICE)")),
+    ("--probe-every-edits", dict(type=int, help="recompute the probe report after N edits (0: never)")),
+    ("--probe-every-seconds", dict(type=float, help="recompute the probe report every T seconds (0: never)")),
+    ("--max-body-bytes", dict(type=int, help="bodies above this get 413")),
+    ("--torch-threads", dict(type=int, help="torch intra-op threads")),
+]
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    for flag, kwargs in _FLAGS:
+        parser.add_argument(flag, default=None, **kwargs)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def settings_from_args(args: argparse.Namespace):
+    from .settings import Settings
+
+    given = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _ in _FLAGS}
+    return Settings(**{k: v for k, v in given.items() if v is not None})
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from .loading import ConfigError, check_assets
+    from .main import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = settings_from_args(args)
+        check_assets(settings)
+    except ValidationError as e:
+        print(f"hiedit serve: invalid option: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(f"hiedit serve: {e}", file=sys.stderr)
+        return 2
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False)
+    return 0

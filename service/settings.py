@@ -1,0 +1,66 @@
+"""Server settings: every option of ``hiedit serve`` is also a ``HIEDIT_*`` environment variable.
+
+The CLI builds a :class:`Settings` from its flags (flags win over the environment), and the
+FastAPI app reads nothing else, so a test can start an app from a Settings object alone.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from platformdirs import user_data_dir
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from editor_core.assets import DEMO_HIEDIT, DEMO_MODEL
+
+
+def default_home() -> Path:
+    return Path(user_data_dir("hiedit", appauthor=False))
+
+
+class Settings(BaseSettings):
+    """Configuration of one serving process (the single writer)."""
+
+    model_config = SettingsConfigDict(env_prefix="HIEDIT_", extra="ignore")
+
+    home: Path = Field(default_factory=default_home, description="data directory (SQLite file lives here)")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<home>/hiedit.db")
+    model: str = Field(str(DEMO_MODEL), description="model directory or hub id")
+    editor: str = Field(str(DEMO_HIEDIT), description="HiEdit checkpoint directory, or 'none'")
+    untrained_editor: str | None = Field(
+        None, description="layer spec: create an untrained HiEdit editor (a scaled gradient step) instead of loading one")
+    untrained_lr: float = Field(1e-6, gt=0, description="edit learning rate of an untrained editor")
+    untrained_k: int | None = Field(None, ge=1, description="k of an untrained editor (default L/2)")
+    rlsedit: str = Field("auto", description="'auto' (enable when editor_core.rlsedit is importable), 'on', 'off'")
+    rlsedit_layers: str | None = Field(None, description="RLSEdit layer spec, e.g. 'down[4-8]' (default: its own)")
+    rlsedit_stats_tokens: int | None = Field(
+        None, ge=1, description="tokens of second-moment statistics RLSEdit collects (default: its own)")
+    dtype: str = "float32"
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="request bodies above this get 413")
+    max_new_tokens: int = Field(256, ge=1, description="upper bound of max_new_tokens for /generate")
+    max_prompt_tokens: int = Field(256, ge=8, description="prompts longer than this (in tokens) get 422")
+    max_rephrases: int = Field(16, ge=0)
+    max_locality: int = Field(16, ge=0)
+    delta_norm_bound: float = Field(1e4, gt=0, description="a proposal whose per-module ‖ΔW‖_F exceeds this is refused (422)")
+
+    probe_max_new_tokens: int = Field(8, ge=1, le=64, description="greedy tokens recorded per probe")
+    probe_every_edits: int = Field(10, ge=0, description="recompute /probes/report after this many edits (0: never)")
+    probe_every_seconds: float = Field(300.0, ge=0, description="recompute /probes/report this often (0: never)")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+
+    @field_validator("rlsedit")
+    @classmethod
+    def _rlsedit_mode(cls, v: str) -> str:
+        if v not in ("auto", "on", "off"):
+            raise ValueError("rlsedit must be 'auto', 'on' or 'off'")
+        return v
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.home / 'hiedit.db'}"
