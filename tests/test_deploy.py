@@ -212,9 +212,19 @@ def test_env_example_sets_every_required_variable():
     example = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
                    if line and not line.startswith("#"))
     assert required <= set(example), f".env.example lacks {required - set(example)}"
-    for pair in example["HIEDIT_API_KEYS"].split(","):
-        scope, _, key = pair.partition(":")
-        assert scope in ("read", "edit", "admin") and key
+    scopes = set()
+    for item in example["HIEDIT_API_KEYS"].split(","):
+        scope, _, rest = item.partition(":")
+        secret = rest.partition("=")[2] or rest
+        assert scope in ("read", "edit", "admin") and len(secret) >= 8, item
+        scopes.add(scope)
+    assert scopes == {"read", "edit", "admin"}
+    try:
+        from service.auth import parse_api_keys
+    except ImportError:  # the service package is not importable here: the format check above stands
+        return
+    keys = parse_api_keys(example["HIEDIT_API_KEYS"])
+    assert sorted(k.scope for k in keys) == ["admin", "edit", "read"]
 
 
 def _docker_compose() -> list[str] | None:
