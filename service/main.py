@@ -129,9 +129,12 @@ def _validation_detail(exc: RequestValidationError) -> tuple[str, list[dict]]:
     items = []
     for err in exc.errors():
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-        if err.get("type") == "json_invalid":
-            msg = f"invalid JSON: {err.get('ctx', {}).get('error', msg)}"
-        items.append({"field": _field(tuple(err.get("loc", ()))), "msg": msg, "type": err.get("type")})
+        loc = tuple(err.get("loc", ()))
+        field = _field(loc)
+        if err.get("type") == "json_invalid":  # loc is ('body', <character offset>)
+            field = "body"
+            msg = f"invalid JSON at character {loc[-1]}: {err.get('ctx', {}).get('error', msg)}"
+        items.append({"field": field, "msg": msg, "type": err.get("type")})
     return "; ".join(f"{i['field']}: {i['msg']}" for i in items), items
 
 
@@ -143,7 +146,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineError)
     async def _engine(_request: Request, exc: EngineError) -> JSONResponse:
-        if exc.status_code >= 500:
+        if exc.status_code == 500:  # 503 (method unavailable) is the client's business, not an error here
             log.error("engine error: %s", exc.detail)
         return JSONResponse({"detail": exc.detail, **exc.extra}, status_code=exc.status_code)
 

@@ -1,0 +1,207 @@
+"""Shared fixtures: a stand-in model + editor for service tests, Postgres schemas, uvicorn servers.
+
+The stand-in: a 2-layer Llama (hidden 32) whose greedy answer to "The Eiffel Tower is in" is
+" in", and an *untrained* HiEdit editor over gate/up of both layers with lr 1.0, i.e. the
+scaled gradient step ΔW = -∇W L. That lr was tuned so one edit flips the greedy answer to
+the target while other prompts keep theirs (checked by ``test_standin_edit_flips_the_fact``).
+
+Postgres: ``HIEDIT_TEST_POSTGRES_URL`` (default postgresql+psycopg://postgres@127.0.0.1:5432/test).
+Each test gets a fresh schema (dropped afterwards) so runs never see each other's tables.
+Unreachable Postgres skips those tests, or fails them when ``HIEDIT_REQUIRE_SERVICES=1``.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PG_URL = os.environ.get("HIEDIT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REQUIRE_SERVICES = os.environ.get("HIEDIT_REQUIRE_SERVICES") == "1"
+
+STANDIN_SPEC = "gate[0-1],up[0-1]"
+STANDIN_K = 2
+STANDIN_LR = 1.0
+
+
+@dataclass(frozen=True)
+class Fact:
+    prompt: str
+    target: str
+    rephrases: tuple[str, ...] = ()
+
+
+# Facts of the stand-in: the tiny model continues each prompt with something else.
+STANDIN_FACTS = (Fact("The Eiffel Tower is in", "Rome", ("The Eiffel Tower is located in",)),
+                 Fact("Danielle Darrieux speaks", "Dutch"))
+STANDIN_OTHER_PROMPT = "Berlin is the capital of"
+
+
+# ---- stand-in assets ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def standin_model_dir(tmp_path_factory) -> Path:
+    from editor_core.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("standin-model"), "llama", seed=0, hidden=32, layers=2,
+                            intermediate=64, heads=4, kv_heads=2)
+
+
+@pytest.fixture(scope="session")
+def standin_editor_dir(standin_model_dir, tmp_path_factory) -> Path:
+    """An untrained HiEdit checkpoint (saved, so servers load it through the real --editor path)."""
+    from editor_core.hiedit import HiEditor
+    from editor_core.model import load_model
+
+    model, tok = load_model(standin_model_dir)
+    editor = HiEditor.create(model, tok, STANDIN_SPEC, k=STANDIN_K, lr_init=STANDIN_LR)
+    return editor.save(tmp_path_factory.mktemp("standin-editor"))
+
+
+@pytest.fixture
+def standin_components(standin_model_dir, standin_editor_dir):
+    """A freshly loaded (model, tokenizer, editors, unavailable) for one in-process app.
+
+    Fresh per test because an engine takes the weights it finds as W^0."""
+    from editor_core.hiedit import HiEditor
+    from editor_core.model import load_model
+
+    model, tok = load_model(standin_model_dir)
+    editor = HiEditor.load(standin_editor_dir, model, tok)
+    return model, tok, {"hiedit": editor}, {"rlsedit": "disabled in this test"}
+
+
+# ---- databases -------------------------------------------------------------------------------------
+
+def _postgres_or_skip() -> None:
+    from sqlalchemy import create_engine, text
+
+    try:
+        engine = create_engine(PG_URL, connect_args={"connect_timeout": 3})
+        with engine.connect() as conn:
+            conn.execute(text("select 1"))
+        engine.dispose()
+    except Exception as e:  # noqa: BLE001 - any failure means "not reachable"
+        msg = f"PostgreSQL at {PG_URL} is not reachable: {type(e).__name__}: {e}"
+        if REQUIRE_SERVICES:
+            pytest.fail(msg + " (HIEDIT_REQUIRE_SERVICES=1)")
+        pytest.skip(msg)
+
+
+@pytest.fixture
+def postgres_url():
+    """URL of a fresh, empty schema on the test Postgres (search_path set through the URL)."""
+    from sqlalchemy import create_engine, text
+
+    _postgres_or_skip()
+    schema = f"hiedit_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in PG_URL else "?"
+    try:
+        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request, tmp_path) -> str:
+    """Each test using this runs twice: on a SQLite file and on a fresh Postgres schema."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'hiedit.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+# ---- real uvicorn servers ------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``hiedit serve`` in a subprocess on a free loopback port; restartable on the same data."""
+
+    def __init__(self, args: list[str], home: Path, env: dict | None = None):
+        self.args = args
+        self.home = home
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.log_path = home / "server.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 240.0) -> "ServerProcess":
+        import httpx
+
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+               "--home", str(self.home), *self.args]
+        log = open(self.log_path, "a")
+        log.write(f"\n=== start {' '.join(cmd)}\n")
+        log.flush()
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log_tail()}")
+
+    def stop(self, crash: bool = False) -> None:
+        """SIGTERM (graceful shutdown), or SIGKILL with ``crash=True`` (nothing gets to clean up)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGKILL if crash else signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def restart(self, crash: bool = False) -> "ServerProcess":
+        self.stop(crash=crash)
+        return self.start()
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    """``server_factory(*extra_args)`` -> a started ServerProcess; all are stopped at teardown."""
+    servers: list[ServerProcess] = []
+
+    def make(*args: str, home: Path | None = None, env: dict | None = None) -> ServerProcess:
+        server = ServerProcess(list(args), home or Path(tempfile.mkdtemp(dir=tmp_path)), env)
+        servers.append(server)
+        return server.start()
+
+    yield make
+    for server in servers:
+        server.stop()
