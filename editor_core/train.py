@@ -256,6 +256,7 @@ class Trainer:
         self.state = WeightState(self.module_map, "train")
         self.window: deque[int] = deque(maxlen=cfg.back_depth)
         self.t = 0
+        self._keep_ok: bool | None = None  # does the model take logits_to_keep as a mask? (probed once)
         # Two optimisers, as the published code (opt for the low level, hi_opt for the router);
         # the learned edit lrs η_l get their own Adam lr (MEND's lr_lr).
         eta = [p for n, p in self.net.nets.named_parameters() if n.endswith("lr.weight")]
@@ -293,8 +294,26 @@ class Trainer:
 
     # ---- losses -------------------------------------------------------------------------------------
 
-    def _forward(self, ids, mask) -> torch.Tensor:
-        return self.model(input_ids=ids, attention_mask=mask).logits.float()
+    def _logits_at(self, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Logits [P, V] (float32) at the ``keep`` [B, T] positions only, in row-major order.
+
+        The vocabulary projection is the largest matmul of a small model; asking transformers for
+        the kept positions alone (``logits_to_keep`` as a boolean mask) skips it everywhere else.
+        Older transformers without that form fall back to full logits.
+        """
+        n_keep = int(keep.sum())
+        if self._keep_ok is not False:
+            try:
+                out = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+                out = out.reshape(-1, out.shape[-1])
+                if out.shape[0] == n_keep:
+                    self._keep_ok = True
+                    return out.float()
+            except (TypeError, ValueError, IndexError, RuntimeError):
+                if self._keep_ok:
+                    raise
+            self._keep_ok = False
+        return self.model(input_ids=ids, attention_mask=mask).logits[keep].float()
 
     @torch.no_grad()
     def _ref_logprobs(self, locs: list[TeacherForced]) -> torch.Tensor | None:
@@ -302,29 +321,32 @@ class Trainer:
         if not locs:
             return None
         ids, mask, labels = _pad(locs, self.pad_id, self.device)
-        return self._forward(ids, mask)[labels != -100].log_softmax(-1)
+        return self._logits_at(ids, mask, labels != -100).log_softmax(-1)
 
     def _task_loss(self, logits: torch.Tensor, labels: torch.Tensor, n_reph: int, weights: torch.Tensor,
                    ref: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Σ_j μ^j [CE_j + α KL_j] for a batch of n_reph rephrase rows then the loc rows.
 
+        logits: [P, V] at the positions labels != -100 of labels [B, T], row-major (``_logits_at``).
         Returns (task loss, per-rephrase CE [n_reph], per-loc KL [n_loc]).
         CE_j: mean over the rephrase's target tokens. KL_j: Σ_v p_ref (log p_ref - log p) averaged
         over the loc target positions (F.kl_div batchmean per example, as the published util.py).
         """
-        logp = logits.log_softmax(-1)
         sel = labels != -100
-        nll = -logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) * sel
-        ce = nll[:n_reph].sum(1) / sel[:n_reph].sum(1)
+        owner = sel.nonzero()[:, 0]                                 # batch row of each kept position
+        counts = sel.sum(1).to(logits.dtype)                        # [B]
+        logp = logits.log_softmax(-1)
+        is_reph = owner < n_reph
+        nll = -logp[is_reph].gather(-1, labels[sel][is_reph].unsqueeze(-1)).squeeze(-1)
+        ce = torch.zeros(n_reph, device=logits.device).index_add(0, owner[is_reph], nll) / counts[:n_reph]
         task = (weights[:n_reph] * ce).sum()
         kl = logits.new_zeros(0)
-        if ref is not None and logits.shape[0] > n_reph:
-            post = logp[n_reph:][sel[n_reph:]]                     # [n_pos, V], rows in (example, position) order
-            per_pos = (ref.exp() * (ref - post)).sum(-1)           # KL(p_ref ‖ p_post) at each position
-            owner = sel[n_reph:].nonzero()[:, 0]                    # loc example of each position
-            n_loc = logits.shape[0] - n_reph
-            kl = torch.zeros(n_loc, device=logits.device).index_add(0, owner, per_pos)
-            kl = kl / sel[n_reph:].sum(1)
+        n_loc = labels.shape[0] - n_reph
+        if ref is not None and n_loc > 0:
+            post = logp[~is_reph]                                   # [n_pos, V], same order as ref
+            per_pos = (ref.exp() * (ref - post)).sum(-1)            # KL(p_ref ‖ p_post) at each position
+            kl = torch.zeros(n_loc, device=logits.device).index_add(0, owner[~is_reph] - n_reph, per_pos)
+            kl = kl / counts[n_reph:]
             task = task + self.cfg.loc_coef * (weights[n_reph:] * kl).sum()
         return task, ce, kl
 
@@ -373,7 +395,7 @@ class Trainer:
         handles = [self.module_map[n].register_forward_hook(hook(n)) for n in self.modules]
         try:
             with _grad_only_for([mod.weight for mod in self.module_map.values()]), torch.enable_grad():
-                logits = self._forward(ids, mask)
+                logits = self._logits_at(ids, mask, labels != -100)
                 task, ce, kl = self._task_loss(logits, labels, len(reph), weights, ref)
                 out_grads = torch.autograd.grad(task, [outs[n] for n in self.modules])
         finally:
@@ -396,7 +418,8 @@ class Trainer:
             self.state.apply(2 * self.t + 1, rest)
             try:
                 with torch.no_grad():
-                    full = float(self._task_loss(self._forward(ids, mask), labels, len(reph), weights, ref)[0])
+                    full = float(self._task_loss(self._logits_at(ids, mask, labels != -100), labels, len(reph),
+                                                 weights, ref)[0])
             finally:
                 self.state.rollback(2 * self.t + 1)
 

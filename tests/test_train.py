@@ -90,19 +90,31 @@ def test_router_gradient_is_the_true_derivative_of_the_task_loss(tiny):
     mask[stats.selected] = 1.0
     for n, l in zip(tr.modules, range(tr.L)):  # the step's own θ_1 is what we rebuild
         assert torch.allclose(before[n] + mask[l] * dense[l], sel_applied[n], atol=1e-6)
-    recent = [1, 0]
-    reph = [tr.examples[i].rephrase for i in recent]
-    locs = [tr.examples[i].loc for i in recent]
-    weights = torch.tensor([1.0, cfg.time_decay] * 2)
-    ref = tr._ref_logprobs(locs)
+    # Written out independently of the trainer: per example, full logits, no padding.
+    decay = [1.0, cfg.time_decay]                # edit 1 (j = 0), edit 0 (j = 1)
+    reph = [tr.examples[i].rephrase for i in (1, 0)]
+    locs = [tr.examples[i].loc for i in (1, 0)]
+
+    def logits(ex):
+        pos = ex.labels[0] != -100
+        return model(input_ids=ex.input_ids).logits[0, pos].float(), ex.labels[0, pos]
+
+    with torch.no_grad():
+        for n, mod in tr.module_map.items():
+            mod.weight.data = before[n].clone()
+        ref = [logits(ex)[0].log_softmax(-1) for ex in locs]   # at θ_{t-1}
 
     def loss(m: torch.Tensor) -> float:
-        from editor_core.train import _pad
         for l, (n, mod) in enumerate(tr.module_map.items()):
             mod.weight.data = before[n] + m[l] * dense[l]
-        ids, am, labels = _pad(reph + locs, tr.pad_id, "cpu")
+        total = 0.0
         with torch.no_grad():
-            return float(tr._task_loss(tr._forward(ids, am), labels, 2, weights, ref)[0])
+            for j in range(2):
+                lg, lab = logits(reph[j])
+                total += decay[j] * float(torch.nn.functional.cross_entropy(lg, lab))
+                lp = logits(locs[j])[0].log_softmax(-1)
+                total += cfg.loc_coef * decay[j] * float((ref[j].exp() * (ref[j] - lp)).sum(-1).mean())
+        return total
 
     eps = 1e-2
     for l in range(tr.L):
