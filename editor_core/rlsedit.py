@@ -1,0 +1,785 @@
+"""RLSEdit (arXiv 2601.15686): training-free sequential editing by recursive least squares.
+
+Each edited ``down_proj`` (row convention: a key k ∈ R^{d_k} maps to k W, W = weightᵀ ∈ R^{d_k×d_v})
+keeps the inverse Gram matrix of everything it has been asked to fit::
+
+    W*_t = argmin_W  Σ_{i≤t} ‖K_i W − V_i‖² + α ‖W − W_0‖² + β w ‖Σ̂^{1/2} (W − W_0)‖²
+    A_t  = α I + β w Σ̂ + Σ_{i≤t} K_iᵀ K_i          C_t = A_t⁻¹              [d_k, d_k]
+
+and one edit (u keys K_t [u, d_k], innovation E_t [u, d_v]) is the Woodbury step::
+
+    F = C_{t-1} K_tᵀ           S = I_u + K_t F  (u × u, the only system solved)
+    G = F S⁻¹ (= C_t K_tᵀ)     C_t = C_{t-1} − F S⁻¹ Fᵀ
+    W*_t = W*_{t-1} + G E_t    i.e. ΔW (nn.Linear layout) = E_tᵀ Gᵀ, kept as two factors
+
+With the *principled* targets V_t = K_t W*_{t-1} + R (reference §1.5) the innovation is the
+MEMIT residual itself, E_t = R. Keys, the target value z and the residual spread over the
+edited layers follow MEMIT (reference §3): keys are down_proj inputs at the subject's last
+token, averaged over context prefixes; z is optimised once at the last edited layer; layer i
+of L_e takes R = (z − h) / (L_e − i) with h recomputed on the partly edited model.
+
+The editor follows the Editor protocol: ``propose`` changes neither the model nor C (the partly
+edited model that MEMIT's spreading needs is emulated with thread-local forward hooks, so
+concurrent generation never sees it); ``commit`` runs the Woodbury update with the keys the
+proposal logged; ``forget`` runs the downdate (A ← A − KᵀK), so C equals never having seen
+that edit; ``restore`` replays ``commit`` from the log. ``reset_every_edit=True`` is the
+``memit-nohist`` baseline: C stays C_0 (what the public code does), so every edit is plain MEMIT.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import re
+import threading
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as st_load
+from safetensors.torch import load_file, save_file
+from safetensors.torch import save as st_save
+from torch import nn
+
+from .capture import (DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TARGET_TOKENS, EditInputError, target_loss,
+                      target_text, teacher_forced)
+from .delta import LowRankDelta, _metadata
+from .editor import EditRequest, Proposal
+from .model import decoder_layers, model_id, module_refs, resolve_modules
+from .state import tensor_digest
+from .stats import SecondMoment, cached_second_moments, load_second_moments, stats_fingerprint
+
+KEYS_FORMAT = "hiedit-rlsedit-keys-v1"
+STATE_FORMAT = "hiedit-rlsedit-state-v1"
+C_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+class SubjectError(EditInputError):
+    """``subject`` was given but does not occur in ``prompt`` (or is empty)."""
+
+
+class SingularSystemError(ValueError):
+    """A Woodbury system (or A_0) that is singular, indefinite or non-finite: nothing was changed."""
+
+
+class RLSStateMismatch(ValueError):
+    """A key blob or state snapshot made by an editor with other layers, statistics or settings."""
+
+
+# ---- configuration --------------------------------------------------------------------------------
+
+@dataclass
+class RLSEditConfig:
+    """Every RLSEdit option. Paper symbols: α (alpha), β (beta), w (mom2_weight)."""
+
+    layers: str = ""                     # layer spec, e.g. "down[4-8]"; "" = default_layer_spec(model)
+    alpha: float | None = None           # α ‖W − W_0‖²; None = 1e-3 · mean diag(w Σ̂) per layer (keeps A_0 SPD)
+    beta: float = 1.0                    # β: weight of the anchor term β w Σ̂
+    mom2_weight: float | None = None     # w; None = 15000 · d_k / 14336 (the Llama-3-8B setting, scaled to width)
+    c_dtype: str = "float64"             # precision of C; float32 is re-symmetrised after every step
+    reset_every_edit: bool = False       # True = memit-nohist: C is C_0 before every edit
+    innovation: str = "principled"       # "principled": E = R; "reference": the public code's (V − K W)/(L_e − i)
+    # keys (reference §3.1)
+    n_contexts: int = 5                  # context prefixes averaged with the plain prompt
+    context_mode: str = "fixed"          # "fixed": seeded pick from a built-in pool; "generate": sampled by the model
+    context_tokens: int = 10             # length of generated prefixes
+    seed: int = 0
+    # target value z (reference §3.2)
+    v_lr: float = 0.1                    # Adam learning rate on δ
+    v_steps: int = 25
+    v_weight_decay: float = 0.5          # · ‖δ‖ / ‖h_init‖² (MEMIT's unsquared numerator)
+    kl_factor: float = 0.0625            # · KL(p_now ‖ p_init) on kl_prompt
+    kl_prompt: str = "{} is a"
+    clamp_norm_factor: float = 0.75      # ‖δ‖ ≤ clamp · ‖h_init‖
+    early_stop_loss: float = 5e-2
+    # second-moment statistics (reference §3.4)
+    stats_corpus: str | None = None      # text/JSON file or directory; None = shared/data/glue
+    stats_max_tokens: int | None = 200_000
+    stats_max_length: int = 128
+    stats_batch_size: int = 16
+    cache_dir: str | None = None         # None = $HIEDIT_HOME/cache/rlsedit-stats or the user cache dir
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
+    max_target_tokens: int = DEFAULT_MAX_TARGET_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.c_dtype not in C_DTYPES:
+            raise ValueError(f"c_dtype must be one of {sorted(C_DTYPES)}, not {self.c_dtype!r}")
+        if self.innovation not in ("principled", "reference"):
+            raise ValueError(f"innovation must be 'principled' or 'reference', not {self.innovation!r}")
+        if self.context_mode not in ("fixed", "generate"):
+            raise ValueError(f"context_mode must be 'fixed' or 'generate', not {self.context_mode!r}")
+        if self.alpha is not None and not (self.alpha >= 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"alpha must be a finite number >= 0, not {self.alpha}")
+        if not (self.beta >= 0 and math.isfinite(self.beta)):
+            raise ValueError(f"beta must be a finite number >= 0, not {self.beta}")
+        if self.mom2_weight is not None and not (self.mom2_weight >= 0 and math.isfinite(self.mom2_weight)):
+            raise ValueError(f"mom2_weight must be a finite number >= 0, not {self.mom2_weight}")
+        if self.n_contexts < 0 or self.v_steps < 1:
+            raise ValueError("n_contexts must be >= 0 and v_steps >= 1")
+        if "{}" not in self.kl_prompt:
+            raise ValueError(f"kl_prompt must contain '{{}}' for the subject, not {self.kl_prompt!r}")
+
+    @property
+    def method(self) -> str:
+        return "memit-nohist" if self.reset_every_edit else "rlsedit"
+
+
+def default_layer_spec(num_layers: int) -> str:
+    """A few lower-middle down_proj layers: 1-2 of a 4-6 layer model, 4-8 of Llama-3-8B's 32."""
+    lo = min(max(1, round(num_layers * 0.125)), num_layers - 1)
+    hi = min(num_layers - 1, lo + min(5, max(2, num_layers // 4)) - 1)
+    return f"down[{lo}-{hi}]"
+
+
+# ---- the recursion: pure functions on tensors -------------------------------------------------------
+
+def initial_inverse(sigma: torch.Tensor, alpha: float, beta: float, weight: float,
+                    dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """C_0 = (α I + β w Σ̂)⁻¹ via Cholesky. sigma [d_k, d_k] -> [d_k, d_k] in ``dtype``."""
+    a0 = beta * weight * sigma.to(torch.float64)
+    a0 = (a0 + a0.T) / 2
+    a0.diagonal().add_(alpha)
+    if not bool(torch.isfinite(a0).all()):
+        raise SingularSystemError("A_0 = αI + βwΣ̂ has non-finite entries: the statistics are corrupt")
+    chol, info = torch.linalg.cholesky_ex(a0)
+    if int(info) != 0:
+        raise SingularSystemError(
+            f"A_0 = αI + βwΣ̂ is not positive definite (α={alpha:g}, β={beta:g}, w={weight:g}): "
+            "set alpha > 0 or collect statistics from more text")
+    c0 = torch.cholesky_inverse(chol)
+    return ((c0 + c0.T) / 2).to(dtype)
+
+
+def _cholesky(s: torch.Tensor, what: str, min_pivot: float = 1e-12) -> torch.Tensor:
+    """Lower Cholesky factor of the u×u system ``s``, or SingularSystemError."""
+    if not bool(torch.isfinite(s).all()):
+        raise SingularSystemError(f"{what}: the u×u system S has non-finite entries")
+    chol, info = torch.linalg.cholesky_ex((s + s.T) / 2)
+    pivots = chol.diagonal()
+    if int(info) != 0 or not bool(torch.isfinite(chol).all()) or float(pivots.min() ** 2) < min_pivot:
+        raise SingularSystemError(f"{what}: the u×u system S is singular or indefinite "
+                                  f"(C is no longer positive definite, or the keys are degenerate)")
+    return chol
+
+
+def _check_keys(keys: torch.Tensor, d_k: int, what: str) -> None:
+    if keys.dim() != 2 or keys.shape[1] != d_k or keys.shape[0] == 0:
+        raise SingularSystemError(f"{what}: keys must be [u, {d_k}], got {tuple(keys.shape)}")
+    if not bool(torch.isfinite(keys).all()):
+        raise SingularSystemError(f"{what}: keys contain NaN or inf")
+
+
+def rls_gain(C: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Woodbury update for new keys K [u, d_k]: returns (G, M), both [d_k, u] in C's dtype.
+
+        F = C Kᵀ,  S = I + K F = L Lᵀ,  M = F L⁻ᵀ,  G = M L⁻¹ = F S⁻¹ = C_t Kᵀ,  C_t = C − M Mᵀ
+    """
+    _check_keys(keys, C.shape[0], "RLS update")
+    k = keys.to(C.dtype)
+    f = C @ k.T                                                     # F [d_k, u]
+    s = k @ f
+    s.diagonal().add_(1.0)                                          # S = I + K C Kᵀ [u, u]
+    chol = _cholesky(s, "RLS update")
+    m = torch.linalg.solve_triangular(chol, f.T, upper=False).T     # M = F L⁻ᵀ
+    g = torch.linalg.solve_triangular(chol.T, m.T, upper=True).T    # G = M L⁻¹ = F S⁻¹
+    if not (bool(torch.isfinite(g).all()) and bool(torch.isfinite(m).all())):
+        raise SingularSystemError("RLS update: the gain is not finite")
+    return g, m
+
+
+def rls_downdate_factor(C: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Woodbury downdate (A ← A − KᵀK): returns M [d_k, u] with C' = C + M Mᵀ.
+
+        F = C Kᵀ,  S = I − K F = L Lᵀ (positive definite iff KᵀK was part of A),  M = F L⁻ᵀ
+    """
+    _check_keys(keys, C.shape[0], "RLS downdate")
+    k = keys.to(C.dtype)
+    f = C @ k.T
+    s = -(k @ f)
+    s.diagonal().add_(1.0)
+    chol = _cholesky(s, "RLS downdate", min_pivot=1e-10)
+    m = torch.linalg.solve_triangular(chol, f.T, upper=False).T
+    if not bool(torch.isfinite(m).all()):
+        raise SingularSystemError("RLS downdate: the correction is not finite")
+    return m
+
+
+def check_correction(C: torch.Tensor, m: torch.Tensor, what: str) -> None:
+    """Refuse a rank-u correction ±M Mᵀ that could overflow C's dtype (checked before any change)."""
+    largest = float(m.abs().max()) if m.numel() else 0.0
+    if not largest < math.sqrt(torch.finfo(C.dtype).max / 4 / max(1, m.shape[1])):  # u · max|M|² < max/4
+        raise SingularSystemError(f"{what}: the correction M Mᵀ would overflow {C.dtype}")
+
+
+def apply_correction(C: torch.Tensor, m: torch.Tensor, sign: float) -> None:
+    """C ← C + sign · M Mᵀ in place (check_correction first). float32 C is re-symmetrised."""
+    C.addmm_(m, m.T, alpha=sign)
+    if C.dtype != torch.float64:
+        C.copy_((C + C.T) / 2)
+
+
+def rls_step(C: torch.Tensor, keys: torch.Tensor, innovation: torch.Tensor) -> torch.Tensor:
+    """One full RLS step in place on C; returns the row-layout weight change G E [d_k, d_v]."""
+    g, m = rls_gain(C, keys)
+    check_correction(C, m, "RLS update")
+    apply_correction(C, m, -1.0)
+    return g @ innovation.to(g.dtype)
+
+
+# ---- subjects, contexts and token positions -------------------------------------------------------------
+
+_STOPWORDS = {"the", "a", "an", "in", "on", "at", "of", "what", "which", "who", "whom", "whose", "where", "when",
+              "why", "how", "is", "was", "are", "were", "does", "did", "do", "it", "this", "that", "these",
+              "those", "there", "his", "her", "their", "its", "my", "our", "your", "as", "for", "to", "by"}
+_CONNECTORS = {"of", "de", "la", "le", "von", "van", "der", "du", "da", "di", "the", "and", "&", "y"}
+_TRAIL = ",.;:!?\"')]}"
+
+
+@dataclass(frozen=True)
+class Subject:
+    """The subject span inside the prompt: prompt[start:end] == text."""
+
+    text: str
+    start: int
+    end: int
+    source: str  # "given" | "derived" | "last_token"
+
+
+def _is_cap(word: str) -> bool:
+    first = next((c for c in word if c.isalnum()), "")
+    return bool(first) and (first.isupper() or first.isdigit())
+
+
+def find_subject(prompt: str, subject: str | None) -> Subject:
+    """Locate a given subject, or derive one: the longest run of capitalised words (ties: the later),
+    else the prompt's last word. A given subject must occur in the prompt (SubjectError otherwise)."""
+    if subject is not None:
+        if not isinstance(subject, str) or not subject.strip():
+            raise SubjectError("subject: must be a non-empty string when given")
+        text = subject.strip()
+        start = prompt.find(text)
+        if start < 0:
+            raise SubjectError(f"subject: {text!r} does not occur in the prompt {prompt!r}")
+        return Subject(text, start, start + len(text), "given")
+    words = [(m.start(), m.start() + len(m.group().rstrip(_TRAIL)), m.group().rstrip(_TRAIL))
+             for m in re.finditer(r"\S+", prompt)]
+    words = [w for w in words if w[2]]
+    runs: list[list[tuple[int, int, str]]] = []
+    cur: list[tuple[int, int, str]] = []
+    for i, w in enumerate(words):
+        nxt = words[i + 1] if i + 1 < len(words) else None
+        if _is_cap(w[2]):
+            cur.append(w)
+        elif cur and w[2].lower() in _CONNECTORS and nxt is not None and _is_cap(nxt[2]):
+            cur.append(w)
+        else:
+            if cur:
+                runs.append(cur)
+            cur = []
+        # a word with trailing punctuation ends a name ("Paris, France" is two candidates)
+        if cur and prompt[w[1]:w[1] + 1] in tuple(_TRAIL):
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    best: list[tuple[int, int, str]] = []
+    for run in runs:
+        while len(run) > 1 and run[0][2].lower() in _STOPWORDS:
+            run = run[1:]
+        if len(run) == 1 and run[0][2].lower() in _STOPWORDS:
+            continue
+        if len(run) >= len(best):
+            best = run
+    if best:
+        start, end = best[0][0], best[-1][1]
+        return Subject(prompt[start:end], start, end, "derived")
+    if not words:
+        raise EditInputError("prompt: must contain at least one word")
+    start, end, text = words[-1]
+    return Subject(text, start, end, "last_token")
+
+
+CONTEXT_POOL = (
+    "The following is a short note.", "Here is what we know.", "This was reported yesterday.",
+    "I read about it in the paper.", "You may find this interesting.", "Therefore, it is worth noting.",
+    "Because of this, many people agree.", "The story begins here.", "According to the records.",
+    "In the end, it was clear.", "She wrote about it later.", "They said the same thing again.",
+    "It is a well known fact.", "We talked about it for hours.", "Some of this is surprising.",
+)
+
+
+def _token_index(tokenizer, text: str, char_end: int) -> tuple[list[int], int]:
+    """(input_ids of ``text`` with special tokens, index of the token holding character char_end − 1)."""
+    try:
+        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        hits = [i for i, (s, e) in enumerate(offsets) if e > s and s < char_end]
+        if hits:
+            return list(enc["input_ids"]), hits[-1]
+    except (NotImplementedError, ValueError, KeyError):
+        pass
+    # Slow tokenizers: MEMIT's rule, last token of the text up to the subject's end.
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    return list(ids), len(tokenizer(text[:char_end], add_special_tokens=True)["input_ids"]) - 1
+
+
+def _pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token rows: (input_ids [B, T], attention_mask [B, T])."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the deepest needed layer has run."""
+
+
+@contextlib.contextmanager
+def _thread_hooks(pairs: list[tuple[nn.Module, callable]]):
+    """Forward hooks that act only in the calling thread: a generation thread sharing the model
+    runs through them untouched, so it never sees proposal-time overrides or captures."""
+    owner = threading.get_ident()
+
+    def guard(fn):
+        def wrapped(module, args, out):
+            return fn(module, args, out) if threading.get_ident() == owner else None
+        return wrapped
+
+    handles = [m.register_forward_hook(guard(fn)) for m, fn in pairs]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _block_output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _with_block_output(out, new):
+    return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+
+
+# ---- the editor ------------------------------------------------------------------------------------------
+
+class RLSEditor:
+    """RLSEdit bound to a model: per-layer C matrices, proposals as low-rank deltas G·R.
+
+    Attributes:
+        modules: down_proj names of the layer spec, ascending layer order
+        C:       {module: C_t [d_k, d_k]} on the model's device, in cfg.c_dtype
+        history: {edit_id: {module: K [u, d_k] float32 CPU}} of committed edits (rlsedit only)
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, cfg: RLSEditConfig, stats: dict[str, SecondMoment]):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.method = cfg.method
+        refs = module_refs(model, cfg.layers)
+        if any(r.kind != "down" for r in refs):
+            raise ValueError(f"layers {cfg.layers!r}: RLSEdit edits down_proj modules only (use down[a-b])")
+        refs = sorted(refs, key=lambda r: r.layer)  # MEMIT order: ascending layers
+        self.module_map = resolve_modules(model, ",".join(f"down[{r.layer}]" for r in refs))
+        self.modules = list(self.module_map)
+        self.layer_of = {r.name: r.layer for r in refs}
+        self.z_layer = refs[-1].layer
+        missing = [n for n in self.modules if n not in stats]
+        if missing:
+            raise ValueError(f"stats: no second-moment statistics for {missing}")
+        self.device = next(model.parameters()).device
+        self.c_dtype = C_DTYPES[cfg.c_dtype]
+        self.sigma: dict[str, torch.Tensor] = {}
+        self.alpha: dict[str, float] = {}
+        self.weight: dict[str, float] = {}
+        self.C: dict[str, torch.Tensor] = {}
+        for name in self.modules:
+            sigma = stats[name].sigma.to(torch.float32).cpu()
+            d_k = self.module_map[name].in_features
+            if tuple(sigma.shape) != (d_k, d_k):
+                raise ValueError(f"stats: Σ̂ of {name} is {tuple(sigma.shape)}, the module takes {d_k} inputs")
+            w = cfg.mom2_weight if cfg.mom2_weight is not None else 15000.0 * d_k / 14336
+            alpha = cfg.alpha if cfg.alpha is not None else \
+                max(1e-3 * w * float(sigma.diagonal().double().mean()), 1e-8)
+            self.sigma[name], self.alpha[name], self.weight[name] = sigma, float(alpha), float(w)
+            self.C[name] = initial_inverse(sigma.to(self.device), alpha, cfg.beta, w, self.c_dtype)
+        self.stats_digest = {n: tensor_digest(self.sigma[n]) for n in self.modules}
+        self.fingerprints = {n: stats[n].meta.get("fingerprint") or stats_fingerprint(model, self.layer_of[n])
+                             for n in self.modules}
+        self.history: dict[int, dict[str, torch.Tensor]] = {}
+        self.contexts = self._make_contexts()
+
+    # ---- construction ------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, model: nn.Module, tokenizer, layers: str | None = None, cfg: RLSEditConfig | None = None,
+               stats: str | Path | dict | None = None, **overrides) -> "RLSEditor":
+        """An editor for ``model``, with C_0 built from second-moment statistics.
+
+        layers:    overrides cfg.layers ("" or None: default_layer_spec)
+        stats:     None (collect on first use, cached on disk per model fingerprint and layer),
+                   a statistics directory/file (refused if made for another model), or
+                   {module: SecondMoment | Σ̂ tensor}
+        overrides: RLSEditConfig fields, e.g. alpha=0.0, reset_every_edit=True
+        """
+        cfg = RLSEditConfig(**{**(asdict(cfg) if cfg is not None else {}), **overrides})
+        if layers:
+            cfg.layers = layers
+        if not cfg.layers:
+            cfg.layers = default_layer_spec(len(decoder_layers(model)))
+        modules = resolve_modules(model, cfg.layers)
+        if isinstance(stats, dict):
+            stats = {n: s if isinstance(s, SecondMoment) else SecondMoment(n, torch.as_tensor(s), 0, {})
+                     for n, s in stats.items()}
+        elif stats is not None:
+            stats = load_second_moments(stats, model, modules)
+        else:
+            stats = cached_second_moments(model, tokenizer, modules, cfg.stats_corpus, cfg.cache_dir,
+                                          cfg.stats_max_tokens, cfg.stats_max_length, cfg.stats_batch_size)
+        return cls(model, tokenizer, cfg, stats)
+
+    def _make_contexts(self) -> list[str]:
+        """Prefixes "" + n_contexts others (each "<sentence> "), deterministic given cfg.seed."""
+        n = self.cfg.n_contexts
+        if n == 0:
+            return [""]
+        if self.cfg.context_mode == "fixed":
+            rng = random.Random(self.cfg.seed)
+            return [""] + [s + " " for s in rng.sample(CONTEXT_POOL, min(n, len(CONTEXT_POOL)))]
+        return [""] + [t + ". " for t in self._generate_prefixes(n)]
+
+    @torch.no_grad()
+    def _generate_prefixes(self, n: int) -> list[str]:
+        """MEMIT's context templates: short top-5 samples from generic starts, seeded (torch.Generator)."""
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        starts = ["The", "Therefore", "Because", "I", "You"]
+        out = []
+        for i in range(n):
+            ids = self.tokenizer(starts[i % len(starts)], add_special_tokens=True)["input_ids"]
+            for _ in range(self.cfg.context_tokens):
+                logits = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=False).logits[0, -1]
+                top = logits.float().cpu().topk(5)
+                pick = torch.multinomial(top.values.softmax(-1), 1, generator=gen)
+                ids.append(int(top.indices[pick]))
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            out.append(text.replace("{", " ").replace("}", " ").strip())
+        return out
+
+    # ---- forward passes ---------------------------------------------------------------------------------
+
+    @property
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+
+    def _override_hooks(self, overrides: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        """Hooks adding ΔW x = left (right x) to down_proj outputs: the model as if the deltas were applied."""
+        def hook(left, right):
+            def fn(_m, args, out):
+                x = args[0]
+                return out + ((x.float() @ right.T) @ left.T).to(out.dtype)
+            return fn
+        return [(self.module_map[n], hook(l.to(self.device), r.to(self.device))) for n, (l, r) in overrides.items()]
+
+    @torch.no_grad()
+    def _keys_and_state(self, name: str, rows: list[list[int]], idx: list[int],
+                        overrides: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        """One forward (to the z layer) of the context rows on the model with ``overrides`` applied.
+
+        Returns (K [1, d_k] float32: ½ k_plain + ½ mean k_ctx, h [d_v]: z-layer block output of the
+        plain prompt at the subject's last token, y [d_v]: down_proj output there; both float32).
+        """
+        ids, mask = _pad(rows, self._pad_id, self.device)
+        pos = torch.tensor(idx, device=self.device)
+        box: dict[str, torch.Tensor] = {}
+        b = torch.arange(len(rows), device=self.device)
+
+        def cap_down(_m, args, out):
+            box["k"] = args[0][b, pos].float()
+            box["y"] = out[0, idx[0]].float()
+
+        def cap_block(_m, _args, out):
+            box["h"] = _block_output(out)[0, idx[0]].float()
+            raise _Stop
+
+        pairs = self._override_hooks(overrides) + [(self.module_map[name], cap_down),
+                                                   (decoder_layers(self.model)[self.z_layer], cap_block)]
+        with _thread_hooks(pairs):
+            try:
+                self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _Stop:
+                pass
+        k = box["k"]
+        key = k[0] if len(rows) == 1 else 0.5 * k[0] + 0.5 * k[1:].mean(0)
+        return key[None].contiguous().cpu(), box["h"], box["y"]
+
+    def _compute_z(self, subject: Subject, prompt: str, target: str):
+        """Target hidden state z = h_init + δ at the z layer (reference §3.2). Returns (z [d_v], info)."""
+        cfg = self.cfg
+        tgt = self.tokenizer(target_text(prompt, target), add_special_tokens=False)["input_ids"]
+        rows, idx, spans = [], [], []
+        for ctx in self.contexts:
+            ids, i = _token_index(self.tokenizer, ctx + prompt, len(ctx) + subject.end)
+            spans.append((len(ids) - 1, len(tgt)))
+            rows.append(ids + tgt[:-1])
+            idx.append(i)
+        kl_text = cfg.kl_prompt.format(subject.text)
+        kl_ids, kl_i = _token_index(self.tokenizer, kl_text, kl_text.find(subject.text) + len(subject.text))
+        rows.append(kl_ids)
+        idx.append(kl_i)
+        ids, mask = _pad(rows, self._pad_id, self.device)
+        n_rw = len(self.contexts)
+        b = torch.arange(len(rows), device=self.device)
+        pos = torch.tensor(idx, device=self.device)
+        labels = torch.tensor(tgt, device=self.device)
+        block = decoder_layers(self.model)[self.z_layer]
+        d_v = self.module_map[self.modules[-1]].out_features
+        delta = torch.zeros(d_v, dtype=torch.float32, device=self.device, requires_grad=True)
+        box: dict[str, torch.Tensor] = {}
+
+        def add_delta(_m, _args, out):
+            hs = _block_output(out)
+            if "h_init" not in box:
+                box["h_init"] = hs[0, idx[0]].detach().float()
+            hs = hs.clone()
+            hs[b, pos] = hs[b, pos] + delta.to(hs.dtype)
+            return _with_block_output(out, hs)
+
+        opt = torch.optim.Adam([delta], lr=cfg.v_lr)
+        kl_init, nll, steps = None, float("nan"), 0
+        with _thread_hooks([(block, add_delta)]), torch.enable_grad():
+            for it in range(cfg.v_steps):
+                opt.zero_grad()
+                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                logp = logits.float().log_softmax(-1)
+                # −mean log p(target) per rewriting prompt, averaged over prompts
+                nll_rows = [-logp[r, s:s + n].gather(-1, labels[:, None]).mean() for r, (s, n) in
+                            enumerate(spans)]
+                nll_t = torch.stack(nll_rows).mean()
+                kl_lp = logp[n_rw, idx[n_rw]]
+                if kl_init is None:
+                    kl_init = kl_lp.detach()
+                kl = cfg.kl_factor * F.kl_div(kl_init[None], kl_lp[None], log_target=True, reduction="batchmean")
+                decay = cfg.v_weight_decay * delta.norm() / box["h_init"].norm().clamp_min(1e-12) ** 2
+                loss = nll_t + kl + decay
+                nll, steps = float(nll_t.detach()), it + 1
+                if float(loss.detach()) < cfg.early_stop_loss or it == cfg.v_steps - 1:
+                    break
+                loss.backward()
+                opt.step()
+                with torch.no_grad():  # project δ into the ball ‖δ‖ ≤ clamp · ‖h_init‖
+                    max_norm = cfg.clamp_norm_factor * box["h_init"].norm()
+                    if delta.norm() > max_norm:
+                        delta.mul_(max_norm / delta.norm())
+        z = box["h_init"] + delta.detach()
+        return z, {"z_steps": steps, "z_nll": nll, "z_delta_norm": float(delta.detach().norm()),
+                   "h_norm": float(box["h_init"].norm())}
+
+    def _to_down_space(self, name: str, r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """A residual-stream change r [d_v] as a change of the down_proj output y [d_v].
+
+        Llama adds down_proj's output to the residual directly (identity). Gemma-2 normalises it
+        first (post_feedforward_layernorm, o = y / rms(y) · (1 + g)); RMSNorm is scale-invariant,
+        so y* = (o + r) / (1 + g) · rms(y) is an exact preimage at the current scale.
+        """
+        norm = getattr(decoder_layers(self.model)[self.layer_of[name]], "post_feedforward_layernorm", None)
+        if norm is None:
+            return r
+        y64, r64 = y.double(), r.double()
+        gain = norm.weight.detach().double() + (1.0 if type(norm).__name__.startswith("Gemma") else 0.0)
+        gain = torch.where(gain.abs() < 1e-3, torch.full_like(gain, 1e-3).copysign(gain), gain)
+        rms = (y64.pow(2).mean() + getattr(norm, "eps", 1e-6)).sqrt()
+        o = y64 / rms * gain
+        return ((o + r64) / gain * rms - y64).float()
+
+    # ---- the edit path ------------------------------------------------------------------------------------
+
+    def propose(self, request: EditRequest, k: int | None = None) -> Proposal:
+        """Keys, z, and the per-layer RLS deltas G·R. Changes neither the model nor C."""
+        if k is not None and k != len(self.modules):
+            raise ValueError(f"k: RLSEdit edits every layer of its spec; k must be {len(self.modules)} or omitted")
+        example = teacher_forced(self.tokenizer, request.prompt, request.target,
+                                 self.cfg.max_prompt_tokens, self.cfg.max_target_tokens)
+        subject = find_subject(request.prompt, request.subject)
+        with torch.no_grad():
+            logits = self.model(input_ids=example.input_ids.to(self.device), use_cache=False).logits
+            loss_before = float(target_loss(logits, example.labels.to(self.device)))
+        z, info = self._compute_z(subject, request.prompt, request.target)
+        key_rows, key_idx = [], []
+        for ctx in self.contexts:
+            ids, i = _token_index(self.tokenizer, ctx + request.prompt, len(ctx) + subject.end)
+            key_rows.append(ids)
+            key_idx.append(i)
+        overrides: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        keys, resids, norms = {}, {}, []
+        n_layers = len(self.modules)
+        for i, name in enumerate(self.modules):
+            key, h, y = self._keys_and_state(name, key_rows, key_idx, overrides)   # K [1, d_k], on the partly edited model
+            full = self._to_down_space(name, z - h, y)                            # z − h in down_proj output space
+            if self.cfg.innovation == "principled":
+                innov = full / (n_layers - i)                                     # E = R = (z − h)/(L_e − i)
+            else:  # the public code: V = z − h, E = (V − K W_{t-1}) / (L_e − i)
+                w_now = self.module_map[name].weight.detach().float()
+                innov = (full - (key.to(self.device) @ w_now.T)[0]) / (n_layers - i)
+            C = self.C[name]
+            g, _ = rls_gain(C, key.to(self.device))                              # G = C_t Kᵀ [d_k, 1]
+            left = innov[:, None].float().contiguous()                            # Eᵀ [d_v, u]
+            right = g.T.float().contiguous()                                      # Gᵀ [u, d_k]
+            if not (bool(torch.isfinite(left).all()) and bool(torch.isfinite(right).all())):
+                raise SingularSystemError(f"{name}: the weight change is not finite")
+            overrides[name] = (left, right)
+            keys[name], resids[name] = key, innov[None].float().cpu()
+        delta = LowRankDelta({n: (l.cpu(), r.cpu()) for n, (l, r) in overrides.items()})
+        norms = [delta.frobenius_norm(n) for n in self.modules]
+        info.update(subject=subject.text, subject_source=subject.source, method=self.method,
+                    z_layer=self.z_layer, innovation=self.cfg.innovation, contexts=len(self.contexts),
+                    delta_norms=norms, alpha=[self.alpha[n] for n in self.modules], beta=self.cfg.beta,
+                    mom2_weight=[self.weight[n] for n in self.modules])
+        return Proposal(self.modules, torch.tensor(norms, dtype=torch.float32), list(range(n_layers)), delta,
+                        loss_before, len(key_rows), info, self._keys_blob(keys, resids))
+
+    def _keys_blob(self, keys: dict[str, torch.Tensor], resids: dict[str, torch.Tensor]) -> bytes:
+        tensors = {}
+        for i, name in enumerate(self.modules):
+            tensors[f"keys.{i}"] = keys[name].float().contiguous()
+            tensors[f"innovation.{i}"] = resids[name].float().contiguous()
+        return st_save(tensors, metadata={"format": KEYS_FORMAT, "modules": json.dumps(self.modules),
+                                          "method": self.method})
+
+    def keys_from_blob(self, blob: bytes) -> dict[str, torch.Tensor]:
+        """{module: K [u, d_k] float32} from a proposal's state_blob; RLSStateMismatch if not ours."""
+        try:
+            meta = _metadata(blob)
+            tensors = st_load(blob)
+        except Exception as e:  # noqa: BLE001
+            raise RLSStateMismatch(f"state_blob is not an RLSEdit key blob: {e}") from e
+        if meta.get("format") != KEYS_FORMAT:
+            raise RLSStateMismatch(f"state_blob is not an RLSEdit key blob (format {meta.get('format')!r})")
+        modules = json.loads(meta["modules"])
+        if modules != self.modules:
+            raise RLSStateMismatch(f"state_blob was made for modules {modules}, this editor edits {self.modules}")
+        return {n: tensors[f"keys.{i}"] for i, n in enumerate(modules)}
+
+    # ---- state hooks (Editor protocol) ---------------------------------------------------------------
+
+    def _update_all(self, keys: dict[str, torch.Tensor], sign: float) -> None:
+        """Woodbury-update (sign −1: new keys) or downdate (+1: remove keys) every layer, atomically:
+        every factor is computed and checked before any C changes."""
+        factors = {}
+        for name in self.modules:
+            k = keys[name].to(self.device)
+            m = rls_gain(self.C[name], k)[1] if sign < 0 else rls_downdate_factor(self.C[name], k)
+            check_correction(self.C[name], m, name)
+            factors[name] = m
+        for name, m in factors.items():
+            apply_correction(self.C[name], m, sign)
+
+    def commit(self, edit_id: int, proposal: Proposal) -> None:
+        """After the delta was logged and applied: C_t = C_{t-1} − F S⁻¹ Fᵀ with this edit's keys."""
+        if proposal.state_blob is None:
+            raise RLSStateMismatch(f"edit {edit_id}: the proposal carries no RLSEdit keys (state_blob is None)")
+        self._commit_keys(edit_id, self.keys_from_blob(proposal.state_blob))
+
+    def _commit_keys(self, edit_id: int, keys: dict[str, torch.Tensor]) -> None:
+        if self.cfg.reset_every_edit:
+            return  # memit-nohist: C stays C_0, history is not kept
+        if edit_id in self.history:
+            raise ValueError(f"edit {edit_id} is already committed to the RLS state")
+        self._update_all(keys, -1.0)
+        self.history[edit_id] = {n: k.detach().float().cpu() for n, k in keys.items()}
+
+    def forget(self, edit_id: int) -> None:
+        """After a rollback: A ← A − KᵀK, so C equals never having seen the edit's keys.
+
+        Edits this editor never committed (other methods, memit-nohist) leave C unchanged."""
+        if self.cfg.reset_every_edit or edit_id not in self.history:
+            return
+        self._update_all(self.history[edit_id], +1.0)
+        del self.history[edit_id]
+
+    def restore(self, edit_id: int, state_blob: bytes | None) -> None:
+        """Replay ``commit`` from a logged key blob (start-up). An edit already in a loaded snapshot is
+        checked against it and skipped; a None blob (an edit of another method) is ignored."""
+        if state_blob is None:
+            return
+        keys = self.keys_from_blob(state_blob)
+        if edit_id in self.history:
+            same = all(torch.equal(self.history[edit_id][n], keys[n].float()) for n in self.modules)
+            if not same:
+                raise RLSStateMismatch(f"edit {edit_id}: the logged keys differ from the loaded state snapshot")
+            return
+        self._commit_keys(edit_id, keys)
+
+    def rebuild(self) -> None:
+        """Recompute every C = (A_0 + Σ_i K_iᵀ K_i)⁻¹ from the committed keys (removes recursion drift; O(d_k³))."""
+        new = {}
+        for name in self.modules:
+            a = self.cfg.beta * self.weight[name] * self.sigma[name].double().to(self.device)
+            a.diagonal().add_(self.alpha[name])
+            for keys in self.history.values():
+                k = keys[name].double().to(self.device)
+                a += k.T @ k
+            chol, info = torch.linalg.cholesky_ex((a + a.T) / 2)
+            if int(info) != 0:
+                raise SingularSystemError(f"{name}: A_t is not positive definite")
+            c = torch.cholesky_inverse(chol)
+            new[name] = ((c + c.T) / 2).to(self.c_dtype)
+        self.C.update(new)
+
+    # ---- snapshots ------------------------------------------------------------------------------------
+
+    def _signature(self) -> dict:
+        """What a snapshot must agree on to be loaded into this editor."""
+        return {"modules": self.modules, "method": self.method, "c_dtype": self.cfg.c_dtype,
+                "beta": self.cfg.beta, "alpha": [self.alpha[n] for n in self.modules],
+                "mom2_weight": [self.weight[n] for n in self.modules],
+                "fingerprints": [self.fingerprints[n] for n in self.modules],
+                "stats_digest": [self.stats_digest[n] for n in self.modules]}
+
+    def save_state(self, path: str | Path) -> Path:
+        """Snapshot C and the committed keys (safetensors) so a restart need not replay the recursion."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"C.{i}": self.C[n].detach().cpu().contiguous() for i, n in enumerate(self.modules)}
+        for eid, keys in self.history.items():
+            for i, n in enumerate(self.modules):
+                tensors[f"K.{eid}.{i}"] = keys[n].contiguous()
+        meta = {"format": STATE_FORMAT, "signature": json.dumps(self._signature()),
+                "edit_ids": json.dumps(list(self.history)), "model": model_id(self.model)}
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        save_file(tensors, tmp, metadata=meta)
+        tmp.replace(path)
+        return path
+
+    def load_state(self, path: str | Path) -> None:
+        """Replace C and the history by a snapshot; RLSStateMismatch (nothing changed) if it was made
+        for other layers, statistics, model or settings."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != STATE_FORMAT:
+            raise RLSStateMismatch(f"{path} is not an RLSEdit state snapshot")
+        theirs, ours = json.loads(meta["signature"]), self._signature()
+        diff = sorted(k for k in ours if theirs.get(k) != ours[k])
+        if diff:
+            raise RLSStateMismatch(f"{path} was saved by an RLSEdit editor with different {', '.join(diff)} "
+                                   f"(model {meta.get('model')!r})")
+        tensors = load_file(path)
+        new_c = {n: tensors[f"C.{i}"].to(self.device, self.c_dtype) for i, n in enumerate(self.modules)}
+        history = {int(e): {n: tensors[f"K.{e}.{i}"] for i, n in enumerate(self.modules)}
+                   for e in json.loads(meta["edit_ids"])}
+        self.C, self.history = new_c, history
+
+    def config_dict(self) -> dict:
+        return {f.name: getattr(self.cfg, f.name) for f in fields(self.cfg)}
