@@ -106,6 +106,7 @@ class TrainConfig:
     eta_lr: float | None = None       # Adam lr of the learned edit lrs η_l (None = meta_lr)
     max_grad_norm: float = 1.0
     update_norms: bool = True         # fold each capture into the normalisers (paper: always)
+    norm_warmup: int = 64             # facts captured at θ_0 to initialise the normalisers before training
     # editor construction (used only when the trainer creates the editor)
     lr_init: float = 1e-2             # initial η_l; 1e-6 (paper) does nothing visible on tiny models
     rank: int = 256
@@ -124,6 +125,8 @@ class TrainConfig:
         def bad(name: str, rule: str):
             raise TrainConfigError(f"{name}: {rule} (got {getattr(self, name)!r})")
 
+        if not isinstance(self.norm_warmup, int) or self.norm_warmup < 0:
+            bad("norm_warmup", "must be an integer >= 0")
         for name in ("epochs", "traj_len", "back_depth", "rank", "n_blocks", "router_hidden", "save_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "must be an integer >= 1")
@@ -282,6 +285,18 @@ class Trainer:
 
     def end(self) -> None:
         self.state.reset()
+
+    @torch.no_grad()
+    def warm_up_norms(self, indices: Sequence[int]) -> None:
+        """Fold the (u, δ) of these facts at θ_0 into both normalisers before any edit is made.
+
+        Without it the first edits of the first trajectory are scaled by statistics of a handful
+        of tokens (or by none: an empty RunningNorm is the identity, and raw δ are ~1e-3).
+        """
+        self.state.reset()
+        for i in indices:
+            cap = capture(self.model, self.module_map, self.examples[int(i)].edit, self.cfg.tokens)
+            self.net.update_norms([cap.keys[n] for n in self.modules], [cap.grads[n] for n in self.modules])
 
     def optimizer_step(self) -> tuple[float, float]:
         """Clip the accumulated gradients, take one Adam step per level, zero them; (low, router) norms."""
@@ -581,6 +596,9 @@ def train_editor(model: nn.Module, tokenizer, layer_spec: str, k: int, records: 
                             "opt_low": trainer.opt_low.state_dict(), "opt_router": trainer.opt_router.state_dict(),
                             "history": history}, out_dir / TRAINER_STATE_FILE)
 
+    if state is None and cfg.norm_warmup and cfg.update_norms:
+        g = torch.Generator().manual_seed(seed * 1_000_003 - 1)
+        trainer.warm_up_norms(torch.randperm(len(examples), generator=g)[:cfg.norm_warmup].tolist())
     total = cfg.epochs * n_traj * cfg.traj_len
     done = (epoch0 * n_traj + traj0) * cfg.traj_len
     bar = None
