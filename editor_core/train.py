@@ -395,7 +395,7 @@ class Trainer:
         # 4. θ_t = θ_{t-1} + Σ_{l selected} ΔW_l (fp32 accumulators; stays applied).
         sel_delta = LowRankDelta({self.modules[l]: (factors[l][0].detach(), factors[l][1].detach())
                                   for l in selected})
-        self.state.apply(2 * self.t, sel_delta)
+        self.state.apply(self.t, sel_delta)
 
         # 5. task loss at θ_t and the per-token (u, δ) of every module: G_l = D_lᵀ U_l, never dense.
         ids, mask, labels = _pad(reph + locs, self.pad_id, self.device)
@@ -428,15 +428,21 @@ class Trainer:
         if not others:
             full = float(task.detach())                            # k = L: selected == all, advantage 0
         elif cfg.baseline:
-            rest = LowRankDelta({self.modules[l]: (factors[l][0].detach(), factors[l][1].detach())
-                                 for l in others})
-            self.state.apply(2 * self.t + 1, rest)
+            # A temporary pointer swap, restored to the very same tensors after: O(1) instead of a
+            # WeightState rollback, which re-adds every delta of the trajectory (O(t) per step).
+            served = {l: self.module_map[self.modules[l]].weight.data for l in others}
             try:
                 with torch.no_grad():
+                    for l in others:
+                        w = served[l]
+                        left, right = factors[l]
+                        self.module_map[self.modules[l]].weight.data = \
+                            torch.addmm(w.float(), left.detach(), right.detach()).to(w.dtype)
                     full = float(self._task_loss(self._logits_at(ids, mask, labels != -100), labels, len(reph),
                                                  weights, ref)[0])
             finally:
-                self.state.rollback(2 * self.t + 1)
+                for l in others:
+                    self.module_map[self.modules[l]].weight.data = served[l]
 
         # 7. surrogate whose gradient is the true first-order gradient of L_t(m) for both levels:
         #    S = Σ_l m_l ⟨sg(G_l), ΔW_l(θ_L)⟩ + λ m_l² ‖ΔW_l(θ_L)‖²
