@@ -606,7 +606,7 @@ class RLSEditor:
     def propose(self, request: EditRequest, k: int | None = None) -> Proposal:
         """Keys, z, and the per-layer RLS deltas G·R. Changes neither the model nor C."""
         if k is not None and k != len(self.modules):
-            raise ValueError(f"k: RLSEdit edits every layer of its spec; k must be {len(self.modules)} or omitted")
+            raise EditInputError(f"k: RLSEdit edits every layer of its spec; k must be {len(self.modules)} or omitted")
         example = teacher_forced(self.tokenizer, request.prompt, request.target,
                                  self.cfg.max_prompt_tokens, self.cfg.max_target_tokens)
         subject = find_subject(request.prompt, request.subject)

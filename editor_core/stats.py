@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,8 +207,12 @@ def collect_second_moments(model: nn.Module, tokenizer, modules: dict[str, nn.Li
             for n, m in modules.items()}
     mask_box: dict[str, torch.Tensor] = {}
 
+    owner = threading.get_ident()
+
     def hook(name):
         def fn(_module, args, _out):
+            if threading.get_ident() != owner:  # another thread (generation) sharing the model: not ours
+                return
             x = args[0][mask_box["mask"]].float()  # [n_tok, d_k] non-pad tokens only
             sums[name] += (x.T @ x).double()
             if layer_of[name] == deepest and name == last_name:
