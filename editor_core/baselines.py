@@ -238,6 +238,7 @@ class MethodContext:
     seed: int = 0
     ft: FTConfig = field(default_factory=FTConfig)
     rls_layers: str | None = None
+    rls_options: dict = field(default_factory=dict)     # RLSEditConfig fields for rlsedit / memit-nohist
     train_options: dict = field(default_factory=dict)  # passed to TrainConfig for trained baselines
     progress: bool = True
     _loaded: dict = field(default_factory=dict)
@@ -321,12 +322,10 @@ def _rlsedit_available() -> bool:
 def _rlsedit(ctx: MethodContext, reset_every_edit: bool):
     from . import rlsedit  # written in parallel: import only when needed
 
-    kwargs = {}
-    if ctx.rls_layers:
-        kwargs["layers"] = ctx.rls_layers
-    cfg = rlsedit.RLSEditConfig(reset_every_edit=reset_every_edit) if reset_every_edit else rlsedit.RLSEditConfig()
-    editor = rlsedit.RLSEditor.create(ctx.model, ctx.tokenizer, cfg=cfg, **kwargs)
-    editor.method = "memit-nohist" if reset_every_edit else "rlsedit"
+    options = {"seed": ctx.seed, "cache_dir": str(Path(ctx.cache_dir) / "rlsedit-stats"), **ctx.rls_options,
+               "reset_every_edit": reset_every_edit}
+    editor = rlsedit.RLSEditor.create(ctx.model, ctx.tokenizer, layers=ctx.rls_layers,
+                                      cfg=rlsedit.RLSEditConfig(**options))
     return editor, None
 
 

@@ -59,6 +59,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ft-norm-bound", type=float, default=ft.norm_bound,
                         help="ft: ‖ΔW_l‖_F ≤ bound · ‖W_l‖_F per module")
     parser.add_argument("--rls-layers", help="layer spec for rlsedit / memit-nohist (default: RLSEdit's own)")
+    parser.add_argument("--rls-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="RLSEditConfig field for rlsedit / memit-nohist (repeatable), e.g. v_steps=10")
     parser.add_argument("--train-option", action="append", default=[], metavar="KEY=VALUE",
                         help="TrainConfig field for editors trained here (repeatable), e.g. epochs=1")
     parser.add_argument("--no-progress", action="store_true")
@@ -71,20 +73,25 @@ def _parse_value(text: str):
         return text
 
 
-def _train_options(items: list[str]) -> dict:
-    """``["epochs=2", "traj_len=10"]`` -> {"epochs": 2, "traj_len": 10}, checked against TrainConfig."""
+def _options(items: list[str], kind: str) -> dict:
+    """``["epochs=2", "traj_len=10"]`` -> {"epochs": 2, "traj_len": 10}, checked against the config's fields.
+
+    kind: "train" (TrainConfig, for editors trained here) or "rls" (RLSEditConfig).
+    """
     if not items:
         return {}
     from dataclasses import fields
 
-    from .train import TrainConfig
-
-    known = {f.name for f in fields(TrainConfig)}
+    if kind == "train":
+        from .train import TrainConfig as config
+    else:
+        from .rlsedit import RLSEditConfig as config
+    known = {f.name for f in fields(config)}
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in known:
-            raise EvalSetupError(f"--train-option {item!r}: expected KEY=VALUE with KEY one of {sorted(known)}")
+            raise EvalSetupError(f"--{kind}-option {item!r}: expected KEY=VALUE with KEY one of {sorted(known)}")
         out[key] = _parse_value(value)
     return out
 
@@ -210,7 +217,8 @@ def _run(args: argparse.Namespace) -> int:
                         cache_dir=Path(args.cache_dir) if args.cache_dir else out / "editors", seed=args.seed,
                         ft=FTConfig(steps=args.ft_steps, lr=args.ft_lr, norm_bound=args.ft_norm_bound),
                         rls_layers=args.rls_layers, progress=progress,
-                        train_options=_train_options(args.train_option))
+                        train_options=_options(args.train_option, "train"),
+                        rls_options=_options(args.rls_option, "rls"))
     ctx.hiedit()  # refuse a mismatched checkpoint before anything runs
     # Editors that must be trained are built before the clock starts, with their own progress bars.
     editors = {}

@@ -179,6 +179,19 @@ def test_cli_trains_and_caches_mend(tiny, tmp_path):
     assert cached[0].stat().st_mtime_ns == stamp
 
 
+@pytest.mark.skipif(importlib.util.find_spec("editor_core.rlsedit") is None, reason="editor_core.rlsedit not present")
+def test_cli_runs_rlsedit(tiny, tmp_path):
+    from service.cli import main
+
+    out = tmp_path / "run"
+    assert main(["eval", "--methods", "rlsedit,memit-nohist", "--n", "3", "--out", str(out), "--model",
+                 str(tiny["model"]), "--editor", str(tiny["hiedit"]), "--data", str(tiny["data"]), "--n-known", "5",
+                 "--n-ppl", "5", "--rls-option", "v_steps=3", "--rls-option", "n_contexts=0", "--rls-option",
+                 "stats_max_tokens=2000", "--no-progress"]) == 0
+    results = _check_results(out, ["rlsedit", "memit-nohist"], 3)
+    assert all(m["selections"] and m["edit_latency_ms_p50"] > 0 for m in results["methods"].values())
+
+
 def test_cli_refuses_bad_inputs(tiny, tmp_path, capsys):
     from service.cli import main
 
