@@ -49,6 +49,7 @@ is computed and reported as the router's running reward, as in the paper.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -69,7 +70,8 @@ from .state import WeightState
 
 log = logging.getLogger(__name__)
 
-TRAINER_STATE_FILE = "trainer_state.pt"
+TRAINER_STATE_FILE = "trainer_state.pt"   # optimiser state etc.: needed to resume, not to use the editor
+TRAIN_LOG_FILE = "train.json"             # small, human-readable: options, seed, progress, per-trajectory losses
 UPDATE_MODES = ("trajectory", "per_edit")
 
 
@@ -601,6 +603,12 @@ def train_editor(model: nn.Module, tokenizer, layer_spec: str, k: int, records: 
                             "net": {n: t.detach().cpu().clone() for n, t in editor.net.state_dict().items()},
                             "opt_low": trainer.opt_low.state_dict(), "opt_router": trainer.opt_router.state_dict(),
                             "history": history}, out_dir / TRAINER_STATE_FILE)
+        log_json = {"seed": seed, "layer_spec": layer_spec, "k": k, "method": editor.method, "cfg": cfg.as_dict(),
+                    "records": len(examples), "skipped": skipped, "trajectories_per_epoch": n_traj,
+                    "epoch": epoch, "traj": traj, "done": epoch >= cfg.epochs, "history": history}
+        tmp = out_dir / (TRAIN_LOG_FILE + ".tmp")
+        tmp.write_text(json.dumps(log_json, indent=1) + "\n")
+        os.replace(tmp, out_dir / TRAIN_LOG_FILE)
 
     if state is None and cfg.norm_warmup and cfg.update_norms:
         g = torch.Generator().manual_seed(seed * 1_000_003 - 1)

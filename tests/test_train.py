@@ -206,6 +206,9 @@ def test_resume_gives_the_uninterrupted_result(tiny, tmp_path):
     loaded = HiEditor.load(tmp_path / "b", model, tok)
     assert all(torch.equal(v, b[k]) for k, v in loaded.net.state_dict().items())
     assert loaded.method == "hiedit"
+    import json
+    log = json.loads((tmp_path / "b" / "train.json").read_text())
+    assert log["done"] and log["seed"] == 3 and len(log["history"]) == 4
 
 
 def test_training_hands_back_the_base_weights(tiny):
