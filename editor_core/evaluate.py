@@ -455,7 +455,8 @@ def plot_curves(results: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.4), sharex=True)
+    fig, grid = plt.subplots(2, 3, figsize=(12, 6.5))
+    axes = grid.ravel()
     for name, m in results["methods"].items():
         xs = [p["edits"] for p in m["curve"]]
         for ax, metric in zip(axes, METRICS):
@@ -463,10 +464,12 @@ def plot_curves(results: dict, path) -> None:
     for ax, metric in zip(axes, METRICS):
         ax.set_title(metric.replace("_", " "))
         ax.set_xlabel("edits")
+        ax.set_ylabel("%")
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("%")
-    axes[-1].legend(fontsize=7, loc="lower left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    axes[-1].axis("off")  # the sixth panel holds the legend
+    axes[-1].legend(handles, labels, loc="center", fontsize=9)
     fig.suptitle(f"Sequential editing, N = {results['n']}")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
