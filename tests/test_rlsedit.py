@@ -59,7 +59,7 @@ def test_recursion_matches_the_batch_closed_form(alpha):
 def test_float32_c_is_resymmetrised_and_tracks_float64():
     sigma, _, batches = random_problem(1)
     c64, c32 = initial_inverse(sigma, 0.1, 1.0, 5.0), initial_inverse(sigma, 0.1, 1.0, 5.0, torch.float32)
-    for k, _ in batches * 20:
+    for k, _ in batches * 6:
         for C in (c64, c32):
             _, m = rls_gain(C, k)
             apply_correction(C, m, -1.0)
@@ -166,6 +166,7 @@ def test_propose_changes_neither_the_model_nor_c(llama):
     assert all(torch.equal(after[n], llama["weights_before"][n]) for n in after)
     assert all(torch.equal(llama["editor"].C[n], llama["c_before"][n]) for n in llama["editor"].modules)
     assert llama["editor"].history == {}
+    assert not any(m._forward_hooks for m in llama["model"].modules())   # every proposal-time hook is gone
 
 
 def test_edit_raises_the_target_probability_and_touches_only_its_down_projs(llama):
@@ -224,6 +225,9 @@ def test_commit_forget_restore_and_snapshots(llama, tmp_path):
     for n in ed.modules:
         assert (ed.C[n] - fresh.C[n]).abs().max() < 1e-8 * fresh.C[n].abs().max()
     assert sorted(ed.history) == [1, 3]
+    recursed = {n: c.clone() for n, c in ed.C.items()}
+    ed.rebuild()                                           # (A_0 + Σ KᵢᵀKᵢ)⁻¹ from scratch
+    assert all((ed.C[n] - recursed[n]).abs().max() < 1e-8 * recursed[n].abs().max() for n in ed.modules)
     replay.load_state(path)                                # snapshot + replay of the log is idempotent
     replay.restore(1, blobs[1])
     assert sorted(replay.history) == [1, 2, 3]
@@ -251,6 +255,26 @@ def test_memit_nohist_keeps_c0_before_every_edit(llama):
     again = ed.propose(FACT)
     for n in ed.modules:
         assert torch.allclose(again.delta.dense(n), llama["proposal"].delta.dense(n), rtol=1e-4, atol=1e-7)
+
+
+def test_reference_innovation_reproduces_the_public_code(llama):
+    """innovation="reference": E = (V − K W)/(L_e − i) with V = z − h, vs the principled E = (z − h)/(L_e − i)."""
+    from safetensors.torch import load as st_load
+    model, tok = llama["model"], llama["tok"]
+    stats = load_second_moments(llama["cache"], model, llama["editor"].modules)
+    blobs = {}
+    for innovation in ("principled", "reference"):
+        ed = RLSEditor.create(model, tok, layers=SPEC, stats=stats,
+                              cfg=RLSEditConfig(innovation=innovation, **{**FAST, "v_steps": 1}))
+        p = ed.propose(FACT)
+        assert p.info["innovation"] == innovation
+        blobs[innovation] = st_load(p.state_blob)
+    name = ed.modules[0]                                   # the first layer sees the unedited model in both
+    k = blobs["principled"]["keys.0"]
+    assert torch.equal(k, blobs["reference"]["keys.0"])
+    w = model.get_submodule(name).weight.detach()
+    expected = (2 * blobs["principled"]["innovation.0"] - k @ w.T) / 2
+    assert torch.allclose(blobs["reference"]["innovation.0"], expected, atol=1e-6)
 
 
 def test_bad_input_raises_and_changes_nothing(llama):
