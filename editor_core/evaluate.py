@@ -52,7 +52,18 @@ from tqdm.auto import tqdm
 from .capture import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TARGET_TOKENS, EditInputError, teacher_forced
 from .data import EditRecord
 from .editor import EditRequest, Editor, LocalityPrompt
-from .state import WeightState
+from .state import DeltaRejected, WeightState
+
+
+def _edit_failures() -> tuple[type[Exception], ...]:
+    """Exceptions that mean "this method could not make this edit" (not a harness or input error)."""
+    failures: list[type[Exception]] = [DeltaRejected]
+    try:  # RLSEdit is optional; its numerical failure is a failed edit like a rejected delta
+        from .rlsedit import SingularSystemError
+        failures.append(SingularSystemError)
+    except ImportError:
+        pass
+    return tuple(failures)
 
 METRICS = ("efficacy", "generalization", "specificity", "edited_retention", "general_retention")
 MEAN_OF = ("efficacy", "generalization", "specificity", "edited_retention")
@@ -353,11 +364,13 @@ def run_method(bench: Bench, name: str, editor: Editor, state: WeightState, base
     The weights are reset to W^0 before and after, so methods never see each other's edits.
     """
     state.reset()
+    failures = _edit_failures()
     n = len(bench.stream)
     latencies: list[float] = []
     selections: dict[str, int] = {m: 0 for m in getattr(editor, "modules", [])}
     edited = torch.zeros(n, dtype=torch.bool)
     skipped: list[str] = []
+    rejected: list[str] = []
     curve: list[dict] = []
     bar = tqdm(bench.stream, desc=f"{name:>13s}", unit="edit", disable=not cfg.progress, leave=True)
     try:
@@ -372,6 +385,12 @@ def run_method(bench: Bench, name: str, editor: Editor, state: WeightState, base
                 if not cfg.skip_bad:
                     raise EditInputError(f"stream record {i} (case {rec.case_id}): {exc}") from None
                 skipped.append(f"record {i} (case {rec.case_id}): {exc}")
+                continue
+            except failures as exc:
+                # The method tried and failed (e.g. a non-finite delta): the fact stays in the
+                # scores unedited, so the failure costs the method, and the stream goes on.
+                rejected.append(f"record {i} (case {rec.case_id}): {exc}")
+                edited[i] = True
                 continue
             edited[i] = True
             for m in proposal.selected_modules:
@@ -393,8 +412,11 @@ def run_method(bench: Bench, name: str, editor: Editor, state: WeightState, base
     final["selections"] = selections
     final["n_edits"] = int(edited.sum())
     final["n_skipped"] = len(skipped)
+    final["n_rejected"] = len(rejected)
     if skipped:
         final["skipped"] = skipped[:20]
+    if rejected:
+        final["rejected"] = rejected[:20]
     if k is not None:
         final["k"] = k
     return final

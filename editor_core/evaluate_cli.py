@@ -121,6 +121,44 @@ def _demo_split(path: Path) -> tuple[Path, list[str], list[str]]:
     return data_path, ids("editor_train", "train", "editor-training"), ids("eval", "evaluation", "test")
 
 
+def _probe_fields(rec: EditRecord) -> list[tuple[str, str, str]]:
+    """(prompt field, target field, ...) pairs the harness teacher-forces, as EditRecord field names."""
+    pairs = [("prompt", "target_new"), ("rephrase", "target_new"), ("locality_prompt", "locality_target")]
+    if rec.target_true:
+        pairs.append(("prompt", "target_true"))
+    return pairs
+
+
+def check_scorable(loaded, path, tokenizer, skip_bad: bool) -> tuple[list[EditRecord], int]:
+    """Keep the records whose probes fit the scorer's token limits.
+
+    The loaders already refuse missing fields, empty targets and unencodable text; this catches
+    what only teacher forcing sees (a prompt or target over the token limits). Without
+    ``skip_bad`` the first such record raises DatasetError naming file, record index and field.
+    """
+    from .capture import teacher_forced
+    from .data import CF_FLAT_SOURCES, CF_ROME_SOURCES, ZSRE_SOURCES
+
+    sources = {"zsre-mend": ZSRE_SOURCES, "counterfact-rome": CF_ROME_SOURCES}.get(loaded.format, CF_FLAT_SOURCES)
+    kept, bad = [], 0
+    for index, rec in enumerate(loaded.records):
+        try:
+            for prompt_field, target_field in _probe_fields(rec):
+                field = prompt_field
+                try:
+                    teacher_forced(tokenizer, getattr(rec, prompt_field), getattr(rec, target_field))
+                except EditInputError as exc:
+                    field = target_field if str(exc).startswith("target") else prompt_field
+                    raise
+        except EditInputError as exc:
+            if not skip_bad:  # without skipping, loaded.records[index] is record ``index`` of the file
+                raise DatasetError(path, index, sources.get(field, field), str(exc).split(": ", 1)[-1]) from None
+            bad += 1
+            continue
+        kept.append(rec)
+    return kept, bad
+
+
 def _by_case(records: list[EditRecord], case_ids: list[str], path: Path) -> list[EditRecord]:
     index = {r.case_id: r for r in records}
     missing = [c for c in case_ids if c not in index]
@@ -178,7 +216,8 @@ def _run(args: argparse.Namespace) -> int:
     # ---- the stream, the unedited known facts and the training facts -----------------------------
     if args.data:
         loaded = load_records(args.data, tokenizer=tokenizer, skip_bad=args.skip_bad, seed=args.seed)
-        records = loaded.records
+        records, too_long = check_scorable(loaded, args.data, tokenizer, args.skip_bad)
+        loaded.skipped += too_long
         if loaded.skipped:
             print(f"skipped {loaded.skipped} bad records of {args.data}", file=sys.stderr)
         stream = records[:args.n]
@@ -191,8 +230,15 @@ def _run(args: argparse.Namespace) -> int:
             raise EvalSetupError(f"{DEMO_SPLIT} is missing: pass --data, or rebuild the demo assets")
         data_path, train_ids, eval_ids = _demo_split(DEMO_SPLIT)
         loaded = load_records(data_path, tokenizer=tokenizer, skip_bad=args.skip_bad, seed=args.seed)
-        stream = _by_case(loaded.records, eval_ids, data_path)[:args.n]
-        train_all = _by_case(loaded.records, train_ids, data_path)
+        usable, too_long = check_scorable(loaded, data_path, tokenizer, args.skip_bad)
+        loaded.skipped += too_long
+        if loaded.skipped:
+            print(f"skipped {loaded.skipped} bad records of {data_path}", file=sys.stderr)
+        by_case = {r.case_id: r for r in usable}
+        stream = [by_case[c] for c in eval_ids if c in by_case][:args.n]
+        train_all = [by_case[c] for c in train_ids if c in by_case]
+        if not args.skip_bad:
+            _by_case(loaded.records, eval_ids + train_ids, data_path)  # every split id must exist
         # General Retention's known facts are editor-training facts: the base model learnt them,
         # and the benchmark never edits them. Editors trained here see the same facts as HiEdit.
         known = train_all[:args.n_known]

@@ -125,6 +125,34 @@ def test_baseline_editors_go_through_weight_state(tiny):
     assert state.fingerprint() == state.base_fingerprint
 
 
+def test_failed_edits_are_counted_not_fatal(tiny):
+    from editor_core.delta import LowRankDelta
+    from editor_core.evaluate import Bench, EvalConfig, measure_baseline, run_method
+    from editor_core.data import load_records
+
+    model, tok = load_model(tiny["model"])
+    hiedit = HiEditor.load(tiny["hiedit"], model, tok)
+
+    class NaNEditor(NoEdit):
+        method = "nan"
+
+        def propose(self, request, k=None):
+            name = hiedit.modules[0]
+            w = hiedit.module_map[name].weight
+            bad = (torch.full((w.shape[0], 1), float("nan")), torch.ones(1, w.shape[1]))
+            p = super().propose(request)
+            p.delta = LowRankDelta({name: bad})
+            return p
+
+    records = load_records(tiny["data"], tokenizer=tok).records
+    bench = Bench(model, tok, records[:3], records[3:6], [], counterfact=True)
+    cfg = EvalConfig(progress=False)
+    state = WeightState(hiedit.module_map, "tiny")
+    res = run_method(bench, "nan", NaNEditor(), state, measure_baseline(bench, cfg), cfg)
+    assert res["n_rejected"] == 3 and res["n_edits"] == 3 and "NaN" in res["rejected"][0]
+    assert res["general_retention"] == 100.0 and state.fingerprint() == state.base_fingerprint
+
+
 def _check_results(out: Path, methods: list[str], n: int) -> dict:
     results = json.loads((out / "results.json").read_text())
     assert results["n"] == n and list(results["methods"]) == methods
@@ -207,6 +235,14 @@ def test_cli_refuses_bad_inputs(tiny, tmp_path, capsys):
     assert "bad.json" in err and "record 3" in err and "target_new" in err
     assert main(base + ["--editor", str(tiny["hiedit"]), "--data", str(bad_file), "--skip-bad"]) == 0
     assert "skipped 1 bad records" in capsys.readouterr().err
+    # a record the scorer cannot teacher-force (a rephrase over the prompt token limit)
+    long = [dict(r) for r in tiny["records"][:12]]
+    long[5]["rephrase_prompt"] = "word " * 400
+    long_file = tmp_path / "long.json"
+    long_file.write_text(json.dumps(long))
+    assert main(base + ["--editor", str(tiny["hiedit"]), "--data", str(long_file)]) == 2
+    err = capsys.readouterr().err
+    assert "long.json: record 5: field 'rephrase_prompt'" in err
     # an editor made for another layer spec, and one made for another model
     other_spec = tmp_path / "other-spec"
     model, tok = load_model(tiny["model"])
