@@ -151,7 +151,7 @@ def initial_inverse(sigma: torch.Tensor, alpha: float, beta: float, weight: floa
             f"A_0 = αI + βwΣ̂ is not positive definite (α={alpha:g}, β={beta:g}, w={weight:g}): "
             "set alpha > 0 or collect statistics from more text")
     c0 = torch.cholesky_inverse(chol)
-    return ((c0 + c0.T) / 2).to(dtype)
+    return ((c0 + c0.T) / 2).to(dtype).contiguous()
 
 
 def _cholesky(s: torch.Tensor, what: str, min_pivot: float = 1e-12) -> torch.Tensor:
@@ -219,7 +219,8 @@ def apply_correction(C: torch.Tensor, m: torch.Tensor, sign: float) -> None:
     """C ← C + sign · M Mᵀ in place (check_correction first). float32 C is re-symmetrised."""
     C.addmm_(m, m.T, alpha=sign)
     if C.dtype != torch.float64:
-        C.copy_((C + C.T) / 2)
+        # C ← (C + Cᵀ)/2; a contiguous copy of Cᵀ is ~5× faster than adding the strided view
+        C.add_(C.T.clone(memory_format=torch.contiguous_format)).mul_(0.5)
 
 
 def rls_step(C: torch.Tensor, keys: torch.Tensor, innovation: torch.Tensor) -> torch.Tensor:
@@ -732,7 +733,7 @@ class RLSEditor:
             if int(info) != 0:
                 raise SingularSystemError(f"{name}: A_t is not positive definite")
             c = torch.cholesky_inverse(chol)
-            new[name] = ((c + c.T) / 2).to(self.c_dtype)
+            new[name] = ((c + c.T) / 2).to(self.c_dtype).contiguous()
         self.C.update(new)
 
     # ---- snapshots ------------------------------------------------------------------------------------
@@ -776,7 +777,7 @@ class RLSEditor:
             raise RLSStateMismatch(f"{path} was saved by an RLSEdit editor with different {', '.join(diff)} "
                                    f"(model {meta.get('model')!r})")
         tensors = load_file(path)
-        new_c = {n: tensors[f"C.{i}"].to(self.device, self.c_dtype) for i, n in enumerate(self.modules)}
+        new_c = {n: tensors[f"C.{i}"].to(self.device, self.c_dtype).contiguous() for i, n in enumerate(self.modules)}
         history = {int(e): {n: tensors[f"K.{e}.{i}"] for i, n in enumerate(self.modules)}
                    for e in json.loads(meta["edit_ids"])}
         self.C, self.history = new_c, history
