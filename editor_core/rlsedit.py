@@ -129,9 +129,14 @@ class RLSEditConfig:
 
 
 def default_layer_spec(num_layers: int) -> str:
-    """A few lower-middle down_proj layers: 1-2 of a 4-6 layer model, 4-8 of Llama-3-8B's 32."""
-    lo = min(max(1, round(num_layers * 0.125)), num_layers - 1)
-    hi = min(num_layers - 1, lo + min(5, max(2, num_layers // 4)) - 1)
+    """A few lower-middle down_proj layers: 1-2 of a 4-6 layer model, 4-8 of Llama-3-8B's 32.
+
+    At least one decoder layer stays above the last edited one: its attention is what carries
+    the edit from the subject's token to the position that predicts the target.
+    """
+    top = max(0, num_layers - 2)
+    lo = min(max(1, round(num_layers * 0.125)), top)
+    hi = min(top, lo + min(5, max(2, num_layers // 4)) - 1)
     return f"down[{lo}-{hi}]"
 
 

@@ -114,7 +114,8 @@ def test_default_layer_spec_picks_lower_middle_layers():
     assert default_layer_spec(4) == "down[1-2]"
     assert default_layer_spec(6) == "down[1-2]"
     assert default_layer_spec(32) == "down[4-8]"
-    assert default_layer_spec(2) == "down[1-1]"
+    assert default_layer_spec(3) == "down[1-1]"
+    assert default_layer_spec(2) == "down[0-0]"                  # a layer above must carry the edit
 
 
 @pytest.mark.parametrize("prompt, subject, text, source", [
