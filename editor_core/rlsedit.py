@@ -661,8 +661,12 @@ class RLSEditor:
         return st_save(tensors, metadata={"format": KEYS_FORMAT, "modules": json.dumps(self.modules),
                                           "method": self.method})
 
-    def keys_from_blob(self, blob: bytes) -> dict[str, torch.Tensor]:
-        """{module: K [u, d_k] float32} from a proposal's state_blob; RLSStateMismatch if not ours."""
+    def keys_from_blob(self, blob: bytes, exact: bool = True) -> dict[str, torch.Tensor]:
+        """{module: K [u, d_k] float32} from a proposal's state_blob; RLSStateMismatch if not an RLSEdit blob.
+
+        exact: the blob must cover exactly this editor's modules (a fresh proposal). Otherwise (a log
+        written under another layer spec) the keys of the modules both share are returned.
+        """
         try:
             meta = _metadata(blob)
             tensors = st_load(blob)
@@ -671,17 +675,24 @@ class RLSEditor:
         if meta.get("format") != KEYS_FORMAT:
             raise RLSStateMismatch(f"state_blob is not an RLSEdit key blob (format {meta.get('format')!r})")
         modules = json.loads(meta["modules"])
-        if modules != self.modules:
+        if exact and modules != self.modules:
             raise RLSStateMismatch(f"state_blob was made for modules {modules}, this editor edits {self.modules}")
-        return {n: tensors[f"keys.{i}"] for i, n in enumerate(modules)}
+        keys = {n: tensors[f"keys.{i}"] for i, n in enumerate(modules) if n in self.module_map}
+        for n, k in keys.items():
+            if k.dim() != 2 or k.shape[1] != self.module_map[n].in_features:
+                raise RLSStateMismatch(f"state_blob keys for {n} are {tuple(k.shape)}, "
+                                       f"the module takes {self.module_map[n].in_features} inputs")
+        return keys
 
     # ---- state hooks (Editor protocol) ---------------------------------------------------------------
 
     def _update_all(self, keys: dict[str, torch.Tensor], sign: float) -> None:
-        """Woodbury-update (sign −1: new keys) or downdate (+1: remove keys) every layer, atomically:
-        every factor is computed and checked before any C changes."""
+        """Woodbury-update (sign −1: new keys) or downdate (+1: remove keys) the layers in ``keys``,
+        atomically: every factor is computed and checked before any C changes."""
         factors = {}
         for name in self.modules:
+            if name not in keys:
+                continue
             k = keys[name].to(self.device)
             m = rls_gain(self.C[name], k)[1] if sign < 0 else rls_downdate_factor(self.C[name], k)
             check_correction(self.C[name], m, name)
@@ -714,12 +725,19 @@ class RLSEditor:
 
     def restore(self, edit_id: int, state_blob: bytes | None) -> None:
         """Replay ``commit`` from a logged key blob (start-up). An edit already in a loaded snapshot is
-        checked against it and skipped; a None blob (an edit of another method) is ignored."""
+        checked against it and skipped; a None blob (an edit of another method) is ignored.
+
+        A blob logged under another layer spec updates the C of the layers both specs share: C_l only
+        ever holds the keys of edits that wrote layer l, so that is still the exact recursion per layer.
+        """
         if state_blob is None:
             return
-        keys = self.keys_from_blob(state_blob)
+        keys = self.keys_from_blob(state_blob, exact=False)
+        if not keys:
+            return  # the edit wrote none of this editor's layers
         if edit_id in self.history:
-            same = all(torch.equal(self.history[edit_id][n], keys[n].float()) for n in self.modules)
+            mine = self.history[edit_id]
+            same = mine.keys() == keys.keys() and all(torch.equal(mine[n], keys[n].float()) for n in keys)
             if not same:
                 raise RLSStateMismatch(f"edit {edit_id}: the logged keys differ from the loaded state snapshot")
             return
@@ -732,8 +750,9 @@ class RLSEditor:
             a = self.cfg.beta * self.weight[name] * self.sigma[name].double().to(self.device)
             a.diagonal().add_(self.alpha[name])
             for keys in self.history.values():
-                k = keys[name].double().to(self.device)
-                a += k.T @ k
+                if name in keys:
+                    k = keys[name].double().to(self.device)
+                    a += k.T @ k
             chol, info = torch.linalg.cholesky_ex((a + a.T) / 2)
             if int(info) != 0:
                 raise SingularSystemError(f"{name}: A_t is not positive definite")
@@ -758,7 +777,8 @@ class RLSEditor:
         tensors = {f"C.{i}": self.C[n].detach().cpu().contiguous() for i, n in enumerate(self.modules)}
         for eid, keys in self.history.items():
             for i, n in enumerate(self.modules):
-                tensors[f"K.{eid}.{i}"] = keys[n].contiguous()
+                if n in keys:
+                    tensors[f"K.{eid}.{i}"] = keys[n].contiguous()
         meta = {"format": STATE_FORMAT, "signature": json.dumps(self._signature()),
                 "edit_ids": json.dumps(list(self.history)), "model": model_id(self.model)}
         tmp = path.with_suffix(path.suffix + ".tmp")
@@ -783,7 +803,7 @@ class RLSEditor:
                                    f"(model {meta.get('model')!r})")
         tensors = load_file(path)
         new_c = {n: tensors[f"C.{i}"].to(self.device, self.c_dtype).contiguous() for i, n in enumerate(self.modules)}
-        history = {int(e): {n: tensors[f"K.{e}.{i}"] for i, n in enumerate(self.modules)}
+        history = {int(e): {n: tensors[f"K.{e}.{i}"] for i, n in enumerate(self.modules) if f"K.{e}.{i}" in tensors}
                    for e in json.loads(meta["edit_ids"])}
         self.C, self.history = new_c, history
 

@@ -218,6 +218,13 @@ def test_commit_forget_restore_and_snapshots(llama, tmp_path):
     for eid, blob in blobs.items():                        # a restart replays the log
         replay.restore(eid, blob)
     assert all(torch.equal(replay.C[n], ed.C[n]) for n in ed.modules)
+    # a server restarted with another layer spec replays the keys of the layers both specs share
+    narrow = RLSEditor.create(model, tok, layers="down[2]", cfg=cfg, stats=stats)
+    for eid, blob in blobs.items():
+        narrow.restore(eid, blob)
+    assert torch.equal(narrow.C[ed.modules[1]], ed.C[ed.modules[1]]) and sorted(narrow.history) == [1, 2, 3]
+    with pytest.raises(RLSStateMismatch, match="modules"):   # a fresh proposal must be for this editor
+        narrow.commit(4, Proposal(ed.modules, torch.zeros(2), [0, 1], p.delta, 0.0, 1, state_blob=blobs[1]))
     path = ed.save_state(tmp_path / "rls.safetensors")
     ed.forget(2)                                           # rollback of edit 2
     ed.forget(99)                                          # never committed here: no-op
