@@ -33,7 +33,7 @@ import math
 import random
 import re
 import threading
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -626,7 +626,7 @@ class RLSEditor:
             key_rows.append(ids)
             key_idx.append(i)
         overrides: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        keys, resids, norms = {}, {}, []
+        keys, resids = {}, {}
         n_layers = len(self.modules)
         for i, name in enumerate(self.modules):
             key, h, y = self._keys_and_state(name, key_rows, key_idx, overrides)   # K [1, d_k], on the partly edited model
@@ -806,6 +806,3 @@ class RLSEditor:
         history = {int(e): {n: tensors[f"K.{e}.{i}"] for i, n in enumerate(self.modules) if f"K.{e}.{i}" in tensors}
                    for e in json.loads(meta["edit_ids"])}
         self.C, self.history = new_c, history
-
-    def config_dict(self) -> dict:
-        return {f.name: getattr(self.cfg, f.name) for f in fields(self.cfg)}
