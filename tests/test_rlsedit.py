@@ -170,6 +170,23 @@ def test_propose_changes_neither_the_model_nor_c(llama):
     assert not any(m._forward_hooks for m in llama["model"].modules())   # every proposal-time hook is gone
 
 
+def test_generation_during_a_proposal_never_sees_its_overrides(llama):
+    """propose emulates the partly edited model with hooks; another thread sharing the model must not."""
+    import threading
+    model, tok, editor = llama["model"], llama["tok"], llama["editor"]
+    ids = tok(FACT.prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    done, seen = threading.Event(), []
+    worker = threading.Thread(target=lambda: (editor.propose(FACT), done.set()))
+    worker.start()
+    while not done.is_set():
+        with torch.no_grad():
+            seen.append(torch.equal(model(input_ids=ids).logits, base))
+    worker.join()
+    assert seen and all(seen)
+
+
 def test_edit_raises_the_target_probability_and_touches_only_its_down_projs(llama):
     model, tok, editor, state, p = llama["model"], llama["tok"], llama["editor"], llama["state"], llama["proposal"]
     assert editor.method == "rlsedit"
