@@ -16,6 +16,8 @@ formed: ``torch.autograd.grad`` is asked for the module outputs alone.
 from __future__ import annotations
 
 import contextlib
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +108,29 @@ class Capture:
 
 
 @contextlib.contextmanager
+def thread_hooks(pairs: list[tuple[nn.Module, Callable]]):
+    """Forward hooks that act only in the calling thread.
+
+    The service generates in other threads on the same model while the writer captures;
+    their forward passes run through these hooks untouched, so they neither overwrite a
+    capture nor see an editor's temporary overrides.
+    """
+    owner = threading.get_ident()
+
+    def guard(fn):
+        def wrapped(module, args, out):
+            return fn(module, args, out) if threading.get_ident() == owner else None
+        return wrapped
+
+    handles = [m.register_forward_hook(guard(fn)) for m, fn in pairs]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
 def _grad_only_for(weights: list[nn.Parameter]):
     """Turn requires_grad on for ``weights`` alone, restoring the previous flags after."""
     before = [w.requires_grad for w in weights]
@@ -138,16 +163,12 @@ def capture(model: nn.Module, modules: dict[str, nn.Linear], example: TeacherFor
             outputs[name] = out
         return fn
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
-    try:
-        with _grad_only_for([m.weight for m in modules.values()]), torch.enable_grad():
-            logits = model(input_ids=example.input_ids).logits
-            loss = target_loss(logits, example.labels)
-            names = list(modules)
-            grads = torch.autograd.grad(loss, [outputs[n] for n in names])
-    finally:
-        for h in handles:
-            h.remove()
+    names = list(modules)
+    with thread_hooks([(m, hook(n)) for n, m in modules.items()]), \
+            _grad_only_for([m.weight for m in modules.values()]), torch.enable_grad():
+        logits = model(input_ids=example.input_ids).logits
+        loss = target_loss(logits, example.labels)
+        grads = torch.autograd.grad(loss, [outputs[n] for n in names])
     pos = slice(None) if tokens == "all" else example.target_positions
     keys = {n: inputs[n][0, pos].float() for n in names}
     out_grads = {n: g[0, pos].float() for n, g in zip(names, grads)}

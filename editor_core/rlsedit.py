@@ -27,12 +27,10 @@ that edit; ``restore`` replays ``commit`` from the log. ``reset_every_edit=True`
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
 import re
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import save as st_save
 from torch import nn
 
-from .capture import (DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TARGET_TOKENS, EditInputError, target_loss,
+from .capture import (DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TARGET_TOKENS, EditInputError, target_loss, thread_hooks,
                       target_text, teacher_forced)
 from .delta import LowRankDelta, _metadata
 from .editor import EditRequest, Proposal
@@ -348,23 +346,6 @@ class _Stop(Exception):
     """Ends a forward pass once the deepest needed layer has run."""
 
 
-@contextlib.contextmanager
-def _thread_hooks(pairs: list[tuple[nn.Module, callable]]):
-    """Forward hooks that act only in the calling thread: a generation thread sharing the model
-    runs through them untouched, so it never sees proposal-time overrides or captures."""
-    owner = threading.get_ident()
-
-    def guard(fn):
-        def wrapped(module, args, out):
-            return fn(module, args, out) if threading.get_ident() == owner else None
-        return wrapped
-
-    handles = [m.register_forward_hook(guard(fn)) for m, fn in pairs]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _block_output(out):
@@ -519,7 +500,7 @@ class RLSEditor:
 
         pairs = self._override_hooks(overrides) + [(self.module_map[name], cap_down),
                                                    (decoder_layers(self.model)[self.z_layer], cap_block)]
-        with _thread_hooks(pairs):
+        with thread_hooks(pairs):
             try:
                 self.model(input_ids=ids, attention_mask=mask, use_cache=False)
             except _Stop:
@@ -562,7 +543,7 @@ class RLSEditor:
 
         opt = torch.optim.Adam([delta], lr=cfg.v_lr)
         kl_init, nll, steps = None, float("nan"), 0
-        with _thread_hooks([(block, add_delta)]), torch.enable_grad():
+        with thread_hooks([(block, add_delta)]), torch.enable_grad():
             for it in range(cfg.v_steps):
                 opt.zero_grad()
                 logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits

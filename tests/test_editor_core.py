@@ -293,3 +293,23 @@ def test_overflowing_delta_is_rejected_in_half_precision():
     with pytest.raises(DeltaRejected, match="overflows"):
         state.apply(1, huge)
     assert snapshot(model) == before and state.fingerprint() == fp and state.active_ids == []
+
+
+def test_capture_hooks_ignore_forward_passes_of_other_threads(setup):
+    """The service generates in other threads while the writer captures on the same model."""
+    import threading
+
+    from editor_core.capture import thread_hooks
+
+    model, tok, _, _ = setup
+    module = resolve_modules(model, SPEC)[next(iter(resolve_modules(model, SPEC)))]
+    seen = []
+    ids = tok("Berlin is the capital of", return_tensors="pt")["input_ids"]
+    with thread_hooks([(module, lambda m, a, o: seen.append(threading.get_ident()))]):
+        worker = threading.Thread(target=lambda: model(input_ids=ids))
+        worker.start()
+        worker.join()
+        assert seen == []
+        with torch.no_grad():
+            model(input_ids=ids)
+        assert seen == [threading.get_ident()]
