@@ -426,6 +426,12 @@ class EditEngine:
                 top1.append(bool((logits[pos].argmax(-1) == labels).all()))
         return {"prob": sum(probs) / len(probs), "top1": sum(top1) / len(top1)}
 
+    def _locality(self, items: list[dict]) -> float | None:
+        """Share of locality facts whose own target is the greedy continuation (None without any)."""
+        if not items:
+            return None
+        return sum(self._score([i["prompt"]], i["target"])["top1"] for i in items) / len(items)
+
     def _edit_job(self, spec: EditSpec, idempotency_key: str | None, actor: str) -> tuple[Edit, bool]:
         t0 = time.perf_counter()
         request_hash = spec.canonical_hash()
@@ -453,6 +459,7 @@ class EditEngine:
             raise
         prompts = [spec.prompt] + list(spec.rephrases)
         before = self._score(prompts, spec.target)
+        locality_before = self._locality(spec.locality)
 
         # Log first: an edit exists only once it is in the database.
         delta = proposal.delta
@@ -489,13 +496,15 @@ class EditEngine:
                               edit_id=edit_id) from e
 
         after = self._score(prompts, spec.target)
+        locality_after = self._locality(spec.locality)
         latency = time.perf_counter() - t0
         with self.sessions.begin() as session:
             row = session.get(Edit, edit_id)
             row.efficacy = {"before": before["prob"], "after": after["prob"],
                             "top1_before": before["top1"], "top1_after": after["top1"],
                             "metric": "probability of the whole target, mean over prompt and rephrases",
-                            "prompts": len(prompts)}
+                            "prompts": len(prompts),
+                            "locality_before": locality_before, "locality_after": locality_after}
             row.latency_ms = latency * 1000
             row.fingerprint_after = self.state.fingerprint()
         m = self.metrics

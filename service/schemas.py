@@ -63,6 +63,8 @@ class EfficacyOut(BaseModel):
     top1_after: float
     metric: str
     prompts: int
+    locality_before: float | None = None  # share of `locality` facts the model gets right (greedy top-1)
+    locality_after: float | None = None
 
 
 class EditOut(BaseModel):

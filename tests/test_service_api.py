@@ -187,7 +187,10 @@ def test_probe_report_specificity_retention_and_gauges(tmp_path, standin_compone
             assert c.post("/probes", json={"prompt": prompt, "max_new_tokens": 3}).status_code == 201
         probes = c.get("/probes").json()["probes"]
         assert [p["prompt"] for p in probes] == [STANDIN_OTHER_PROMPT, FACT1.prompt]
-        edit = _edit(c).json()
+        edit = _edit(c, locality=[{"prompt": STANDIN_OTHER_PROMPT, "target": "of"},
+                                  {"prompt": FACT2.prompt, "target": "Dutch"}]).json()
+        eff = edit["efficacy"]  # the model says " of" and not " Dutch" before and after this edit
+        assert eff["locality_before"] == 0.5 and eff["locality_after"] == 0.5
         deadline = time.monotonic() + 30  # the writer recomputes after every edit (probe_every_edits=1)
         while time.monotonic() < deadline:
             report = c.get("/probes/report").json()
