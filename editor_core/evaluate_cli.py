@@ -96,8 +96,13 @@ def _options(items: list[str], kind: str) -> dict:
     return out
 
 
-def _demo_split(path: Path) -> tuple[Path, list[str], list[str]]:
-    """(data file, editor-training case ids, evaluation case ids) from the demo split file."""
+def _demo_split(path: Path) -> tuple[Path, list[str], list[str], list[str]]:
+    """(data file, editor-training, evaluation, held-out known case ids) from the demo split file.
+
+    The split (editor_core/demo.py) is ``{"data": path under ../shared/data, "streams": {"eval": [...],
+    "editor_train": [...], "heldout": [...]}}``; "heldout" facts are known to the base model and never
+    edited nor used to train an editor (General Retention). Without it, editor-training facts serve.
+    """
     split = json.loads(path.read_text())
     data = split.get("data") or split.get("data_file") or split.get("source")
     if data is None:
@@ -118,7 +123,12 @@ def _demo_split(path: Path) -> tuple[Path, list[str], list[str]]:
                 return [str(x) for x in split[name]]
         raise EvalSetupError(f"{path}: none of the lists {names} is present")
 
-    return data_path, ids("editor_train", "train", "editor-training"), ids("eval", "evaluation", "test")
+    train = ids("editor_train", "train", "editor-training")
+    try:
+        heldout = ids("heldout", "known")
+    except EvalSetupError:
+        heldout = train
+    return data_path, train, ids("eval", "evaluation", "test"), heldout
 
 
 def _probe_fields(rec: EditRecord) -> list[tuple[str, str, str]]:
@@ -228,7 +238,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         if not DEMO_SPLIT.is_file():
             raise EvalSetupError(f"{DEMO_SPLIT} is missing: pass --data, or rebuild the demo assets")
-        data_path, train_ids, eval_ids = _demo_split(DEMO_SPLIT)
+        data_path, train_ids, eval_ids, known_ids = _demo_split(DEMO_SPLIT)
         loaded = load_records(data_path, tokenizer=tokenizer, skip_bad=args.skip_bad, seed=args.seed)
         usable, too_long = check_scorable(loaded, data_path, tokenizer, args.skip_bad)
         loaded.skipped += too_long
@@ -236,13 +246,11 @@ def _run(args: argparse.Namespace) -> int:
             print(f"skipped {loaded.skipped} bad records of {data_path}", file=sys.stderr)
         by_case = {r.case_id: r for r in usable}
         stream = [by_case[c] for c in eval_ids if c in by_case][:args.n]
-        train_all = [by_case[c] for c in train_ids if c in by_case]
         if not args.skip_bad:
-            _by_case(loaded.records, eval_ids + train_ids, data_path)  # every split id must exist
-        # General Retention's known facts are editor-training facts: the base model learnt them,
-        # and the benchmark never edits them. Editors trained here see the same facts as HiEdit.
-        known = train_all[:args.n_known]
-        train = train_all[:args.n_train]
+            _by_case(loaded.records, eval_ids + train_ids + known_ids, data_path)  # every split id must exist
+        # Editors trained here (mend; rledit without a checkpoint) see the same facts as HiEdit.
+        train = [by_case[c] for c in train_ids if c in by_case][:args.n_train]
+        known = [by_case[c] for c in known_ids if c in by_case][:args.n_known]
         skipped_records = loaded.skipped
     if args.train_data:
         train = load_records(args.train_data, tokenizer=tokenizer, skip_bad=args.skip_bad,

@@ -220,6 +220,26 @@ def test_cli_runs_rlsedit(tiny, tmp_path):
     assert all(m["selections"] and m["edit_latency_ms_p50"] > 0 for m in results["methods"].values())
 
 
+def test_cli_demo_mode_reads_the_split(tiny, tmp_path, monkeypatch):
+    """With no model options the CLI uses the demo assets and the split's streams."""
+    import editor_core.assets as assets
+    from service.cli import main
+
+    ids = [str(r["case_id"]) for r in tiny["records"]]
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"data": str(tiny["data"]), "streams": {
+        "eval": ids[:8], "editor_train": ids[8:16], "heldout": ids[16:22]}}))
+    for name, value in (("DEMO_MODEL", tiny["model"]), ("DEMO_HIEDIT", tiny["hiedit"]),
+                        ("DEMO_RLEDIT", tiny["rledit"]), ("DEMO_SPLIT", split)):
+        monkeypatch.setattr(assets, name, Path(value))
+    out = tmp_path / "run"
+    assert main(["eval", "--methods", "pre,hiedit,rledit", "--n", "5", "--out", str(out), "--n-ppl", "5",
+                 "--no-progress"]) == 0
+    results = _check_results(out, ["pre", "hiedit", "rledit"], 5)
+    assert results["baseline"]["n_known"] == 6
+    assert results["setup"]["rledit_editor"] == str(tiny["rledit"])
+
+
 def test_cli_refuses_bad_inputs(tiny, tmp_path, capsys):
     from service.cli import main
 
