@@ -80,6 +80,65 @@ def standin_components(standin_model_dir, standin_editor_dir):
     return model, tok, {"hiedit": editor}, {"rlsedit": "disabled in this test"}
 
 
+# ---- the assets of the end-to-end suite: the demo assets when built, else the stand-in -------------
+
+@dataclass(frozen=True)
+class E2EAssets:
+    label: str
+    server_args: tuple[str, ...]      # --model/--editor flags for `hiedit serve`
+    facts: tuple[Fact, Fact]           # two facts to edit, each a change of what the model says
+    other_prompt: str                  # a prompt that no edit should change (a probe)
+    k: int
+    modules: tuple[str, ...]           # every editable module of the editor, in index order
+
+
+# Eval-stream positions (DEMO_SPLIT) of the CounterFact facts the e2e suite edits on the demo assets.
+DEMO_E2E_CASES = (0, 1)
+
+
+def _editor_modules(model_dir: Path, editor_dir: Path) -> tuple[int, tuple[str, ...]]:
+    import json
+
+    from editor_core.model import parse_layer_spec
+
+    cfg = json.loads((editor_dir / "config.json").read_text())
+    n_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    return cfg["k"], tuple(r.name for r in parse_layer_spec(cfg["layer_spec"], n_layers))
+
+
+def demo_assets_built() -> bool:
+    from editor_core.assets import DEMO_HIEDIT, DEMO_MODEL, DEMO_SPLIT
+
+    return all(p.is_file() for p in (DEMO_MODEL / "config.json", DEMO_HIEDIT / "config.json", DEMO_SPLIT))
+
+
+def _demo_assets() -> E2EAssets:
+    import json
+
+    from editor_core.assets import DEMO_HIEDIT, DEMO_MODEL, DEMO_SPLIT
+    from editor_core.data import SHARED_DATA, load_counterfact
+
+    split = json.loads(DEMO_SPLIT.read_text())
+    wanted = [split["streams"]["eval"][i] for i in DEMO_E2E_CASES]
+    data = split.get("data", "counterfact/counterfact-edit.json")
+    records = {r.case_id: r for r in load_counterfact(SHARED_DATA / data).records}
+    recs = [records[c] for c in wanted]
+    facts = tuple(Fact(r.prompt, r.target_new, (r.rephrase,) if r.rephrase else ()) for r in recs)
+    k, modules = _editor_modules(DEMO_MODEL, DEMO_HIEDIT)
+    return E2EAssets("demo", ("--model", str(DEMO_MODEL), "--editor", str(DEMO_HIEDIT)), facts,
+                     recs[0].locality_prompt, k, modules)
+
+
+@pytest.fixture(scope="session")
+def e2e_assets(standin_model_dir, standin_editor_dir) -> E2EAssets:
+    """The demo assets once they are built (HIEDIT_E2E_ASSETS=standin forces the stand-in)."""
+    if demo_assets_built() and os.environ.get("HIEDIT_E2E_ASSETS", "auto") != "standin":
+        return _demo_assets()
+    k, modules = _editor_modules(standin_model_dir, standin_editor_dir)
+    return E2EAssets("standin", ("--model", str(standin_model_dir), "--editor", str(standin_editor_dir)),
+                     STANDIN_FACTS, STANDIN_OTHER_PROMPT, k, modules)
+
+
 # ---- databases -------------------------------------------------------------------------------------
 
 def _postgres_or_skip() -> None:

@@ -11,14 +11,13 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import STANDIN_FACTS, STANDIN_K, STANDIN_OTHER_PROMPT
 
 
 def _gen(c: httpx.Client, prompt: str, n: int = 3) -> str:
     r = c.get("/generate", params={"prompt": prompt, "max_new_tokens": n})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["tokens"] == n
+    assert 1 <= body["tokens"] <= n  # fewer when the model ends the text
     return body["text"]
 
 
@@ -32,19 +31,18 @@ def _statuses(c: httpx.Client) -> dict[int, str]:
     return {e["id"]: e["status"] for e in c.get("/edits").json()["edits"]}
 
 
-def test_edit_generate_audit_crash_restart_rollback(server_factory, database_url, standin_model_dir,
-                                                     standin_editor_dir):
-    server = server_factory("--model", str(standin_model_dir), "--editor", str(standin_editor_dir),
-                            "--rlsedit", "off", "--database-url", database_url, "--torch-threads", "1",
-                            "--probe-every-seconds", "0", "--probe-every-edits", "1")
+def test_edit_generate_audit_crash_restart_rollback(server_factory, database_url, e2e_assets):
+    a = e2e_assets
+    server = server_factory(*a.server_args, "--rlsedit", "off", "--database-url", database_url,
+                            "--torch-threads", "1", "--probe-every-seconds", "0", "--probe-every-edits", "1")
     c = httpx.Client(base_url=server.url, timeout=120)
-    fact1, fact2 = STANDIN_FACTS
+    fact1, fact2 = a.facts
     fp0 = _state(c)["fingerprint"]
     assert _state(c)["active_edits"] == 0
     original = _gen(c, fact1.prompt)
     assert not original.strip().startswith(fact1.target)  # the model does not know the new fact yet
-    other_before = _gen(c, STANDIN_OTHER_PROMPT, 8)
-    probe = c.post("/probes", json={"prompt": STANDIN_OTHER_PROMPT})
+    other_before = _gen(c, a.other_prompt, 8)
+    probe = c.post("/probes", json={"prompt": a.other_prompt})
     assert probe.status_code == 201 and probe.json()["expected"] == other_before
 
     # 1. edit: 201 + Location, and generation now continues with the target
@@ -53,7 +51,7 @@ def test_edit_generate_audit_crash_restart_rollback(server_factory, database_url
     assert r.status_code == 201, r.text
     edit1 = r.json()
     assert r.headers["location"] == f"/edits/{edit1['id']}"
-    assert edit1["status"] == "applied" and edit1["method"] == "hiedit" and edit1["k"] == STANDIN_K
+    assert edit1["status"] == "applied" and edit1["method"] == "hiedit" and edit1["k"] == a.k
     assert edit1["efficacy"]["top1_before"] == 0.0 and edit1["efficacy"]["top1_after"] > 0.0
     assert _gen(c, fact1.prompt).strip().startswith(fact1.target)
     fp1 = _state(c)["fingerprint"]
@@ -61,11 +59,11 @@ def test_edit_generate_audit_crash_restart_rollback(server_factory, database_url
 
     # 2. audit: every editable module, exactly k selected, norms and ranks only where selected
     layers = c.get(f"/edits/{edit1['id']}/layers").json()
-    assert layers["edit_id"] == edit1["id"] and layers["k"] == STANDIN_K
+    assert layers["edit_id"] == edit1["id"] and layers["k"] == a.k
     mods = layers["layers"]
-    assert [m["index"] for m in mods] == list(range(4))
-    assert {m["module"] for m in mods} == {f"model.layers.{i}.mlp.{p}_proj" for i in (0, 1) for p in ("gate", "up")}
-    assert sum(m["selected"] for m in mods) == STANDIN_K
+    assert [m["index"] for m in mods] == list(range(len(a.modules)))
+    assert tuple(m["module"] for m in mods) == a.modules
+    assert sum(m["selected"] for m in mods) == a.k
     assert all((m["delta_norm"] > 0 and m["rank"] >= 1) == m["selected"] for m in mods)
     assert sorted(m["module"] for m in mods if m["selected"]) == sorted(edit1["selected_layers"])
     chosen = [m for m in mods if m["selected"]]
@@ -80,7 +78,7 @@ def test_edit_generate_audit_crash_restart_rollback(server_factory, database_url
     report = c.get("/probes/report", params={"refresh": True}).json()
     assert report["active_edits"] == 2 and report["probes"] == 1 and report["fingerprint"] == fp2
     for e, fact in ((edit1, fact1), (edit2, fact2)):  # retention agrees with what /generate says
-        kept = _gen(c, fact.prompt, 1).strip() == fact.target
+        kept = _gen(c, fact.prompt, 8).strip().startswith(fact.target)
         assert (e["id"] in report["lost_edits"]) == (not kept)
     assert report["specificity"] == (0.0 if report["changed_probes"] else 1.0)
 
@@ -109,7 +107,7 @@ def test_edit_generate_audit_crash_restart_rollback(server_factory, database_url
     assert r.status_code == 200
     assert _state(c)["fingerprint"] == fp0 and _state(c)["active_edits"] == 0
     assert _gen(c, fact1.prompt) == original
-    assert _gen(c, STANDIN_OTHER_PROMPT, 8) == other_before
+    assert _gen(c, a.other_prompt, 8) == other_before
     assert c.get("/probes/report", params={"refresh": True}).json()["specificity"] == 1.0
 
     # 7. the metrics of DESIGN §6 are exported and parse
