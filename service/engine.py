@@ -297,6 +297,10 @@ class EditEngine:
             raise Unavailable("the server is not ready: the edit log is still being replayed")
         t0 = time.perf_counter()
         ids = self.check_prompt(prompt)
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if context and len(ids) + max_new_tokens > context:
+            raise InvalidEdit(f"max_new_tokens: the prompt ({len(ids)} tokens) plus {max_new_tokens} new tokens "
+                              f"exceed the model's context of {context} tokens")
         text, n = self._generate_ids(ids, max_new_tokens, temperature, seed, lock=True)
         self.metrics.generate_duration.observe(time.perf_counter() - t0)
         self.metrics.generated_tokens.inc(n)

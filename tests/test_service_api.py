@@ -239,7 +239,7 @@ def test_metrics_count_edits_rejections_selections_and_tokens(tmp_path, standin_
 
 
 def test_generate_get_post_and_seeded_sampling(tmp_path, standin_components):
-    with _client(tmp_path, standin_components) as c:
+    with _client(tmp_path, standin_components, max_new_tokens=4096) as c:
         _wait_ready(c)
         g = c.get("/generate", params={"prompt": FACT1.prompt, "max_new_tokens": 6}).json()
         p = c.post("/generate", json={"prompt": FACT1.prompt, "max_new_tokens": 6}).json()
@@ -247,6 +247,9 @@ def test_generate_get_post_and_seeded_sampling(tmp_path, standin_components):
         s1 = c.post("/generate", json={"prompt": FACT1.prompt, "max_new_tokens": 12, "temperature": 1.5, "seed": 7})
         s2 = c.get("/generate", params={"prompt": FACT1.prompt, "max_new_tokens": 12, "temperature": 1.5, "seed": 7})
         assert s1.json() == s2.json()
+        ctx = c.app.state.engine.model.config.max_position_embeddings
+        r = c.post("/generate", json={"prompt": FACT1.prompt, "max_new_tokens": ctx, "temperature": 0})
+        assert r.status_code == 422 and "max_new_tokens" in r.json()["detail"] and "context" in r.json()["detail"]
         others = {c.post("/generate", json={"prompt": FACT1.prompt, "max_new_tokens": 12, "temperature": 1.5,
                                             "seed": s}).json()["text"] for s in range(8)}
         assert len(others) > 1  # sampling really samples
