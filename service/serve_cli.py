@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-# flag -> Settings field; the default None means "take HIEDIT_* or the Settings default"
+# flag -> Settings field of the same name
 _FLAGS: list[tuple[str, dict]] = [
     ("--host", dict(help="bind address (HIEDIT_HOST; default 127.0.0.1)")),
     ("--port", dict(type=int, help="port (HIEDIT_PORT; default 8000)")),
@@ -22,6 +22,8 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--untrained-lr", dict(type=float, help="edit learning rate of --untrained-editor")),
     ("--untrained-k", dict(type=int, help="k of --untrained-editor (default L/2)")),
     ("--rlsedit", dict(choices=["auto", "on", "off"], help="RLSEdit method (HIEDIT_RLSEDIT; default auto)")),
+    ("--rlsedit-layers", dict(metavar="LAYER_SPEC", help="RLSEdit modules, e.g. 'down[2-4]' (default: its own)")),
+    ("--rlsedit-stats-tokens", dict(type=int, help="tokens of second-moment statistics RLSEdit collects")),
     ("--database-url", dict(help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db "
                                  "(HIEDIT_DATABASE_URL; default sqlite under --home)")),
     ("--home", dict(help="data directory (HIEDIT_HOME; default: the user data dir)")),
@@ -30,20 +32,25 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--probe-every-edits", dict(type=int, help="recompute the probe report after N edits (0: never)")),
     ("--probe-every-seconds", dict(type=float, help="recompute the probe report every T seconds (0: never)")),
     ("--max-body-bytes", dict(type=int, help="bodies above this get 413")),
+    ("--max-new-tokens", dict(type=int, help="largest max_new_tokens /generate accepts")),
+    ("--max-prompt-tokens", dict(type=int, help="longest prompt (in tokens) edits and /generate accept")),
+    ("--delta-norm-bound", dict(type=float, help="refuse an edit whose update of any module has a larger "
+                                                 "Frobenius norm")),
     ("--torch-threads", dict(type=int, help="torch intra-op threads")),
 ]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     for flag, kwargs in _FLAGS:
-        parser.add_argument(flag, default=None, **kwargs)
+        # SUPPRESS: an option not given stays unset, so HIEDIT_* or the Settings default applies
+        parser.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
 def settings_from_args(args: argparse.Namespace):
     from .settings import Settings
 
-    given = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _ in _FLAGS}
+    given = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"), None) for flag, _ in _FLAGS}
     return Settings(**{k: v for k, v in given.items() if v is not None})
 
 
