@@ -88,7 +88,9 @@ class TrainConfig:
     """Options of the hierarchical-RL trainer.
 
     Defaults are sized for the few-million-parameter demo models of this repository. The paper's
-    8B-model values are lr_init 1e-6, meta_lr 1e-5, rank 1920, router_hidden 256.
+    8B-model values are lr_init 1e-6, meta_lr 1e-5, rank 1920, router_hidden 256. With
+    ``lr_init=None`` the initial edit lr η_0 is calibrated on the model itself (``calibrate_eta``),
+    so the same defaults work for a 2M-parameter demo model and for an 8B one.
     """
 
     # schedule
@@ -105,12 +107,15 @@ class TrainConfig:
     baseline: bool = True             # compute L(all layers) for the advantage (skipped when k = L)
     # optimisation
     meta_lr: float = 1e-4             # Adam lr of router and low-level nets
-    eta_lr: float | None = None       # Adam lr of the learned edit lrs η_l (None = meta_lr)
+    eta_lr: float | None = None       # Adam lr of the learned edit lrs η_l (None = eta_lr_rel · η_0)
+    eta_lr_rel: float = 0.2           # η_l moves by about this fraction of η_0 per update
     max_grad_norm: float = 1.0
     update_norms: bool = True         # fold each capture into the normalisers (paper: always)
     norm_warmup: int = 64             # facts captured at θ_0 to initialise the normalisers before training
     # editor construction (used only when the trainer creates the editor)
-    lr_init: float = 1e-2             # initial η_l; 1e-6 (paper) does nothing visible on tiny models
+    lr_init: float | None = None      # initial η_l; None = calibrate on the model (1e-6, the paper's
+                                      # 8B value, does nothing visible on a tiny model)
+    calib_facts: int = 16             # facts the calibration of η_0 edits one at a time
     rank: int = 256
     n_blocks: int = 2
     router_hidden: int = 256
@@ -145,9 +150,13 @@ class TrainConfig:
         for name in ("loc_coef", "reg_coef"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 bad(name, "must be a finite number >= 0")
-        for name in ("meta_lr", "lr_init", "max_grad_norm"):
+        for name in ("meta_lr", "max_grad_norm", "eta_lr_rel"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
                 bad(name, "must be a finite number > 0")
+        if self.lr_init is not None and not (math.isfinite(self.lr_init) and self.lr_init > 0):
+            bad("lr_init", "must be None (calibrate) or a finite number > 0")
+        if not isinstance(self.calib_facts, int) or self.calib_facts < 1:
+            bad("calib_facts", "must be an integer >= 1")
         if self.eta_lr is not None and not (math.isfinite(self.eta_lr) and self.eta_lr > 0):
             bad("eta_lr", "must be None or a finite number > 0")
 
@@ -268,8 +277,9 @@ class Trainer:
         low = [p for n, p in self.net.nets.named_parameters() if not n.endswith("lr.weight")]
         self.low_params = low + eta
         self.router_params = list(self.net.router.parameters())
+        eta0 = float(eta[0].detach().abs().mean()) if eta else 0.0
         self.opt_low = torch.optim.Adam([{"params": low, "lr": cfg.meta_lr},
-                                         {"params": eta, "lr": cfg.eta_lr or cfg.meta_lr}])
+                                         {"params": eta, "lr": cfg.eta_lr or cfg.eta_lr_rel * eta0 or cfg.meta_lr}])
         self.opt_router = torch.optim.Adam(self.router_params, lr=cfg.meta_lr)
         self.zero_grad()
 
@@ -299,6 +309,55 @@ class Trainer:
         for i in indices:
             cap = capture(self.model, self.module_map, self.examples[int(i)].edit, self.cfg.tokens)
             self.net.update_norms([cap.keys[n] for n in self.modules], [cap.grads[n] for n in self.modules])
+
+    @torch.no_grad()
+    def calibrate_eta(self, indices: Sequence[int], grid: Sequence[float] | None = None) -> float:
+        """Pick the initial edit lr η_0 (same for every module) from a log grid, on the model itself.
+
+        For each fact of ``indices`` alone (at θ_0): route with the untrained router, build the top-k
+        ΔW_l at η = 1 (ΔW is linear in η: left = -η Δ̃ᵀ), then score η·ΔW on the one-edit loss
+        CE(rephrase) + α KL(loc). η_0 = the grid value with the lowest mean loss. The paper's 1e-6
+        was tuned by hand for 8B models; a model a thousand times smaller needs a far larger step,
+        and this finds it in a few hundred forward passes. Sets η_l = η_0 and the η Adam lr.
+        """
+        grid = list(grid or [10 ** (e / 2) for e in range(-14, 1)])   # 1e-7 .. 1
+        eta_params = [net.lr.weight for net in self.net.nets.values()]
+        saved = [w.detach().clone() for w in eta_params]
+        for w in eta_params:
+            w.fill_(1.0)
+        cases = []
+        self.state.reset()
+        for i in indices:
+            ex = self.examples[int(i)]
+            cap = capture(self.model, self.module_map, ex.edit, self.cfg.tokens)
+            p, _ = self.editor.route(cap, self.k)
+            sel = p.topk(self.k).indices.tolist()
+            f = self.net.factors_many(sel, [cap.keys[n] for n in self.modules], [cap.grads[n] for n in self.modules])
+            locs = [ex.loc] if ex.loc is not None else []
+            ref = self._ref_logprobs(locs)
+            batch = _pad([ex.rephrase] + locs, self.pad_id, self.device)
+            cases.append((f, ref, batch, len(locs)))
+        for w, v in zip(eta_params, saved):
+            w.copy_(v)
+        losses = []
+        for eta in grid:
+            total = 0.0
+            for f, ref, (ids, mask, labels), n_loc in cases:
+                delta = LowRankDelta({self.modules[l]: (eta * left, right) for l, (left, right) in f.items()})
+                self.state.apply(0, delta)
+                weights = torch.ones(1 + n_loc, device=self.device)
+                total += float(self._task_loss(self._logits_at(ids, mask, labels != -100), labels, 1, weights, ref)[0])
+                self.state.reset()
+            losses.append(total / max(len(cases), 1))
+        finite = [(loss, eta) for loss, eta in zip(losses, grid) if math.isfinite(loss)]
+        eta0 = min(finite)[1] if finite else grid[0]
+        log.info("calibrated η_0 = %.3g (one-edit loss %s)", eta0,
+                 ", ".join(f"{e:.0e}:{l:.3f}" for e, l in zip(grid, losses)))
+        for w in eta_params:
+            w.fill_(eta0)
+        self.editor.cfg.lr_init = eta0
+        self.opt_low.param_groups[1]["lr"] = self.cfg.eta_lr or self.cfg.eta_lr_rel * eta0
+        return eta0
 
     def optimizer_step(self) -> tuple[float, float]:
         """Clip the accumulated gradients, take one Adam step per level, zero them; (low, router) norms."""
@@ -558,13 +617,15 @@ def train_editor(model: nn.Module, tokenizer, layer_spec: str, k: int, records: 
     model.eval()
     model.requires_grad_(False)
     out_dir = Path(out_dir) if out_dir is not None else None
-    state = None
+    state, created = None, False
     if resume and out_dir is not None and (out_dir / TRAINER_STATE_FILE).is_file():
         editor, state = _load_resume(out_dir, model, tokenizer, layer_spec, k, seed, cfg)
         log.info("resuming %s at epoch %d, trajectory %d", out_dir, state["epoch"], state["traj"])
     elif editor is None:
-        editor = HiEditor.create(model, tokenizer, layer_spec, k=k, seed=seed, lr_init=cfg.lr_init, rank=cfg.rank,
+        editor = HiEditor.create(model, tokenizer, layer_spec, k=k, seed=seed, lr_init=cfg.lr_init or 1e-6,
+                                 rank=cfg.rank,
                                  n_blocks=cfg.n_blocks, router_hidden=cfg.router_hidden, tokens=cfg.tokens)
+        created = True
     else:
         if editor.cfg.layer_spec.replace(" ", "") != layer_spec.replace(" ", ""):
             raise CheckpointMismatch(f"the editor given was built for layers {editor.cfg.layer_spec!r}, "
@@ -613,6 +674,9 @@ def train_editor(model: nn.Module, tokenizer, layer_spec: str, k: int, records: 
     if state is None and cfg.norm_warmup and cfg.update_norms:
         g = torch.Generator().manual_seed(seed * 1_000_003 - 1)
         trainer.warm_up_norms(torch.randperm(len(examples), generator=g)[:cfg.norm_warmup].tolist())
+    if created and cfg.lr_init is None:  # an editor passed in keeps the η it was built with
+        g = torch.Generator().manual_seed(seed * 1_000_003 - 2)
+        trainer.calibrate_eta(torch.randperm(len(examples), generator=g)[:cfg.calib_facts].tolist())
     total = cfg.epochs * n_traj * cfg.traj_len
     done = (epoch0 * n_traj + traj0) * cfg.traj_len
     bar = None

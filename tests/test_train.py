@@ -52,7 +52,7 @@ def tiny():
 
 
 def _trainer(model, tok, cfg: TrainConfig, k: int = 2, seed: int = 0, records=None) -> Trainer:
-    editor = HiEditor.create(model, tok, SPEC, k=k, seed=seed, lr_init=cfg.lr_init, **SMALL)
+    editor = HiEditor.create(model, tok, SPEC, k=k, seed=seed, lr_init=cfg.lr_init or 1e-2, **SMALL)
     examples, _ = tokenize_records(tok, records or _records(), 64, 8)
     return Trainer(editor, examples, cfg, k)
 
@@ -318,3 +318,19 @@ def test_cli_trains_resumes_and_refuses(tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "bad.json" in err and "record 2" in err and "target_new" in err
+
+
+def test_eta_calibration_picks_a_step_that_lowers_the_one_edit_loss(tiny):
+    model, tok = tiny
+    tr = _trainer(model, tok, TrainConfig(**SMALL), k=2)
+    tr.warm_up_norms(range(12))
+    fp = WeightState(tr.module_map, "m").fingerprint()
+    grid = [1e-6, 1e-3, 1e-2, 1e-1, 1.0, 10.0]
+    eta0 = tr.calibrate_eta(range(6), grid)
+    assert eta0 in grid and eta0 > 1e-6
+    for net in tr.net.nets.values():
+        w = net.lr.weight.detach()
+        assert float(w.min()) == float(w.max()) == pytest.approx(eta0)
+    assert tr.editor.cfg.lr_init == eta0
+    assert tr.opt_low.param_groups[1]["lr"] == pytest.approx(0.2 * eta0)
+    assert WeightState(tr.module_map, "m").fingerprint() == fp
