@@ -436,7 +436,13 @@ class EditEngine:
             return None
         return sum(self._score([i["prompt"]], i["target"])["top1"] for i in items) / len(items)
 
+    def _require_ready(self) -> None:
+        # Jobs queued behind a failed replay must not change weights that do not match the log.
+        if not self.ready:
+            raise Unavailable(self.startup_error or "the server is not ready: the edit log is still being replayed")
+
     def _edit_job(self, spec: EditSpec, idempotency_key: str | None, actor: str) -> tuple[Edit, bool]:
+        self._require_ready()
         t0 = time.perf_counter()
         request_hash = spec.canonical_hash()
         if idempotency_key is not None:
@@ -539,6 +545,7 @@ class EditEngine:
             crud.set_status(session, edit_id, EditStatus.FAILED, error=error)
 
     def _rollback_job(self, edit_id: int) -> Edit:
+        self._require_ready()
         with self.sessions() as session:
             edit = crud.get_edit(session, edit_id)
         if edit is None:
