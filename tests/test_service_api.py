@@ -369,3 +369,50 @@ def test_settings_read_hiedit_env(monkeypatch, tmp_path):
     assert s.resolved_database_url == "postgresql+psycopg://u@h/db" and s.port == 9001 and s.home == tmp_path
     monkeypatch.delenv("HIEDIT_DATABASE_URL")
     assert Settings().resolved_database_url == f"sqlite:///{tmp_path / 'hiedit.db'}"
+
+
+class _SlowEditor:
+    """Wraps an editor; its proposal blocks until the test lets it go."""
+
+    method = "hiedit"
+
+    def __init__(self, inner):
+        self.inner, self.modules, self.cfg = inner, inner.modules, inner.cfg
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def propose(self, request, k=None):
+        p = self.inner.propose(request, k)
+        self.entered.set()
+        assert self.release.wait(30)
+        return p
+
+    def commit(self, edit_id, proposal):
+        pass
+
+    def forget(self, edit_id):
+        pass
+
+    def restore(self, edit_id, blob):
+        pass
+
+
+def test_generation_keeps_flowing_while_an_edit_is_proposed(tmp_path, standin_components):
+    model, tok, editors, unavailable = standin_components
+    slow = _SlowEditor(editors["hiedit"])
+    with _client(tmp_path, (model, tok, {"hiedit": slow}, unavailable)) as c:
+        _wait_ready(c)
+        before = c.get("/generate", params={"prompt": FACT1.prompt, "max_new_tokens": 2}).json()["text"]
+        result = {}
+        t = threading.Thread(target=lambda: result.update(r=_edit(c)))
+        t.start()
+        try:
+            assert slow.entered.wait(30)
+            # the writer is inside propose: reads are not blocked and still see the old weights
+            r = c.get("/generate", params={"prompt": FACT1.prompt, "max_new_tokens": 2})
+            assert r.status_code == 200 and r.json()["text"] == before
+            assert c.get("/state").json()["active_edits"] == 0
+        finally:
+            slow.release.set()
+            t.join(30)
+        assert result["r"].status_code == 201
+        assert c.get("/generate", params={"prompt": FACT1.prompt, "max_new_tokens": 2}).json()["text"] != before
