@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import tempfile
 from pathlib import Path
 
@@ -334,3 +335,19 @@ def test_eta_calibration_picks_a_step_that_lowers_the_one_edit_loss(tiny):
     assert tr.editor.cfg.lr_init == eta0
     assert tr.opt_low.param_groups[1]["lr"] == pytest.approx(0.2 * eta0)
     assert WeightState(tr.module_map, "m").fingerprint() == fp
+
+
+def test_trains_a_gemma2_model_and_scores_kept_positions_like_full_logits():
+    from tiny_models import tiny_model_dir
+
+    model, tok = load_model(tiny_model_dir("gemma2"))
+    cfg = TrainConfig(traj_len=3, trajectories=1, lr_init=1e-2, **SMALL)
+    tr = _trainer(model, tok, cfg)
+    ex = tr.examples[0].rephrase
+    keep = ex.labels != -100
+    with torch.no_grad():  # soft-capped logits at the kept positions == the full forward's
+        torch.testing.assert_close(tr._logits_at(ex.input_ids, torch.ones_like(ex.input_ids), keep),
+                                   model(input_ids=ex.input_ids).logits[keep].float())
+    stats = tr.run_trajectory([0, 1, 2])
+    assert len(stats) == 3 and all(math.isfinite(s.ce) and math.isfinite(s.advantage) for s in stats)
+    tr.end()
