@@ -65,8 +65,13 @@ class EngineError(Exception):
             self.status_code = status_code
 
 
-class InvalidEdit(EngineError):
+class InvalidRequest(EngineError):
+    """422: a field breaks a rule the schema cannot check (token limits, k, the delta guard)."""
+
     status_code = 422
+
+
+InvalidEdit = InvalidRequest
 
 
 class NotFound(EngineError):
@@ -287,7 +292,7 @@ class EditEngine:
     def check_prompt(self, prompt: str, field_name: str = "prompt") -> list[int]:
         ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         if len(ids) > self.settings.max_prompt_tokens:
-            raise InvalidEdit(f"{field_name}: {len(ids)} tokens, over the limit of {self.settings.max_prompt_tokens}")
+            raise InvalidRequest(f"{field_name}: {len(ids)} tokens, over the limit of {self.settings.max_prompt_tokens}")
         return ids
 
     def generate(self, prompt: str, max_new_tokens: int, temperature: float = 0.0,
@@ -299,7 +304,7 @@ class EditEngine:
         ids = self.check_prompt(prompt)
         context = getattr(self.model.config, "max_position_embeddings", None)
         if context and len(ids) + max_new_tokens > context:
-            raise InvalidEdit(f"max_new_tokens: the prompt ({len(ids)} tokens) plus {max_new_tokens} new tokens "
+            raise InvalidRequest(f"max_new_tokens: the prompt ({len(ids)} tokens) plus {max_new_tokens} new tokens "
                               f"exceed the model's context of {context} tokens")
         text, n = self._generate_ids(ids, max_new_tokens, temperature, seed, lock=True)
         self.metrics.generate_duration.observe(time.perf_counter() - t0)
@@ -317,9 +322,11 @@ class EditEngine:
             kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
         sampling = self._rng_lock if temperature > 0 else contextlib.nullcontext()
         with (self.lock.read() if lock else contextlib.nullcontext()), sampling, torch.no_grad():
-            if temperature > 0:
-                torch.manual_seed(seed if seed is not None else int.from_bytes(hashlib.sha256(
-                    f"{time.time_ns()}".encode()).digest()[:4], "little"))
+            if temperature > 0:  # under _rng_lock: no other sampler reseeds the global RNG meanwhile
+                if seed is None:
+                    torch.seed()
+                else:
+                    torch.manual_seed(seed)
             out = self.model.generate(input_ids, **kwargs)
         new = out[0, input_ids.shape[1]:].tolist()
         return self.tokenizer.decode(new, skip_special_tokens=True), len(new)
