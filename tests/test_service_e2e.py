@@ -8,7 +8,6 @@ back the rest restores the base fingerprint and the original answers.
 from __future__ import annotations
 
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 
