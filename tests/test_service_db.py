@@ -67,3 +67,22 @@ def test_edit_layers_and_delta_are_stored_together_bit_exactly(database_url):
                                   rephrases=[], locality=[], k=1, actor="me", info={}, idempotency_key="key"),
                           [], blob, None)
     engine.dispose()
+
+
+def test_alembic_command_line_uses_hiedit_database_url(tmp_path):
+    """What the container entrypoint runs: `alembic -c alembic.ini upgrade head` with HIEDIT_DATABASE_URL."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    env = {**os.environ, "HIEDIT_DATABASE_URL": url}
+    for step in (["upgrade", "head"], ["downgrade", "base"], ["upgrade", "head"]):
+        done = subprocess.run([sys.executable, "-m", "alembic", "-c", str(repo / "alembic.ini"), *step],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    engine = db.make_engine(url)
+    assert TABLES <= set(inspect(engine).get_table_names())
+    engine.dispose()
