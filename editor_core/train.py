@@ -94,7 +94,7 @@ class TrainConfig:
     """
 
     # schedule
-    epochs: int = 1
+    epochs: int = 3
     trajectories: int | None = None   # per epoch; None = as many full trajectories as the records allow
     traj_len: int = 20                # N: edits per trajectory (edits stay applied along it)
     update: str = "trajectory"        # "trajectory" (HiEdit/RLEdit) | "per_edit" (MEND baseline, no RL)
