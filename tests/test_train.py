@@ -296,7 +296,7 @@ def test_cli_trains_resumes_and_refuses(tmp_path, capsys):
     data = _write_counterfact(tmp_path / "cf.json", _records())
     base = ["train", "--model", str(_model_dir()), "--data", str(data), "--layers", SPEC, "--out",
             str(tmp_path / "ed"), "--traj-len", "3", "--trajectories", "2", "--rank", "16", "--router-hidden", "16",
-            "--no-progress", "--threads", "1"]
+            "--no-progress", "--threads", "1", "--epochs", "1"]
     assert main(base + ["--stop-after", "1"]) == 0
     state = torch.load(tmp_path / "ed" / TRAINER_STATE_FILE, weights_only=False)
     assert (state["epoch"], state["traj"]) == (0, 1)
