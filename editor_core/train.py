@@ -48,21 +48,19 @@ is computed and reported as the router's running reward, as in the paper.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .capture import EditInputError, TeacherForced, _grad_only_for, capture, teacher_forced
+from .capture import EditInputError, TeacherForced, _grad_only_for, capture, teacher_forced, thread_hooks
 from .data import EditRecord
 from .delta import LowRankDelta
 from .hiedit import CheckpointMismatch, HiEditor
@@ -468,20 +466,16 @@ class Trainer:
                 outs[name] = out
             return fn
 
-        handles = [self.module_map[n].register_forward_hook(hook(n)) for n in self.modules]
-        try:
-            with _grad_only_for([mod.weight for mod in self.module_map.values()]), torch.enable_grad():
-                logits = self._logits_at(ids, mask, labels != -100)
-                task, ce, kl = self._task_loss(logits, labels, len(reph), weights, ref)
-                out_grads = torch.autograd.grad(task, [outs[n] for n in self.modules])
-        finally:
-            for h in handles:
-                h.remove()
+        with thread_hooks([(self.module_map[n], hook(n)) for n in self.modules]), \
+                _grad_only_for([mod.weight for mod in self.module_map.values()]), torch.enable_grad():
+            logits = self._logits_at(ids, mask, labels != -100)
+            task, ce, kl = self._task_loss(logits, labels, len(reph), weights, ref)
+            out_grads = torch.autograd.grad(task, [outs[n] for n in self.modules])
         real = mask.bool()
         for n, g in zip(self.modules, out_grads):
             U[n] = U[n].detach()[real].float()                     # [n_tok, d_in]
             D[n] = g[real].float()                                 # [n_tok, d_out]
-        del outs, logits
+        outs.clear()                                               # free the graph's activations
 
         # 6. full-layer baseline L(all L) under no_grad: add the unselected modules' ΔW for one pass.
         full = float("nan")
@@ -766,16 +760,3 @@ def single_edit_efficacy(editor: HiEditor, records: Sequence[EditRecord], k: int
         state.reset()
     return {key: 100.0 * v / max(n, 1) for key, v in counts.items()} | {"n": n}
 
-
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """Temporarily limit torch's intra-op threads (the CPU machines are shared)."""
-    if not n:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

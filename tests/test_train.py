@@ -11,7 +11,6 @@ import torch
 
 from editor_core.capture import capture
 from editor_core.data import EditRecord
-from editor_core.delta import LowRankDelta
 from editor_core.hiedit import CheckpointMismatch, HiEditor
 from editor_core.model import load_model
 from editor_core.state import WeightState
