@@ -200,6 +200,7 @@ class EditEngine:
         self.lock = RWLock()
         self.state = WeightState(self._editable_modules(), self.model_name)
         self.ready = False
+        self.started_at = int(time.time())  # unix seconds: the "created" of GET /v1/models
         self.startup_error: str | None = None
         self.report: ProbeReport | None = None
         self._queue: queue.Queue = queue.Queue()
@@ -279,8 +280,8 @@ class EditEngine:
         """Queue an edit; the future resolves to (Edit, created: bool) or raises an EngineError."""
         return self._submit(self._edit_job, spec, idempotency_key, actor)
 
-    def submit_rollback(self, edit_id: int) -> concurrent.futures.Future:
-        return self._submit(self._rollback_job, edit_id)
+    def submit_rollback(self, edit_id: int, actor: str = "anonymous") -> concurrent.futures.Future:
+        return self._submit(self._rollback_job, edit_id, actor)
 
     def submit_report(self) -> concurrent.futures.Future:
         return self._submit(self._report_job)
@@ -551,7 +552,7 @@ class EditEngine:
         with self.sessions.begin() as session:
             crud.set_status(session, edit_id, EditStatus.FAILED, error=error)
 
-    def _rollback_job(self, edit_id: int) -> Edit:
+    def _rollback_job(self, edit_id: int, actor: str = "anonymous") -> Edit:
         self._require_ready()
         with self.sessions() as session:
             edit = crud.get_edit(session, edit_id)
@@ -564,12 +565,13 @@ class EditEngine:
         # Log first, as for edits: if the process dies right after, the replay leaves the edit out.
         with self.sessions.begin() as session:
             crud.set_status(session, edit_id, EditStatus.ROLLED_BACK)
+            session.get(Edit, edit_id).rolled_back_by = actor
         try:
             self.state.rollback(edit_id, swap_lock=self.lock.write())
         except Exception as e:
             with self.sessions.begin() as session:  # weights unchanged: put the log back as it was
                 row = session.get(Edit, edit_id)
-                row.status, row.rolled_back_at = EditStatus.APPLIED, None
+                row.status, row.rolled_back_at, row.rolled_back_by = EditStatus.APPLIED, None, None
             raise EngineError(f"rollback of edit {edit_id} failed, nothing changed: {e}", 500) from e
         editor = self.editors.get(edit.method)
         if editor is not None:

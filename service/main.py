@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import db
 from .api.main import api_router
+from .auth import RateLimiter, parse_api_keys
 from .engine import EditEngine, EngineError
 from .loading import load_all
 from .metrics import Metrics
@@ -186,6 +187,9 @@ def create_app(settings: Settings | None = None, components=None) -> FastAPI:
     app = FastAPI(title="hiedit", version="0.1.0", lifespan=lifespan,
                   description="Edit facts inside a served LLM: edits, audit, rollback, probes, metrics.")
     app.state.settings = settings
+    app.state.api_keys = parse_api_keys(settings.api_keys)  # AuthConfigError for a malformed HIEDIT_API_KEYS
+    app.state.edit_limiter = (RateLimiter(settings.edit_rate_per_second, settings.edit_burst)
+                              if settings.edit_rate_per_second > 0 else None)
     app.state.metrics = Metrics()
     app.state.engine = None
     install_error_handlers(app)

@@ -51,6 +51,7 @@ class Edit(Base):
     actor: Mapped[str] = mapped_column(String(255), default="anonymous")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     rolled_back_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    rolled_back_by: Mapped[str | None] = mapped_column(String(255), nullable=True)  # actor of the rollback
     latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     loss_before: Mapped[float | None] = mapped_column(Float, nullable=True)
     n_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)

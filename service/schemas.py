@@ -81,6 +81,7 @@ class EditOut(BaseModel):
     actor: str
     created_at: datetime
     rolled_back_at: datetime | None
+    rolled_back_by: str | None = None
     selected_layers: list[str]
     latency_ms: float | None
     efficacy: EfficacyOut | None

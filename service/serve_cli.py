@@ -37,6 +37,8 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--delta-norm-bound", dict(type=float, help="refuse an edit whose update of any module has a larger "
                                                  "Frobenius norm")),
     ("--torch-threads", dict(type=int, help="torch intra-op threads")),
+    ("--edit-rate-per-second", dict(type=float, help="per-key rate limit of POST /edits (0: none)")),
+    ("--edit-burst", dict(type=int, help="POST /edits a key may send at once before the rate applies")),
 ]
 
 
@@ -58,13 +60,19 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
+    from .auth import AuthConfigError, check_bind_allowed, parse_api_keys
     from .loading import ConfigError, check_assets
     from .main import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = settings_from_args(args)
+        # before anything heavy: an open server (no keys) is never reachable from outside the machine
+        check_bind_allowed(settings.host, parse_api_keys(settings.api_keys))
         check_assets(settings)
+    except AuthConfigError as e:
+        print(f"hiedit serve: {e}", file=sys.stderr)
+        return 2
     except ValidationError as e:
         print(f"hiedit serve: invalid option: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ FastAPI app reads nothing else, so a test can start an app from a Settings objec
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from platformdirs import user_data_dir
 from pydantic import Field, field_validator
@@ -51,6 +52,22 @@ class Settings(BaseSettings):
     probe_every_edits: int = Field(10, ge=0, description="recompute /probes/report after this many edits (0: never)")
     probe_every_seconds: float = Field(300.0, ge=0, description="recompute /probes/report this often (0: never)")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+
+    # ---- production (DESIGN §4, §7) ----
+    api_keys: str | None = Field(None, repr=False, description="comma-separated scope:key or scope:name=key "
+                                 "(scope read < edit < admin); unset: no auth, loopback only")
+    edit_rate_per_second: float = Field(0.0, ge=0, description="per-key rate of POST /edits (0: no limit)")
+    edit_burst: int = Field(10, ge=1, description="POST /edits a key may send at once before the rate applies")
+    role: Literal["writer", "replica"] = Field("writer", description="writer: accepts edits; replica: serves "
+                                               "the writer's log, answers writes with 409")
+    redis_url: str | None = Field(None, description="Redis for the writer lock, idempotency keys and change "
+                                  "notifications; unset: single process, in-process queue")
+    redis_prefix: str = Field("hiedit", min_length=1, description="prefix of every Redis key and channel")
+    writer_url: str | None = Field(None, description="the writer's URL, named in a replica's 409 answers")
+    writer_lock_ttl_seconds: float = Field(10.0, ge=1, description="the writer lock expires this long after "
+                                           "its holder stops renewing it (a SIGKILLed writer)")
+    replica_poll_seconds: float = Field(1.0, gt=0, description="a replica reads the log this often even "
+                                        "without notifications")
 
     @field_validator("rlsedit")
     @classmethod

@@ -1,9 +1,9 @@
 """Shared route dependencies: the engine, a database session, and the caller.
 
 Auth plugs in here: every router declares ``Depends(require_scope("read"|"edit"|"admin"))``
-and routes that record who did something take ``CurrentActor``. Today ``current_principal``
-returns the loopback operator; the production issue replaces it with API-key checks
-(401/403) without touching the routes.
+and routes that record who did something take ``CurrentActor``. ``current_principal``
+(``security``) checks the API key: 401 without a valid one, and ``require_scope`` 403 when
+its scope is too small.
 """
 from __future__ import annotations
 
@@ -13,13 +13,9 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy.orm import Session
 
-from ..auth import ANONYMOUS, SCOPES, Principal
+from ..auth import SCOPES, Principal
 from ..engine import EditEngine
-
-def current_principal(request: Request) -> Principal:
-    """Who is calling. Without API keys the server binds loopback only, so the caller is the operator."""
-    return ANONYMOUS
-
+from .security import current_principal
 
 def require_scope(scope: str):
     """Dependency factory: 403 unless the caller's scope includes ``scope`` (read < edit < admin)."""

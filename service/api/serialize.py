@@ -16,7 +16,8 @@ def edit_out(edit: Edit) -> EditOut:
     return EditOut(id=edit.id, status=edit.status, method=edit.method, model=edit.model, prompt=edit.prompt,
                    target=edit.target, subject=edit.subject, rephrases=list(edit.rephrases or []),
                    locality=list(edit.locality or []), k=edit.k, actor=edit.actor, created_at=_utc(edit.created_at),
-                   rolled_back_at=_utc(edit.rolled_back_at), selected_layers=edit.selected_layers,
+                   rolled_back_at=_utc(edit.rolled_back_at), rolled_back_by=edit.rolled_back_by,
+                   selected_layers=edit.selected_layers,
                    latency_ms=edit.latency_ms, efficacy=edit.efficacy, loss_before=edit.loss_before,
                    n_tokens=edit.n_tokens, fingerprint_after=edit.fingerprint_after, error=edit.error,
                    info=dict(edit.info or {}))

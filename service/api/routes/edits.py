@@ -11,6 +11,7 @@ from ... import crud
 from ...engine import EditSpec
 from ...schemas import EditIn, EditList, EditOut, LayersOut
 from ..deps import CurrentActor, EngineDep, SessionDep, require_scope
+from ..security import limit_edit_rate, writes_here
 from ..serialize import edit_out, layers_out
 
 router = APIRouter(prefix="/edits", tags=["edits"])
@@ -18,9 +19,11 @@ router = APIRouter(prefix="/edits", tags=["edits"])
 StatusFilter = Literal["applied", "rolled_back", "failed"]
 
 
-@router.post("", status_code=201, response_model=EditOut, dependencies=[Depends(require_scope("edit"))],
+@router.post("", status_code=201, response_model=EditOut,
+             dependencies=[Depends(require_scope("edit")), Depends(writes_here), Depends(limit_edit_rate)],
              responses={200: {"description": "replay of an earlier request with the same Idempotency-Key"},
-                        409: {"description": "Idempotency-Key reused with a different body"},
+                        409: {"description": "Idempotency-Key reused with a different body, or a replica"},
+                        429: {"description": "this key sends edits too fast; see Retry-After"},
                         422: {"description": "invalid request, or the edit was refused by the guard"},
                         503: {"description": "the method is not available on this server"}})
 async def create_edit(body: EditIn, engine: EngineDep, actor: CurrentActor,
@@ -61,8 +64,10 @@ def get_edit_layers(edit_id: int, session: SessionDep) -> LayersOut:
     return layers_out(edit)
 
 
-@router.post("/{edit_id}/rollback", response_model=EditOut, dependencies=[Depends(require_scope("edit"))],
-             responses={404: {"description": "no such edit"}, 409: {"description": "not an applied edit"}})
-async def rollback_edit(edit_id: int, engine: EngineDep) -> EditOut:
-    edit = await asyncio.wrap_future(engine.submit_rollback(edit_id))
+@router.post("/{edit_id}/rollback", response_model=EditOut,
+             dependencies=[Depends(require_scope("edit")), Depends(writes_here)],
+             responses={404: {"description": "no such edit"},
+                        409: {"description": "not an applied edit, or a replica"}})
+async def rollback_edit(edit_id: int, engine: EngineDep, actor: CurrentActor) -> EditOut:
+    edit = await asyncio.wrap_future(engine.submit_rollback(edit_id, actor))
     return edit_out(edit)

@@ -10,12 +10,14 @@ from fastapi.responses import JSONResponse
 from ... import crud
 from ...schemas import ProbeIn, ProbeList, ProbeOut, ReportOut
 from ..deps import EngineDep, SessionDep, require_scope
+from ..security import writes_here
 from ..serialize import probe_out
 
 router = APIRouter(prefix="/probes", tags=["probes"])
 
 
-@router.post("", status_code=201, response_model=ProbeOut, dependencies=[Depends(require_scope("admin"))])
+@router.post("", status_code=201, response_model=ProbeOut,
+             dependencies=[Depends(require_scope("admin")), Depends(writes_here)])
 def create_probe(body: ProbeIn, engine: EngineDep) -> JSONResponse:
     """Record the model's greedy answer to ``prompt`` now; later reports check it is unchanged."""
     probe = engine.add_probe(body.prompt, body.max_new_tokens)
@@ -23,7 +25,7 @@ def create_probe(body: ProbeIn, engine: EngineDep) -> JSONResponse:
                         headers={"Location": f"/probes/{probe.id}"})
 
 
-@router.get("", response_model=ProbeList, dependencies=[Depends(require_scope("read"))])
+@router.get("", response_model=ProbeList, dependencies=[Depends(require_scope("admin"))])
 def list_probes(session: SessionDep) -> ProbeList:
     return ProbeList(probes=[probe_out(p) for p in crud.list_probes(session)])
 
@@ -41,7 +43,7 @@ async def probe_report(engine: EngineDep,
     return ReportOut(**report.as_dict())
 
 
-@router.delete("/{probe_id}", status_code=204, dependencies=[Depends(require_scope("admin"))])
+@router.delete("/{probe_id}", status_code=204, dependencies=[Depends(require_scope("admin")), Depends(writes_here)])
 def delete_probe(probe_id: int, session: SessionDep) -> Response:
     if not crud.delete_probe(session, probe_id):
         raise HTTPException(404, f"probe_id: no probe {probe_id}")
