@@ -92,8 +92,7 @@ class E2EAssets:
     modules: tuple[str, ...]           # every editable module of the editor, in index order
 
 
-# Eval-stream positions (DEMO_SPLIT) of the CounterFact facts the e2e suite edits on the demo assets.
-DEMO_E2E_CASES = (0, 1)
+DEMO_E2E_SCAN = 30  # eval-stream facts scanned for two that the demo editor writes in one edit
 
 
 def _editor_modules(model_dir: Path, editor_dir: Path) -> tuple[int, tuple[str, ...]]:
@@ -109,24 +108,58 @@ def _editor_modules(model_dir: Path, editor_dir: Path) -> tuple[int, tuple[str, 
 def demo_assets_built() -> bool:
     from editor_core.assets import DEMO_HIEDIT, DEMO_MODEL, DEMO_SPLIT
 
-    return all(p.is_file() for p in (DEMO_MODEL / "config.json", DEMO_HIEDIT / "config.json", DEMO_SPLIT))
+    return all(p.is_file() for p in (DEMO_MODEL / "config.json", DEMO_HIEDIT / "editor.safetensors",
+                                      DEMO_HIEDIT / "config.json", DEMO_SPLIT))
 
 
 def _demo_assets() -> E2EAssets:
+    """Two CounterFact facts of the eval stream that the demo model knows and its editor rewrites.
+
+    The suite tests the service, not the editor's efficacy (``hiedit eval`` measures that): so the
+    facts are the first two, in stream order, that one in-process edit flips (greedy answer
+    before = target_true, after = target_new). The server must then do the same over HTTP.
+    """
     import json
+
+    import torch
 
     from editor_core.assets import DEMO_HIEDIT, DEMO_MODEL, DEMO_SPLIT
     from editor_core.data import SHARED_DATA, load_counterfact
+    from editor_core.editor import EditRequest
+    from editor_core.hiedit import HiEditor
+    from editor_core.model import load_model, model_id
+    from editor_core.state import WeightState
 
     split = json.loads(DEMO_SPLIT.read_text())
-    wanted = [split["streams"]["eval"][i] for i in DEMO_E2E_CASES]
-    data = split.get("data", "counterfact/counterfact-edit.json")
-    records = {r.case_id: r for r in load_counterfact(SHARED_DATA / data).records}
-    recs = [records[c] for c in wanted]
-    facts = tuple(Fact(r.prompt, r.target_new, (r.rephrase,) if r.rephrase else ()) for r in recs)
+    records = {r.case_id: r for r in load_counterfact(SHARED_DATA / split["data"]).records}
+    model, tok = load_model(DEMO_MODEL)
+    editor = HiEditor.load(DEMO_HIEDIT, model, tok)
+    state = WeightState(editor.module_map, model_id(model))
+
+    def greedy(prompt: str) -> str:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+    chosen = []
+    for case_id in split["streams"]["eval"][:DEMO_E2E_SCAN]:
+        r = records[case_id]
+        if not greedy(r.prompt).startswith(r.target_true):
+            continue
+        state.apply(1, editor.propose(EditRequest(r.prompt, r.target_new)).delta)
+        flipped = greedy(r.prompt).startswith(r.target_new)
+        state.reset()
+        if flipped:
+            chosen.append(r)
+        if len(chosen) == 2:
+            break
+    if len(chosen) < 2:
+        pytest.fail(f"the demo editor rewrites fewer than 2 of the first {DEMO_E2E_SCAN} eval facts in one edit")
+    facts = tuple(Fact(r.prompt, r.target_new, (r.rephrase,) if r.rephrase else ()) for r in chosen)
     k, modules = _editor_modules(DEMO_MODEL, DEMO_HIEDIT)
     return E2EAssets("demo", ("--model", str(DEMO_MODEL), "--editor", str(DEMO_HIEDIT)), facts,
-                     recs[0].locality_prompt, k, modules)
+                     chosen[0].locality_prompt, k, modules)
 
 
 @pytest.fixture(scope="session")
