@@ -203,6 +203,7 @@ class EditEngine:
         self.started_at = int(time.time())  # unix seconds: the "created" of GET /v1/models
         self.startup_error: str | None = None
         self.report: ProbeReport | None = None
+        self.coordinator = None  # service.coordination.Coordinator when Redis is configured (scale-out)
         self._queue: queue.Queue = queue.Queue()
         self._rng_lock = threading.Lock()  # sampling seeds torch's global RNG
         self._edits_since_report = 0
@@ -454,8 +455,11 @@ class EditEngine:
         t0 = time.perf_counter()
         request_hash = spec.canonical_hash()
         if idempotency_key is not None:
+            known = self.coordinator.recall_idempotency(idempotency_key) if self.coordinator else None
             with self.sessions() as session:
-                prior = crud.get_edit_by_key(session, idempotency_key)
+                prior = crud.get_edit(session, known["edit_id"]) if known else None
+                if prior is None or prior.idempotency_key != idempotency_key:  # the log is the authority
+                    prior = crud.get_edit_by_key(session, idempotency_key)
             if prior is not None:
                 if prior.request_hash != request_hash:
                     raise Conflict(f"Idempotency-Key: {idempotency_key!r} was already used for edit {prior.id} "
@@ -513,6 +517,9 @@ class EditEngine:
             raise EngineError(f"edit {edit_id} failed in the {spec.method} editor and was undone: {e}", 500,
                               edit_id=edit_id) from e
 
+        self._notify("applied", edit_id)
+        if idempotency_key is not None and self.coordinator is not None:
+            self.coordinator.remember_idempotency(idempotency_key, edit_id, request_hash)
         after = self._score(prompts, spec.target)
         locality_after = self._locality(spec.locality)
         latency = time.perf_counter() - t0
@@ -551,6 +558,12 @@ class EditEngine:
     def _mark_failed(self, edit_id: int, error: str) -> None:
         with self.sessions.begin() as session:
             crud.set_status(session, edit_id, EditStatus.FAILED, error=error)
+        self._notify("failed", edit_id)  # a replica may have applied it from the log already
+
+    def _notify(self, kind: str, edit_id: int) -> None:
+        """Tell replicas the log changed (they also poll it, so this is only about latency)."""
+        if self.coordinator is not None:
+            self.coordinator.publish(kind, edit_id)
 
     def _rollback_job(self, edit_id: int, actor: str = "anonymous") -> Edit:
         self._require_ready()
@@ -573,6 +586,7 @@ class EditEngine:
                 row = session.get(Edit, edit_id)
                 row.status, row.rolled_back_at, row.rolled_back_by = EditStatus.APPLIED, None, None
             raise EngineError(f"rollback of edit {edit_id} failed, nothing changed: {e}", 500) from e
+        self._notify("rolled_back", edit_id)
         editor = self.editors.get(edit.method)
         if editor is not None:
             editor.forget(edit_id)

@@ -163,26 +163,49 @@ def install_error_handlers(app: FastAPI) -> None:
 
 # ---- the app -------------------------------------------------------------------------------------
 
-def create_app(settings: Settings | None = None, components=None) -> FastAPI:
-    """The service app. ``components`` = (model, tokenizer, editors, unavailable) skips loading (tests, bench)."""
+def create_app(settings: Settings | None = None, components=None, coordinator=None) -> FastAPI:
+    """The service app. ``components`` = (model, tokenizer, editors, unavailable) skips loading (tests, bench).
+
+    ``coordinator``: a ``service.coordination.Coordinator`` whose writer lock the caller already
+    holds (``hiedit serve`` takes it before loading anything, to fail fast); without one and with
+    ``settings.redis_url``, the app connects (and a writer takes the lock) at startup.
+    """
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        coord = coordinator
+        if coord is None and settings.redis_url:
+            from .coordination import Coordinator
+            coord = Coordinator(settings.redis_url, settings.redis_prefix, settings.writer_lock_ttl_seconds)
+            if settings.role == "writer":
+                await asyncio.to_thread(coord.acquire_writer_lock)
+        app.state.coordinator = coord
         sql = db.make_engine(settings.resolved_database_url)
-        await asyncio.to_thread(db.upgrade, sql)
-        app.state.sessions = db.make_sessionmaker(sql)
-        loaded = components or await asyncio.to_thread(load_all, settings)
-        model, tokenizer, editors, unavailable = loaded
-        engine = EditEngine(settings, model, tokenizer, editors, unavailable, app.state.sessions, app.state.metrics)
-        app.state.engine = engine
-        engine.start()  # replays the log on the writer; /readyz turns 200 when it is done
-        log.info("serving %s with methods %s", engine.model_name, sorted(editors) or "none")
         try:
-            yield
+            if settings.role == "writer":  # replicas read the log; the writer (or the entrypoint) migrates it
+                await asyncio.to_thread(db.upgrade, sql)
+            app.state.sessions = db.make_sessionmaker(sql)
+            loaded = components or await asyncio.to_thread(load_all, settings)
+            model, tokenizer, editors, unavailable = loaded
+            args = (settings, model, tokenizer, editors, unavailable, app.state.sessions, app.state.metrics)
+            if settings.role == "replica":
+                from .replica import ReplicaEngine
+                engine = ReplicaEngine(*args, coordinator=coord)
+            else:
+                engine = EditEngine(*args)
+                engine.coordinator = coord
+            app.state.engine = engine
+            engine.start()  # replays (or, on a replica, syncs) the log on the writer thread; then /readyz is 200
+            log.info("serving %s as %s with methods %s", engine.model_name, settings.role, sorted(editors) or "none")
+            try:
+                yield
+            finally:
+                engine.stop()
         finally:
-            engine.stop()
             sql.dispose()
+            if coord is not None:
+                coord.close()  # releases the writer lock: a new writer can start at once
 
     app = FastAPI(title="hiedit", version="0.1.0", lifespan=lifespan,
                   description="Edit facts inside a served LLM: edits, audit, rollback, probes, metrics.")
@@ -192,6 +215,7 @@ def create_app(settings: Settings | None = None, components=None) -> FastAPI:
                               if settings.edit_rate_per_second > 0 else None)
     app.state.metrics = Metrics()
     app.state.engine = None
+    app.state.coordinator = coordinator
     install_error_handlers(app)
     app.include_router(api_router)
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)

@@ -167,3 +167,5 @@ class StateOut(BaseModel):
     last_edit_id: int | None
     methods: list[str]
     editable_modules: int
+    role: str = "writer"
+    lag_edits: int | None = None  # replicas: changes of the log not applied here yet

@@ -24,6 +24,12 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--rlsedit", dict(choices=["auto", "on", "off"], help="RLSEdit method (HIEDIT_RLSEDIT; default auto)")),
     ("--rlsedit-layers", dict(metavar="LAYER_SPEC", help="RLSEdit modules, e.g. 'down[2-4]' (default: its own)")),
     ("--rlsedit-stats-tokens", dict(type=int, help="tokens of second-moment statistics RLSEdit collects")),
+    ("--role", dict(choices=["writer", "replica"], help="writer: accepts edits (one per deployment, "
+                    "holds the Redis writer lock); replica: serves the writer's log, answers writes with 409 "
+                    "(HIEDIT_ROLE; default writer)")),
+    ("--redis-url", dict(help="Redis for the writer lock, idempotency keys and change notifications, e.g. "
+                              "redis://host:6379/0 (HIEDIT_REDIS_URL; default: none, single process)")),
+    ("--writer-url", dict(help="the writer's URL, named in a replica's 409 answers (HIEDIT_WRITER_URL)")),
     ("--database-url", dict(help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db "
                                  "(HIEDIT_DATABASE_URL; default sqlite under --home)")),
     ("--home", dict(help="data directory (HIEDIT_HOME; default: the user data dir)")),
@@ -79,6 +85,22 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"hiedit serve: {e}", file=sys.stderr)
         return 2
-    app = create_app(settings)
+    coordinator = None
+    if settings.redis_url:
+        from redis import RedisError
+
+        from .coordination import Coordinator, WriterLockHeld
+        coordinator = Coordinator(settings.redis_url, settings.redis_prefix, settings.writer_lock_ttl_seconds)
+        try:
+            coordinator.ping()
+            if settings.role == "writer":  # before loading the model: a second writer fails in a second
+                coordinator.acquire_writer_lock()
+        except WriterLockHeld as e:
+            print(f"hiedit serve: {e}", file=sys.stderr)
+            return 2
+        except RedisError as e:
+            print(f"hiedit serve: --redis-url {settings.redis_url}: Redis is not reachable ({e})", file=sys.stderr)
+            return 2
+    app = create_app(settings, coordinator=coordinator)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False)
     return 0

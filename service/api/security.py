@@ -43,8 +43,12 @@ def limit_edit_rate(request: Request, principal: Annotated[Principal, Depends(cu
 
 
 def writes_here(request: Request) -> None:
-    """409 on a replica: it serves the log, only the writer changes it."""
+    """409 on a replica: it serves the log, only the writer changes it. 503 on a writer that lost
+    its Redis lock: another writer may be live, and two writers must never append to one log."""
     settings = request.app.state.settings
     if settings.role == "replica":
         where = settings.writer_url or "(HIEDIT_WRITER_URL is not set)"
         raise HTTPException(409, f"this is a replica; send writes to the writer at {where}")
+    coordinator = getattr(request.app.state, "coordinator", None)
+    if coordinator is not None and coordinator.lock_lost:
+        raise HTTPException(503, "this writer lost its Redis writer lock and refuses writes; restart it")

@@ -15,4 +15,5 @@ def get_state(engine: EngineDep, session: SessionDep) -> StateOut:
     return StateOut(fingerprint=engine.fingerprint(), base_fingerprint=engine.state.base_fingerprint,
                     model=engine.model_name, active_edits=len(engine.state.active_ids),
                     last_edit_id=crud.last_edit_id(session), methods=sorted(engine.editors),
-                    editable_modules=len(engine.state.modules))
+                    editable_modules=len(engine.state.modules), role=engine.settings.role,
+                    lag_edits=getattr(engine, "lag", None))
