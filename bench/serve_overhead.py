@@ -4,8 +4,8 @@ Starts ``hiedit serve`` in a subprocess (SQLite, loopback) and, in this process,
 model plus an in-process :class:`service.engine.EditEngine` on its own SQLite file. Then,
 interleaved round by round so that machine load hits both sides alike:
 
-* generation: ``GET /generate`` vs ``model.generate`` on the same prompt, greedy, same
-  number of new tokens -> tokens per second of each;
+* generation: ``GET /generate?ignore_eos=true`` vs ``model.generate(min_new_tokens=n)`` on the
+  same prompt, greedy, exactly the same number of new tokens -> tokens per second of each;
 * editing: ``POST /edits`` (wall time at the client) vs ``engine.submit_edit(...).result()``
   (the same pipeline: propose, guard, log, apply, score) on the same fact; both sides roll
   the edit back after each round so every round edits the same weights.
@@ -129,13 +129,14 @@ def main(argv: list[str] | None = None) -> int:
         def inproc_generate() -> tuple[int, float]:
             t0 = time.perf_counter()
             with torch.no_grad():
-                out = model.generate(ids, max_new_tokens=n_new, do_sample=False, temperature=None, top_k=None,
-                                     top_p=None, attention_mask=torch.ones_like(ids), pad_token_id=tok.pad_token_id)
+                out = model.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                                     temperature=None, top_k=None, top_p=None, attention_mask=torch.ones_like(ids),
+                                     pad_token_id=tok.pad_token_id)
             return out.shape[1] - ids.shape[1], time.perf_counter() - t0
 
         def http_generate() -> tuple[int, float]:
             t0 = time.perf_counter()
-            r = client.get("/generate", params={"prompt": args.prompt, "max_new_tokens": n_new})
+            r = client.get("/generate", params={"prompt": args.prompt, "max_new_tokens": n_new, "ignore_eos": "true"})
             dt = time.perf_counter() - t0
             r.raise_for_status()
             return r.json()["tokens"], dt

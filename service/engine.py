@@ -298,7 +298,7 @@ class EditEngine:
         return ids
 
     def generate(self, prompt: str, max_new_tokens: int, temperature: float = 0.0,
-                 seed: int | None = None) -> tuple[str, int]:
+                 seed: int | None = None, ignore_eos: bool = False) -> tuple[str, int]:
         """Continuation of ``prompt`` (text without the prompt, number of new tokens)."""
         if not self.ready:
             raise Unavailable("the server is not ready: the edit log is still being replayed")
@@ -308,16 +308,18 @@ class EditEngine:
         if context and len(ids) + max_new_tokens > context:
             raise InvalidRequest(f"max_new_tokens: the prompt ({len(ids)} tokens) plus {max_new_tokens} new tokens "
                               f"exceed the model's context of {context} tokens")
-        text, n = self._generate_ids(ids, max_new_tokens, temperature, seed, lock=True)
+        text, n = self._generate_ids(ids, max_new_tokens, temperature, seed, lock=True, ignore_eos=ignore_eos)
         self.metrics.generate_duration.observe(time.perf_counter() - t0)
         self.metrics.generated_tokens.inc(n)
         return text, n
 
     def _generate_ids(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-                      seed: int | None = None, lock: bool = True) -> tuple[str, int]:
+                      seed: int | None = None, lock: bool = True, ignore_eos: bool = False) -> tuple[str, int]:
         input_ids = torch.tensor([ids], device=self.device)
         kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
                       attention_mask=torch.ones_like(input_ids))
+        if ignore_eos:  # exactly max_new_tokens tokens (benchmarks): the end-of-text token is suppressed
+            kwargs["min_new_tokens"] = max_new_tokens
         if temperature > 0:
             kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
         else:

@@ -120,6 +120,7 @@ class GenerateIn(StrictBody):
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=5.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    ignore_eos: bool = Field(False, description="generate exactly max_new_tokens tokens (benchmarks)")
 
 
 

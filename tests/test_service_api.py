@@ -247,6 +247,8 @@ def test_generate_get_post_and_seeded_sampling(tmp_path, standin_components):
         s1 = c.post("/generate", json={"prompt": FACT1.prompt, "max_new_tokens": 12, "temperature": 1.5, "seed": 7})
         s2 = c.get("/generate", params={"prompt": FACT1.prompt, "max_new_tokens": 12, "temperature": 1.5, "seed": 7})
         assert s1.json() == s2.json()
+        eos = c.post("/generate", json={"prompt": FACT1.prompt, "max_new_tokens": 40, "ignore_eos": True}).json()
+        assert eos["tokens"] == 40
         ctx = c.app.state.engine.model.config.max_position_embeddings
         r = c.post("/generate", json={"prompt": FACT1.prompt, "max_new_tokens": ctx, "temperature": 0})
         assert r.status_code == 422 and "max_new_tokens" in r.json()["detail"] and "context" in r.json()["detail"]
