@@ -24,7 +24,7 @@ from conftest import REPO, REQUIRE_SERVICES, STANDIN_OTHER_PROMPT, ServerProcess
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
 REDIS_URL = os.environ.get("HIEDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-LOCK_TTL_S = 2
+LOCK_TTL_S = 3  # a SIGKILLed writer's lock is gone this long after its last renewal
 TARGETS = ("Rome", "Dutch", "Paris", "London", "Tokyo")
 
 
