@@ -163,7 +163,8 @@ def stage_gemma(out_dir: Path, base_dir: Path, cfg: PretrainConfig, progress: bo
 
 
 def stage_editors(base_dir: Path, split_path: Path, hiedit_dir: Path, rledit_dir: Path, layer_spec: str,
-                  seed: int, progress: bool, which: tuple[str, ...] = ("hiedit", "rledit")) -> None:
+                  seed: int, progress: bool, which: tuple[str, ...] = ("hiedit", "rledit"),
+                  resume: bool = False) -> None:
     """Train HiEdit (k = L/2) and RLEdit (k = L) on the editor-training stream of the split."""
     try:
         from editor_core.train import train_editor
@@ -189,7 +190,7 @@ def stage_editors(base_dir: Path, split_path: Path, hiedit_dir: Path, rledit_dir
         print(f"training {name} editor: layers {layer_spec}, k = {k} of L = {n_modules}, "
               f"{len(train_records)} facts -> {out_dir}")
         train_editor(model, tokenizer, layer_spec=layer_spec, k=k, records=train_records, out_dir=out_dir,
-                     seed=seed, progress=progress)
+                     seed=seed, progress=progress, resume=resume)
         print(f"  {name} trained in {(time.time() - t0) / 60:.1f} min")
 
 
@@ -207,6 +208,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gemma-steps", type=int, default=None, help="override the Gemma twin's steps")
     parser.add_argument("--layers", default=DEMO_LAYER_SPEC, help="layer spec of the demo editors")
     parser.add_argument("--editors", default="hiedit,rledit", help="which editors --stage editors trains")
+    parser.add_argument("--resume", action="store_true",
+                        help="--stage editors: continue editor runs found in the output folders")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -231,7 +234,8 @@ def run(args: argparse.Namespace) -> int:
             stage_gemma(gemma_dir, model_dir, gemma, progress)
         if args.stage in ("all", "editors"):
             which = tuple(x.strip() for x in args.editors.split(",") if x.strip())
-            stage_editors(model_dir, split_path, hiedit_dir, rledit_dir, args.layers, args.seed, progress, which)
+            stage_editors(model_dir, split_path, hiedit_dir, rledit_dir, args.layers, args.seed, progress, which,
+                          resume=args.resume)
     except DemoBuildError as exc:
         print(f"hiedit build-demo: {exc}", file=sys.stderr)
         return 2
