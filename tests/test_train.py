@@ -64,7 +64,7 @@ def _grads(params) -> list[torch.Tensor]:
 def test_router_gradient_is_the_true_derivative_of_the_task_loss(tiny):
     """∂L/∂m_l from the low-rank surrogate equals a finite difference of the real loss, reg off."""
     model, tok = tiny
-    cfg = TrainConfig(reg_coef=0.0, lr_init=0.3, update_norms=False, **SMALL)
+    cfg = TrainConfig(reg_coef=0.0, edit_coef=0.0, lr_init=0.3, update_norms=False, **SMALL)
     tr = _trainer(model, tok, cfg)
     for i in (0, 1):  # a second step: θ_{t-1} already carries edit 0, and the window has two facts
         tr.zero_grad()
