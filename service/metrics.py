@@ -2,7 +2,7 @@
 
 Each app gets its own registry, so tests can run several apps in one process; the
 ``/metrics`` route exposes exactly this registry (plus nothing global).
-``replica_lag_edits`` belongs to the scale-out issue and is not exported by the single writer.
+``hiedit_replica_lag_edits`` is registered by replicas only (``service.replica``), on the same registry.
 """
 from __future__ import annotations
 
