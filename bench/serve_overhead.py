@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--editor", default=None)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads, the same on both sides")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads, the same on both sides (1: an oversubscribed CPU makes OpenMP teams stall)")
     ap.add_argument("--prompt", default=PROMPT)
     args = ap.parse_args(argv)
 
