@@ -414,7 +414,8 @@ class EditEngine:
         checks += [(f"locality[{i}]", loc["prompt"], loc["target"]) for i, loc in enumerate(spec.locality)]
         for name, prompt, target in checks:
             try:
-                teacher_forced(self.tokenizer, prompt, target, max_prompt_tokens=limit)
+                teacher_forced(self.tokenizer, prompt, target, max_prompt_tokens=limit,
+                               max_target_tokens=s.max_target_tokens)
             except EditInputError as e:
                 msg = str(e)
                 # capture names the fields "prompt"/"target": say which list item they belong to

@@ -40,6 +40,7 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--max-body-bytes", dict(type=int, help="bodies above this get 413")),
     ("--max-new-tokens", dict(type=int, help="largest max_new_tokens /generate accepts")),
     ("--max-prompt-tokens", dict(type=int, help="longest prompt (in tokens) edits and /generate accept")),
+    ("--max-target-tokens", dict(type=int, help="longest edit target (in tokens, at most 32)")),
     ("--delta-norm-bound", dict(type=float, help="refuse an edit whose update of any module has a larger "
                                                  "Frobenius norm")),
     ("--torch-threads", dict(type=int, help="torch intra-op threads")),

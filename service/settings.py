@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request bodies above this get 413")
     max_new_tokens: int = Field(256, ge=1, description="upper bound of max_new_tokens for /generate")
     max_prompt_tokens: int = Field(256, ge=8, description="prompts longer than this (in tokens) get 422")
+    max_target_tokens: int = Field(32, ge=1, le=32, description="targets longer than this (in tokens) get 422; "
+                                   "32 is also the editors' own bound")
     max_rephrases: int = Field(16, ge=0)
     max_locality: int = Field(16, ge=0)
     delta_norm_bound: float = Field(1e4, gt=0, description="a proposal whose per-module ‖ΔW‖_F exceeds this is refused (422)")

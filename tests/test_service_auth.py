@@ -152,6 +152,20 @@ def test_edit_rate_limit_is_per_key_with_retry_after(tmp_path, standin_component
         assert c.get("/edits", headers=_auth("edit")).json()["total"] == 3
 
 
+def test_token_and_body_limits_are_configurable(tmp_path, standin_components):
+    app = create_app(_settings(tmp_path, max_target_tokens=1, max_prompt_tokens=8, max_body_bytes=2048),
+                     standin_components)
+    with TestClient(app) as c:
+        _wait_ready(c)
+        r = c.post("/edits", json={"prompt": FACT1.prompt, "target": "Rome and Paris"})
+        assert r.status_code == 422 and r.json()["detail"].startswith("target: ") and "limit of 1" in r.json()["detail"]
+        r = c.post("/edits", json={"prompt": "one two three four five six seven eight nine ten", "target": "Rome"})
+        assert r.status_code == 422 and r.json()["detail"].startswith("prompt: ") and "limit of 8" in r.json()["detail"]
+        r = c.post("/edits", json={"prompt": FACT1.prompt, "target": "x" * 4000})
+        assert r.status_code == 413 and "HIEDIT_MAX_BODY_BYTES" in r.json()["detail"]
+        assert c.get("/edits").json()["total"] == 0
+
+
 def test_malformed_api_keys_refuse_to_build_the_app(tmp_path):
     from service.auth import AuthConfigError
 
