@@ -42,6 +42,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mend-editor", help="MEND-style checkpoint; trained and cached when not given")
     parser.add_argument("--data", help="editing dataset (ZsRE MEND format or CounterFact); default: the demo "
                                        "split's evaluation stream")
+    parser.add_argument("--split", help="a demo-style split file (streams eval / editor_train / heldout of one "
+                                        "data file) to take the streams from; default: the demo split when "
+                                        "neither --model nor --data is given")
     parser.add_argument("--train-data", help="facts to train missing editors on (default: the demo split's "
                                              "editor-training facts, or --data records after the stream)")
     parser.add_argument("--n-train", type=int, default=None,
@@ -224,6 +227,10 @@ def _run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(model_path, args.dtype, args.device)
 
     # ---- the stream, the unedited known facts and the training facts -----------------------------
+    if args.data and args.split:
+        raise EvalSetupError("--data and --split are alternatives: give one")
+    if not demo and not args.data and not args.split:
+        raise EvalSetupError("--model needs --data (an editing dataset) or --split (a demo-style split file)")
     if args.data:
         loaded = load_records(args.data, tokenizer=tokenizer, skip_bad=args.skip_bad, seed=args.seed)
         records, too_long = check_scorable(loaded, args.data, tokenizer, args.skip_bad)
@@ -236,10 +243,17 @@ def _run(args: argparse.Namespace) -> int:
         train = rest[args.n_known:][:args.n_train]  # [:None] = all
         skipped_records = loaded.skipped
     else:
-        if not DEMO_SPLIT.is_file():
-            raise EvalSetupError(f"{DEMO_SPLIT} is missing: pass --data, or rebuild the demo assets")
-        data_path, train_ids, eval_ids, known_ids = _demo_split(DEMO_SPLIT)
-        loaded = load_records(data_path, tokenizer=tokenizer, skip_bad=args.skip_bad, seed=args.seed)
+        split_path = Path(args.split) if args.split else DEMO_SPLIT
+        if not split_path.is_file():
+            raise EvalSetupError(f"{split_path} is missing: pass --data or --split, or rebuild the demo assets")
+        data_path, train_ids, eval_ids, known_ids = _demo_split(split_path)
+        # Tokenizer checks cost time on a 10k-record file: run them only up to the last record the
+        # split uses (the fields of every record are still checked by the first, cheap pass).
+        needed = set(eval_ids[:args.n]) | set(train_ids) | set(known_ids)
+        plain = load_records(data_path, skip_bad=True, seed=args.seed).records
+        last = max((i for i, r in enumerate(plain) if r.case_id in needed), default=len(plain) - 1)
+        loaded = load_records(data_path, tokenizer=tokenizer, skip_bad=args.skip_bad, seed=args.seed,
+                              limit=last + 1)
         usable, too_long = check_scorable(loaded, data_path, tokenizer, args.skip_bad)
         loaded.skipped += too_long
         if loaded.skipped:
@@ -247,7 +261,7 @@ def _run(args: argparse.Namespace) -> int:
         by_case = {r.case_id: r for r in usable}
         stream = [by_case[c] for c in eval_ids if c in by_case][:args.n]
         if not args.skip_bad:
-            _by_case(loaded.records, eval_ids + train_ids + known_ids, data_path)  # every split id must exist
+            _by_case(loaded.records, sorted(needed), data_path)  # every split id must exist
         # Editors trained here (mend; rledit without a checkpoint) see the same facts as HiEdit.
         train = [by_case[c] for c in train_ids if c in by_case][:args.n_train]
         known = [by_case[c] for c in known_ids if c in by_case][:args.n_known]
@@ -294,7 +308,7 @@ def _run(args: argparse.Namespace) -> int:
     results["setup"] = {
         "model": str(model_path), "model_id": model_id(model), "editor": str(editor_dir),
         "rledit_editor": str(rledit_dir) if rledit_dir else None, "layer_spec": ctx.layer_spec,
-        "data": str(args.data) if args.data else "demo split (evaluation stream)",
+        "data": str(args.data) if args.data else f"{args.split or DEMO_SPLIT} (eval stream)",
         "dtype": args.dtype, "device": args.device, "seed": args.seed, "skipped_records": skipped_records,
         "n_train_for_trained_editors": len(train), "wall_s": round(time.time() - started, 1),
         "ft": ctx.ft.__dict__, "argv": sys.argv[1:],
