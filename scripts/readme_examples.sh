@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Start `hiedit serve` on the demo assets in a throwaway data dir, run one curl per endpoint,
+# and print each command with its real output (markdown). The README's examples come from this.
+#   bash scripts/readme_examples.sh > /tmp/examples.md
+set -euo pipefail
+PORT=${PORT:-8765}
+HOME_DIR=$(mktemp -d)
+URL=http://127.0.0.1:$PORT
+hiedit serve --port "$PORT" --home "$HOME_DIR" --probe-every-seconds 0 >"$HOME_DIR/server.log" 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true; rm -rf "$HOME_DIR"; exit 0' EXIT
+for _ in $(seq 1 240); do curl -sf "$URL/readyz" >/dev/null 2>&1 && break; sleep 0.5; done
+
+show() {  # show "title" curl-args...
+  local title=$1; shift
+  printf '\n%s\n\n```console\n$ curl -s' "$title"
+  local a
+  for a in "$@"; do
+    case $a in -*) printf ' %s' "$a" ;; *) printf " '%s'" "${a//$URL/http://127.0.0.1:8000}" ;; esac
+  done
+  printf '\n'
+  curl -s "$@" | python3 -c 'import json,sys; d=sys.stdin.read(); print(json.dumps(json.loads(d)) if d.startswith(("{","[")) else d)'
+  printf '```\n'
+}
+J=(-H 'Content-Type: application/json')
+show "Liveness and readiness:" "$URL/healthz"
+show "" "$URL/readyz"
+show "What the demo model says before any edit (greedy):" "$URL/generate?prompt=The%20mother%20tongue%20of%20Go%20Hyeon-jeong%20is&max_new_tokens=3"
+show "Record a specificity probe (an answer that must not change):" -X POST "${J[@]}" -d '{"prompt":"Kwon Sang-woo, speaker of"}' "$URL/probes"
+show "Correct a fact (201 + Location):" -X POST "${J[@]}" -H 'Idempotency-Key: demo-1' -d '{"prompt":"The mother tongue of Go Hyeon-jeong is","target":"French"}' "$URL/edits"
+show "The model now continues with the new target:" "$URL/generate?prompt=The%20mother%20tongue%20of%20Go%20Hyeon-jeong%20is&max_new_tokens=3"
+show "Same body via POST:" -X POST "${J[@]}" -d '{"prompt":"The mother tongue of Go Hyeon-jeong is","max_new_tokens":3}' "$URL/generate"
+show "The edit record:" "$URL/edits/1"
+show "Audit: every editable module, its router importance, whether it was selected, the delta's norm and rank:" "$URL/edits/1/layers"
+show "List edits (newest first):" "$URL/edits?limit=5"
+show "Probes and the specificity / retention report:" "$URL/probes"
+show "" "$URL/probes/report?refresh=true"
+show "State fingerprint (sha256 of the served editable weights):" "$URL/state"
+show "OpenAI-compatible completion:" -X POST "${J[@]}" -d '{"prompt":"The mother tongue of Go Hyeon-jeong is","max_tokens":3,"temperature":0}' "$URL/v1/completions"
+show "Roll the edit back (again -> 409):" -X POST "$URL/edits/1/rollback"
+show "" -X POST "$URL/edits/1/rollback"
+show "Bad input is a 4xx naming the field:" -X POST "${J[@]}" -d '{"prompt":"The mother tongue of Go Hyeon-jeong is","target":"   "}' "$URL/edits"
+show "Delete a probe:" -X DELETE "$URL/probes/1"
+printf '\nPrometheus metrics (excerpt):\n\n```console\n$ curl -s http://127.0.0.1:8000/metrics | grep -E "^hiedit_(edits_total|active_edits|rollbacks_total|probe_specificity_ratio|edit_retention_ratio)"\n'
+curl -s "$URL/metrics" | grep -E "^hiedit_(edits_total|active_edits|rollbacks_total|probe_specificity_ratio|edit_retention_ratio)" || true
+printf '```\n'
