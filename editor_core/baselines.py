@@ -31,7 +31,7 @@ from torch import nn
 from .capture import Capture, capture, target_loss, teacher_forced
 from .data import EditRecord
 from .delta import LowRankDelta
-from .editor import EditRequest, Editor, Proposal
+from .editor import EditRequest, Editor, Proposal, StatelessEditor
 from .hiedit import CheckpointMismatch, HiEditor, base_weights_fingerprint
 
 
@@ -39,7 +39,7 @@ from .hiedit import CheckpointMismatch, HiEditor, base_weights_fingerprint
 # pre: no edit
 # ---------------------------------------------------------------------------------------------
 
-class NoEdit:
+class NoEdit(StatelessEditor):
     """Proposes nothing: the benchmark's "pre" row (the unedited model)."""
 
     method = "pre"
@@ -49,15 +49,6 @@ class NoEdit:
 
     def propose(self, request: EditRequest, k: int | None = None) -> Proposal:
         return Proposal([], torch.zeros(0), [], LowRankDelta(), float("nan"), 0)
-
-    def commit(self, edit_id: int, proposal: Proposal) -> None:
-        pass
-
-    def forget(self, edit_id: int) -> None:
-        pass
-
-    def restore(self, edit_id: int, state_blob: bytes | None) -> None:
-        pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +67,7 @@ def gradient_norms(cap: Capture, modules: list[str]) -> torch.Tensor:
     return torch.stack(out).float()
 
 
-class RoutedEditor:
+class RoutedEditor(StatelessEditor):
     """HiEdit's low-level nets with the router replaced (reference Table 5 ablations).
 
     router: "random" (k modules drawn uniformly, seeded by (seed, prompt, target) so a
@@ -108,23 +99,8 @@ class RoutedEditor:
         cap = self.inner.capture(request.prompt, request.target)
         p = self.scores(request, cap)
         selected = sorted(p.topk(k).indices.tolist())
-        keys = [cap.keys[n] for n in self.modules]
-        grads = [cap.grads[n] for n in self.modules]
-        factors = {}
-        for l in selected:
-            left, right = self.inner.net.factors(l, keys[l], grads[l])
-            factors[self.modules[l]] = (left.contiguous(), right.contiguous())
-        return Proposal(self.modules, p.float().cpu(), selected, LowRankDelta(factors), cap.loss, cap.n_tokens,
-                        info={"router": self.router})
-
-    def commit(self, edit_id: int, proposal: Proposal) -> None:
-        pass
-
-    def forget(self, edit_id: int) -> None:
-        pass
-
-    def restore(self, edit_id: int, state_blob: bytes | None) -> None:
-        pass
+        return Proposal(self.modules, p.float().cpu(), selected, self.inner.delta_for(cap, selected), cap.loss,
+                        cap.n_tokens, info={"router": self.router})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +118,7 @@ class FTConfig:
     svd_rtol: float = 1e-5        # singular values below rtol · σ_max are dropped from the delta
 
 
-class FineTuneEditor:
+class FineTuneEditor(StatelessEditor):
     """Adam on the edit loss over all modules of a layer spec, starting from the current weights.
 
     The model is never changed: the trial weights W + ΔW are passed to ``torch.func.functional_call``.
@@ -202,15 +178,6 @@ class FineTuneEditor:
         return Proposal(self.modules, torch.tensor(importances), selected, LowRankDelta(factors),
                         float(loss_before or 0.0), example.n_prompt_tokens + example.n_target_tokens - 1,
                         info={"dense": True})
-
-    def commit(self, edit_id: int, proposal: Proposal) -> None:
-        pass
-
-    def forget(self, edit_id: int) -> None:
-        pass
-
-    def restore(self, edit_id: int, state_blob: bytes | None) -> None:
-        pass
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,3 +78,17 @@ class Editor(Protocol):
     def forget(self, edit_id: int) -> None: ...
 
     def restore(self, edit_id: int, state_blob: bytes | None) -> None: ...
+
+
+class StatelessEditor:
+    """Base for editors whose proposals depend only on their weights and the model (HiEdit and
+    the baselines): the state hooks of the Editor protocol are no-ops."""
+
+    def commit(self, edit_id: int, proposal: Proposal) -> None:
+        pass
+
+    def forget(self, edit_id: int) -> None:
+        pass
+
+    def restore(self, edit_id: int, state_blob: bytes | None) -> None:
+        pass

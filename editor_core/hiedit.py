@@ -21,7 +21,7 @@ from torch import nn
 from .capture import (DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TARGET_TOKENS, Capture, capture,
                       teacher_forced)
 from .delta import LowRankDelta
-from .editor import EditRequest, Proposal
+from .editor import EditRequest, Proposal, StatelessEditor
 from .model import model_id, resolve_modules
 from .nets import LowLevelNet, Router, topk_ste
 from .state import weights_fingerprint
@@ -111,7 +111,7 @@ class HiEditNet(nn.Module):
         return out
 
 
-class HiEditor:
+class HiEditor(StatelessEditor):
     """HiEdit bound to a model: ``propose(request, k)`` -> Proposal. Never changes weights."""
 
     method = "hiedit"
@@ -199,19 +199,16 @@ class HiEditor:
         grads = [cap.grads[n] for n in self.modules]
         p = self.net.importances(keys, grads)
         selected = sorted(p.topk(k).indices.tolist())
-        factors = {self.modules[l]: (left.contiguous(), right.contiguous())  # only the k selected modules run
-                   for l, (left, right) in self.net.factors_many(selected, keys, grads).items()}
-        return Proposal(self.modules, p.float().cpu(), selected, LowRankDelta(factors), cap.loss, cap.n_tokens)
+        return Proposal(self.modules, p.float().cpu(), selected, self.delta_for(cap, selected), cap.loss,
+                        cap.n_tokens)
 
-    # HiEdit keeps no per-edit state: the Editor hooks are no-ops.
-    def commit(self, edit_id: int, proposal: Proposal) -> None:
-        pass
-
-    def forget(self, edit_id: int) -> None:
-        pass
-
-    def restore(self, edit_id: int, state_blob: bytes | None) -> None:
-        pass
+    @torch.no_grad()
+    def delta_for(self, cap: Capture, selected: list[int]) -> LowRankDelta:
+        """The low-rank delta of the ``selected`` module indices: only their low-level nets run."""
+        keys = [cap.keys[n] for n in self.modules]
+        grads = [cap.grads[n] for n in self.modules]
+        return LowRankDelta({self.modules[l]: (left.contiguous(), right.contiguous())
+                             for l, (left, right) in self.net.factors_many(selected, keys, grads).items()})
 
     def route(self, cap: Capture, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Differentiable routing for training: (p [L], m [L]) with m = STE top-k mask."""
