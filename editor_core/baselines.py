@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .capture import Capture, capture, target_loss, teacher_forced
+from .capture import Capture, target_loss, teacher_forced
 from .data import EditRecord
 from .delta import LowRankDelta
 from .editor import EditRequest, Editor, Proposal, StatelessEditor

@@ -78,8 +78,6 @@ class LowRankDelta:
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> "LowRankDelta":
-        from safetensors import safe_open  # noqa: F401  (import check: safetensors present)
-
         tensors = st_load(blob)
         metadata = _metadata(blob)
         if metadata.get("format") != "hiedit-lowrank-v1":

@@ -25,7 +25,6 @@ the argmax at every answer position is the answer token (tokenised exactly as
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections.abc import Iterable, Sequence

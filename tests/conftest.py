@@ -297,3 +297,28 @@ def server_factory(tmp_path):
     yield make
     for server in servers:
         server.stop()
+
+
+# ---- redis ------------------------------------------------------------------------------------------
+
+REDIS_URL = os.environ.get("HIEDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+def redis_prefix():
+    """A fresh Redis key prefix (and a client), its keys deleted afterwards; fails under HIEDIT_REQUIRE_SERVICES."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        msg = f"Redis at {REDIS_URL} is not reachable: {e}"
+        if REQUIRE_SERVICES:
+            pytest.fail(msg + " (HIEDIT_REQUIRE_SERVICES=1)")
+        pytest.skip(msg)
+    prefix = f"hiedit-test-{uuid.uuid4().hex[:12]}"
+    yield prefix, client
+    for key in client.scan_iter(f"{prefix}:*"):
+        client.delete(key)
+    client.close()

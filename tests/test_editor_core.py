@@ -1,7 +1,6 @@
 """The HiEdit engine on tiny Llama and Gemma-2 models: specs, capture, deltas, state, editor."""
 from __future__ import annotations
 
-import itertools
 import random
 
 import pytest

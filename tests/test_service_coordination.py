@@ -2,38 +2,21 @@
 idempotency keys shared between processes, and change notifications."""
 from __future__ import annotations
 
-import os
 import threading
 import time
-import uuid
 
 import pytest
 
-from conftest import REQUIRE_SERVICES
+from conftest import REDIS_URL
 from service.coordination import Coordinator, WriterLockHeld
 
 pytestmark = pytest.mark.redis
 
-REDIS_URL = os.environ.get("HIEDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 @pytest.fixture
-def prefix():
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
-    try:
-        client.ping()
-    except redis.RedisError as e:
-        msg = f"Redis at {REDIS_URL} is not reachable: {e}"
-        if REQUIRE_SERVICES:
-            pytest.fail(msg + " (HIEDIT_REQUIRE_SERVICES=1)")
-        pytest.skip(msg)
-    p = f"hiedit-test-{uuid.uuid4().hex[:12]}"
-    yield p
-    for key in client.scan_iter(f"{p}:*"):
-        client.delete(key)
-    client.close()
+def prefix(redis_prefix):
+    return redis_prefix[0]
 
 
 def test_writer_lock_is_exclusive_renewed_and_released(prefix):

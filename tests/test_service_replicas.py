@@ -12,39 +12,18 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import REPO, REQUIRE_SERVICES, STANDIN_OTHER_PROMPT, ServerProcess
+from conftest import REDIS_URL, REPO, STANDIN_OTHER_PROMPT, ServerProcess
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
-REDIS_URL = os.environ.get("HIEDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 LOCK_TTL_S = 3  # a SIGKILLed writer's lock is gone this long after its last renewal
 TARGETS = ("Rome", "Dutch", "Paris", "London", "Tokyo")
-
-
-@pytest.fixture
-def redis_prefix():
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
-    try:
-        client.ping()
-    except redis.RedisError as e:
-        msg = f"Redis at {REDIS_URL} is not reachable: {e}"
-        if REQUIRE_SERVICES:
-            pytest.fail(msg + " (HIEDIT_REQUIRE_SERVICES=1)")
-        pytest.skip(msg)
-    prefix = f"hiedit-test-{uuid.uuid4().hex[:12]}"
-    yield prefix, client
-    for key in client.scan_iter(f"{prefix}:*"):
-        client.delete(key)
-    client.close()
 
 
 def _state(server: ServerProcess) -> dict:
