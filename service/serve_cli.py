@@ -77,14 +77,9 @@ def run(args: argparse.Namespace) -> int:
         # before anything heavy: an open server (no keys) is never reachable from outside the machine
         check_bind_allowed(settings.host, parse_api_keys(settings.api_keys))
         check_assets(settings)
-    except AuthConfigError as e:
-        print(f"hiedit serve: {e}", file=sys.stderr)
-        return 2
-    except ValidationError as e:
-        print(f"hiedit serve: invalid option: {e}", file=sys.stderr)
-        return 2
-    except ConfigError as e:
-        print(f"hiedit serve: {e}", file=sys.stderr)
+    except (AuthConfigError, ConfigError, ValidationError) as e:
+        prefix = "invalid option: " if isinstance(e, ValidationError) else ""
+        print(f"hiedit serve: {prefix}{e}", file=sys.stderr)
         return 2
     coordinator = None
     if settings.redis_url:

@@ -49,19 +49,20 @@ def list_edits(session: SessionDep, limit: Annotated[int, Query(ge=1, le=500)] =
 
 @router.get("/{edit_id}", response_model=EditOut, dependencies=[Depends(require_scope("read"))])
 def get_edit(edit_id: int, session: SessionDep) -> EditOut:
-    edit = crud.get_edit(session, edit_id)
-    if edit is None:
-        raise HTTPException(404, f"edit_id: no edit {edit_id}")
-    return edit_out(edit)
+    return edit_out(_edit_or_404(session, edit_id))
 
 
 @router.get("/{edit_id}/layers", response_model=LayersOut, dependencies=[Depends(require_scope("read"))])
 def get_edit_layers(edit_id: int, session: SessionDep) -> LayersOut:
     """Audit: every editable module of the edit's method, its importance, selection, ‖ΔW‖_F and rank."""
+    return layers_out(_edit_or_404(session, edit_id))
+
+
+def _edit_or_404(session, edit_id: int):
     edit = crud.get_edit(session, edit_id)
     if edit is None:
         raise HTTPException(404, f"edit_id: no edit {edit_id}")
-    return layers_out(edit)
+    return edit
 
 
 @router.post("/{edit_id}/rollback", response_model=EditOut,
