@@ -322,3 +322,23 @@ def redis_prefix():
     for key in client.scan_iter(f"{prefix}:*"):
         client.delete(key)
     client.close()
+
+
+# ---- in-process apps ---------------------------------------------------------------------------------
+
+def app_settings(home: Path, **kw):
+    """Settings for an in-process app: no RLSEdit, one torch thread, no background probe reports."""
+    from service.settings import Settings
+
+    kw.setdefault("probe_every_seconds", 0)
+    kw.setdefault("probe_every_edits", 0)
+    return Settings(home=home, rlsedit="off", torch_threads=1, **kw)
+
+
+def wait_ready(client, tries: int = 400) -> None:
+    """Poll /readyz of a TestClient until the log is replayed."""
+    for _ in range(tries):
+        if client.get("/readyz").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError(client.get("/readyz").text)

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import STANDIN_FACTS, STANDIN_K, STANDIN_OTHER_PROMPT
+from conftest import STANDIN_FACTS, STANDIN_K, STANDIN_OTHER_PROMPT, app_settings, wait_ready
 from editor_core.delta import LowRankDelta
 from editor_core.editor import Proposal
 from service.engine import RWLock
@@ -25,22 +24,8 @@ from service.settings import Settings
 FACT1, FACT2 = STANDIN_FACTS
 
 
-def _settings(tmp_path: Path, **kw) -> Settings:
-    kw.setdefault("probe_every_seconds", 0)
-    kw.setdefault("probe_every_edits", 0)
-    return Settings(home=tmp_path, rlsedit="off", torch_threads=1, **kw)
-
-
-def _wait_ready(c: TestClient) -> None:
-    for _ in range(300):
-        if c.get("/readyz").status_code == 200:
-            return
-        time.sleep(0.05)
-    raise AssertionError(c.get("/readyz").text)
-
-
 def _client(tmp_path, components, **kw) -> TestClient:
-    app = create_app(_settings(tmp_path, **kw), components)
+    app = create_app(app_settings(tmp_path, **kw), components)
     return TestClient(app)
 
 
@@ -59,7 +44,7 @@ def _metrics(c) -> dict[str, float]:
 
 def test_idempotency_key_same_body_returns_original_other_body_409(tmp_path, standin_components):
     with _client(tmp_path, standin_components) as c:
-        _wait_ready(c)
+        wait_ready(c)
         first = c.post("/edits", json={"prompt": FACT1.prompt, "target": FACT1.target},
                        headers={"Idempotency-Key": "k1"})
         assert first.status_code == 201
@@ -77,7 +62,7 @@ def test_idempotency_key_same_body_returns_original_other_body_409(tmp_path, sta
 
 def test_concurrent_requests_with_one_key_make_one_edit(tmp_path, standin_components):
     with _client(tmp_path, standin_components) as c:
-        _wait_ready(c)
+        wait_ready(c)
         results = []
 
         def post():
@@ -124,9 +109,9 @@ class _OverflowEditor:
 def test_apply_failure_after_logging_marks_the_edit_failed_and_changes_nothing(tmp_path, standin_components):
     model, tok, editors, unavailable = standin_components
     bad = _OverflowEditor(editors["hiedit"])
-    app = create_app(_settings(tmp_path, delta_norm_bound=1e300), (model, tok, {"hiedit": bad}, unavailable))
+    app = create_app(app_settings(tmp_path, delta_norm_bound=1e300), (model, tok, {"hiedit": bad}, unavailable))
     with TestClient(app) as c:
-        _wait_ready(c)
+        wait_ready(c)
         fp0 = c.get("/state").json()["fingerprint"]
         r = _edit(c)
         assert r.status_code == 422 and "overflows" in r.json()["detail"], r.text
@@ -138,7 +123,7 @@ def test_apply_failure_after_logging_marks_the_edit_failed_and_changes_nothing(t
         assert _metrics(c)["hiedit_edits_total{method=hiedit,status=failed}"] == 1
     # the guard refuses it before logging when the norm bound is in force
     with _client(tmp_path / "b", (model, tok, {"hiedit": bad}, unavailable)) as c:
-        _wait_ready(c)
+        wait_ready(c)
         r = _edit(c)
         assert r.status_code == 422 and "norm" in r.json()["detail"]
         assert c.get("/edits").json()["total"] == 0
@@ -153,13 +138,13 @@ def test_second_app_replays_the_log_to_the_same_fingerprint(tmp_path, standin_mo
         return model, tok, {"hiedit": HiEditor.load(standin_editor_dir, model, tok)}, {}
 
     with _client(tmp_path, components()) as c:
-        _wait_ready(c)
+        wait_ready(c)
         ids = [_edit(c, f).json()["id"] for f in (FACT1, FACT2, FACT1)]
         assert c.post(f"/edits/{ids[1]}/rollback").status_code == 200
         live = c.get("/state").json()
         answer = c.get("/generate", params={"prompt": FACT1.prompt, "max_new_tokens": 4}).json()
     with _client(tmp_path, components()) as c:
-        _wait_ready(c)
+        wait_ready(c)
         assert c.get("/state").json() == live
         assert c.get("/generate", params={"prompt": FACT1.prompt, "max_new_tokens": 4}).json() == answer
         assert [e["status"] for e in c.get("/edits").json()["edits"]] == ["applied", "rolled_back", "applied"]
@@ -167,7 +152,7 @@ def test_second_app_replays_the_log_to_the_same_fingerprint(tmp_path, standin_mo
 
 def test_listing_filters_and_pages_newest_first(tmp_path, standin_components):
     with _client(tmp_path, standin_components) as c:
-        _wait_ready(c)
+        wait_ready(c)
         ids = [_edit(c, f).json()["id"] for f in (FACT1, FACT2, FACT1)]
         c.post(f"/edits/{ids[0]}/rollback")
         page = c.get("/edits", params={"limit": 2}).json()
@@ -180,7 +165,7 @@ def test_listing_filters_and_pages_newest_first(tmp_path, standin_components):
 
 def test_probe_report_specificity_retention_and_gauges(tmp_path, standin_components):
     with _client(tmp_path, standin_components, probe_every_edits=1) as c:
-        _wait_ready(c)
+        wait_ready(c)
         empty = c.get("/probes/report").json()
         assert empty["specificity"] is None and empty["edit_retention"] is None
         for prompt in (STANDIN_OTHER_PROMPT, FACT1.prompt):
@@ -211,7 +196,7 @@ def test_probe_report_specificity_retention_and_gauges(tmp_path, standin_compone
 
 def test_probe_report_recomputed_on_a_timer(tmp_path, standin_components):
     with _client(tmp_path, standin_components, probe_every_seconds=0.5) as c:
-        _wait_ready(c)
+        wait_ready(c)
         c.post("/probes", json={"prompt": STANDIN_OTHER_PROMPT})
         engine = c.app.state.engine
         deadline = time.monotonic() + 30
@@ -222,7 +207,7 @@ def test_probe_report_recomputed_on_a_timer(tmp_path, standin_components):
 
 def test_metrics_count_edits_rejections_selections_and_tokens(tmp_path, standin_components):
     with _client(tmp_path, standin_components) as c:
-        _wait_ready(c)
+        wait_ready(c)
         _edit(c)
         _edit(c, FACT2, k=1)
         assert _edit(c, k=99).status_code == 422
@@ -240,7 +225,7 @@ def test_metrics_count_edits_rejections_selections_and_tokens(tmp_path, standin_
 
 def test_generate_get_post_and_seeded_sampling(tmp_path, standin_components):
     with _client(tmp_path, standin_components, max_new_tokens=4096) as c:
-        _wait_ready(c)
+        wait_ready(c)
         g = c.get("/generate", params={"prompt": FACT1.prompt, "max_new_tokens": 6}).json()
         p = c.post("/generate", json={"prompt": FACT1.prompt, "max_new_tokens": 6}).json()
         assert g == p and g["tokens"] == 6 and not g["text"].startswith(FACT1.prompt)
@@ -260,7 +245,7 @@ def test_generate_get_post_and_seeded_sampling(tmp_path, standin_components):
 def test_editor_none_serves_generation_and_refuses_edits_with_503(tmp_path, standin_components):
     model, tok, _, _ = standin_components
     with _client(tmp_path, (model, tok, {}, {"hiedit": "started with --editor none"})) as c:
-        _wait_ready(c)
+        wait_ready(c)
         assert c.get("/generate", params={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
         r = _edit(c)
         assert r.status_code == 503 and "method" in r.json()["detail"] and "--editor none" in r.json()["detail"]
@@ -275,7 +260,7 @@ def test_rlsedit_through_the_api(tmp_path, standin_model_dir):
                         rlsedit_stats_tokens=2000, torch_threads=1, probe_every_seconds=0)
     components = load_all(settings)
     with TestClient(create_app(settings, components)) as c:
-        _wait_ready(c)
+        wait_ready(c)
         fp0 = c.get("/state").json()["fingerprint"]
         r = c.post("/edits", json={"prompt": FACT1.prompt, "target": FACT1.target, "method": "rlsedit",
                                    "subject": "The Eiffel Tower"})
@@ -293,7 +278,7 @@ def test_rlsedit_through_the_api(tmp_path, standin_model_dir):
 def test_readers_never_see_a_half_applied_edit(tmp_path, standin_components):
     """Greedy answers during 10 edit/rollback cycles are always the before- or after-edit answer."""
     with _client(tmp_path, standin_components) as c:
-        _wait_ready(c)
+        wait_ready(c)
         engine = c.app.state.engine
         q = dict(prompt=FACT1.prompt, max_new_tokens=2)
         before = c.get("/generate", params=q).json()["text"]
@@ -402,7 +387,7 @@ def test_generation_keeps_flowing_while_an_edit_is_proposed(tmp_path, standin_co
     model, tok, editors, unavailable = standin_components
     slow = _SlowEditor(editors["hiedit"])
     with _client(tmp_path, (model, tok, {"hiedit": slow}, unavailable)) as c:
-        _wait_ready(c)
+        wait_ready(c)
         before = c.get("/generate", params={"prompt": FACT1.prompt, "max_new_tokens": 2}).json()["text"]
         result = {}
         t = threading.Thread(target=lambda: result.update(r=_edit(c)))

@@ -5,32 +5,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import REPO, STANDIN_FACTS
+from conftest import REPO, STANDIN_FACTS, app_settings, wait_ready
 from service.main import create_app
-from service.settings import Settings
 
 FACT1, FACT2 = STANDIN_FACTS
 KEYS = {"read": "reader-secret-1", "edit": "editor-secret-2", "admin": "admin-secret-3"}
 API_KEYS = f"read:{KEYS['read']},edit:alice={KEYS['edit']},admin:{KEYS['admin']}"
 RANK = {"read": 0, "edit": 1, "admin": 2}
-
-
-def _settings(tmp_path: Path, **kw) -> Settings:
-    return Settings(home=tmp_path, rlsedit="off", torch_threads=1, probe_every_seconds=0, probe_every_edits=0, **kw)
-
-
-def _wait_ready(c: TestClient) -> None:
-    for _ in range(300):
-        if c.get("/readyz").status_code == 200:
-            return
-        time.sleep(0.05)
-    raise AssertionError(c.get("/readyz").text)
 
 
 def _auth(scope: str | None) -> dict:
@@ -75,9 +60,9 @@ def _endpoints(c: TestClient) -> list[tuple[str, str, str | None, dict, int]]:
 
 def test_auth_matrix_every_endpoint_every_scope(tmp_path, standin_components):
     """Exactly what DESIGN §4 implies: 401 without a key, 403 below the scope, the route's own status else."""
-    app = create_app(_settings(tmp_path, api_keys=API_KEYS), standin_components)
+    app = create_app(app_settings(tmp_path, api_keys=API_KEYS), standin_components)
     with TestClient(app) as c:
-        _wait_ready(c)
+        wait_ready(c)
         endpoints = _endpoints(c)
         admin = _auth("admin")
         got, want = {}, {}
@@ -114,9 +99,9 @@ def test_auth_matrix_every_endpoint_every_scope(tmp_path, standin_components):
 
 
 def test_actor_of_edits_and_rollbacks_is_the_key_name_or_hash(tmp_path, standin_components):
-    app = create_app(_settings(tmp_path, api_keys=API_KEYS), standin_components)
+    app = create_app(app_settings(tmp_path, api_keys=API_KEYS), standin_components)
     with TestClient(app) as c:
-        _wait_ready(c)
+        wait_ready(c)
         r = c.post("/edits", json={"prompt": FACT1.prompt, "target": FACT1.target}, headers=_auth("edit"))
         assert r.status_code == 201 and r.json()["actor"] == "alice"
         rolled = c.post(f"/edits/{r.json()['id']}/rollback", headers=_auth("admin"))
@@ -128,8 +113,8 @@ def test_actor_of_edits_and_rollbacks_is_the_key_name_or_hash(tmp_path, standin_
 
 
 def test_open_server_is_anonymous_admin(tmp_path, standin_components):
-    with TestClient(create_app(_settings(tmp_path), standin_components)) as c:
-        _wait_ready(c)
+    with TestClient(create_app(app_settings(tmp_path), standin_components)) as c:
+        wait_ready(c)
         r = c.post("/edits", json={"prompt": FACT1.prompt, "target": FACT1.target})
         assert r.status_code == 201 and r.json()["actor"] == "anonymous"
         assert c.post(f"/edits/{r.json()['id']}/rollback").json()["rolled_back_by"] == "anonymous"
@@ -137,11 +122,11 @@ def test_open_server_is_anonymous_admin(tmp_path, standin_components):
 
 
 def test_edit_rate_limit_is_per_key_with_retry_after(tmp_path, standin_components):
-    app = create_app(_settings(tmp_path, api_keys=API_KEYS, edit_rate_per_second=0.2, edit_burst=2),
+    app = create_app(app_settings(tmp_path, api_keys=API_KEYS, edit_rate_per_second=0.2, edit_burst=2),
                      standin_components)
     body = {"prompt": FACT1.prompt, "target": FACT1.target}
     with TestClient(app) as c:
-        _wait_ready(c)
+        wait_ready(c)
         statuses = [c.post("/edits", json=body, headers=_auth("edit")).status_code for _ in range(3)]
         assert statuses == [201, 201, 429]
         r = c.post("/edits", json=body, headers=_auth("edit"))
@@ -153,10 +138,10 @@ def test_edit_rate_limit_is_per_key_with_retry_after(tmp_path, standin_component
 
 
 def test_token_and_body_limits_are_configurable(tmp_path, standin_components):
-    app = create_app(_settings(tmp_path, max_target_tokens=1, max_prompt_tokens=8, max_body_bytes=2048),
+    app = create_app(app_settings(tmp_path, max_target_tokens=1, max_prompt_tokens=8, max_body_bytes=2048),
                      standin_components)
     with TestClient(app) as c:
-        _wait_ready(c)
+        wait_ready(c)
         r = c.post("/edits", json={"prompt": FACT1.prompt, "target": "Rome and Paris"})
         assert r.status_code == 422 and r.json()["detail"].startswith("target: ") and "limit of 1" in r.json()["detail"]
         r = c.post("/edits", json={"prompt": "one two three four five six seven eight nine ten", "target": "Rome"})
@@ -170,7 +155,7 @@ def test_malformed_api_keys_refuse_to_build_the_app(tmp_path):
     from service.auth import AuthConfigError
 
     with pytest.raises(AuthConfigError, match="shorter than 8"):
-        create_app(_settings(tmp_path, api_keys="edit:short"))
+        create_app(app_settings(tmp_path, api_keys="edit:short"))
 
 
 @pytest.mark.parametrize("host,keys,words", [("0.0.0.0", None, "refusing to bind 0.0.0.0"),

@@ -9,25 +9,15 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-from conftest import STANDIN_FACTS
+from conftest import STANDIN_FACTS, app_settings, wait_ready
 from service.main import create_app
 from service.models import Edit
-from service.settings import Settings
 
 FACT1, FACT2 = STANDIN_FACTS
 
 
-def _settings(home: Path, db: str, **kw) -> Settings:
-    return Settings(home=home, database_url=db, rlsedit="off", torch_threads=1, probe_every_seconds=0,
-                    probe_every_edits=0, replica_poll_seconds=0.1, **kw)
-
-
-def _ready(c: TestClient) -> None:
-    for _ in range(400):
-        if c.get("/readyz").status_code == 200:
-            return
-        time.sleep(0.05)
-    raise AssertionError(c.get("/readyz").text)
+def _settings(home: Path, db: str, **kw):
+    return app_settings(home, database_url=db, replica_poll_seconds=0.1, **kw)
 
 
 def _wait_same(writer: TestClient, replica: TestClient, timeout: float = 10.0) -> dict:
@@ -51,9 +41,9 @@ def test_replica_follows_the_log_by_polling(tmp_path, standin_model_dir, standin
     replica_app = create_app(_settings(tmp_path / "r", db, role="replica", writer_url="http://writer:8000"),
                              replica_components)
     with TestClient(writer_app) as w:
-        _ready(w)
+        wait_ready(w)
         with TestClient(replica_app) as r:
-            _ready(r)
+            wait_ready(r)
             base = r.get("/state").json()
             assert base["role"] == "replica" and base["lag_edits"] == 0
             ids = []
@@ -85,7 +75,7 @@ def test_replica_follows_the_log_by_polling(tmp_path, standin_model_dir, standin
                                   (lambda m, t: (m, t, {"hiedit": HiEditor.load(standin_editor_dir, m, t)}, {}))(
                                       *load_model(standin_model_dir)))
             with TestClient(replayed) as fresh:
-                _ready(fresh)
+                wait_ready(fresh)
                 assert fresh.get("/state").json()["fingerprint"] == r.get("/state").json()["fingerprint"]
 
             # writes go to the writer
