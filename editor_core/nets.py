@@ -77,8 +77,14 @@ class EditorBlock(nn.Module):
         nn.init.zeros_(self.offset.weight)
 
     def forward(self, h: torch.Tensor, module_idx: torch.Tensor) -> torch.Tensor:
-        """h [n, D]; module_idx [n] (each row's module, so several modules share one matmul)."""
-        return h + self.scale(module_idx) * torch.relu(h @ self.A @ self.B + self.bias) + self.offset(module_idx)
+        """h [n, D]; module_idx [n] (each row's module, so several modules share one matmul).
+
+        The ReLU is ``clamp(min=0)``, as in the published code, and not ``torch.relu``: at
+        initialisation h A B + b is exactly 0 (B = 0, b = 0), where torch.relu's gradient is 0 but
+        clamp's is 1. With torch.relu, B, b and s would never receive a gradient and the net
+        would stay the identity forever.
+        """
+        return h + self.scale(module_idx) * (h @ self.A @ self.B + self.bias).clamp(min=0) + self.offset(module_idx)
 
 
 class LowLevelNet(nn.Module):

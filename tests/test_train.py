@@ -166,6 +166,27 @@ def test_low_level_gradients_accumulate_over_the_trajectory(tiny):
     assert any(not torch.allclose(c, b) for b, c in zip(g2, g12))
 
 
+def test_every_editor_block_parameter_learns_from_the_first_step(tiny):
+    """B, b and s start where ReLU's subgradient is 0 (h A B + b = 0); they must still get a gradient.
+
+    With torch.relu instead of clamp(min=0) they never did, and the low-level nets stayed the
+    identity through any amount of training (only offsets and η moved).
+    """
+    model, tok = tiny
+    tr = _trainer(model, tok, TrainConfig(**SMALL))
+    tr.run_trajectory([0, 1, 2], step=False)
+    for name, p in tr.net.nets.named_parameters():
+        # ∂/∂A = hᵀ (g Bᵀ) and ∂/∂s = clamp(h A B + b, 0) are 0 while B = b = 0: they learn from the second update
+        if not name.endswith((".A", ".scale.weight")):
+            assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
+    tr.optimizer_step()
+    assert all(float(p.detach().abs().sum()) > 0 for n, p in tr.net.nets.named_parameters() if n.endswith(".B"))
+    tr.run_trajectory([3, 4, 5], step=False)
+    for name, p in tr.net.nets.named_parameters():
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
+    tr.end()
+
+
 def test_training_lowers_rephrase_ce_on_the_training_stream(tiny):
     model, tok = tiny
     cfg = TrainConfig(traj_len=6, trajectories=2, epochs=3, lr_init=1e-3, meta_lr=1e-3, eta_lr=3e-3, **SMALL)
