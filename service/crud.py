@@ -39,10 +39,30 @@ def last_edit_id(session: Session) -> int | None:
     return session.scalar(select(func.max(Edit.id)))
 
 
+def applied_edit_ids(session: Session) -> list[int]:
+    """Ids of every applied edit, ascending: the edits the served weights must hold."""
+    return list(session.scalars(select(Edit.id).where(Edit.status == EditStatus.APPLIED).order_by(Edit.id)))
+
+
+def applied_facts(session: Session) -> list[tuple[int, str, str]]:
+    """(id, prompt, target) of every applied edit, ascending: what edit retention checks."""
+    return [tuple(r) for r in session.execute(select(Edit.id, Edit.prompt, Edit.target)
+                                              .where(Edit.status == EditStatus.APPLIED).order_by(Edit.id))]
+
+
+def edit_methods(session: Session, ids: list[int]) -> dict[int, str]:
+    return dict(session.execute(select(Edit.id, Edit.method).where(Edit.id.in_(ids))).all())
+
+
 def active_edits_with_deltas(session: Session) -> list[tuple[Edit, EditDelta]]:
     """Every applied edit with its stored delta, in id order: what a restart replays."""
+    return edits_with_deltas(session, applied_edit_ids(session))
+
+
+def edits_with_deltas(session: Session, ids: list[int]) -> list[tuple[Edit, EditDelta]]:
+    """The edits ``ids`` with their stored deltas, in id order (what a replay applies)."""
     rows = session.execute(select(Edit, EditDelta).join(EditDelta, EditDelta.edit_id == Edit.id)
-                           .where(Edit.status == EditStatus.APPLIED).order_by(Edit.id)).all()
+                           .where(Edit.id.in_(ids)).order_by(Edit.id)).all()
     return [(e, d) for e, d in rows]
 
 

@@ -1,16 +1,32 @@
-"""Database engine, sessions and schema migrations.
+"""Database engine, sessions, schema migrations, and how an unreachable database is told apart.
 
 The schema is owned by Alembic (``migrations/``); the server upgrades the database to
 ``head`` when it starts, before it replays the log, so a fresh data directory just works.
+
+An outage must cost a client a prompt 503, never a hang (docs/reliability.md): Postgres
+connections are opened with a connect timeout and TCP keepalives, the pool pings a connection
+before lending it, and :class:`Reachability` answers "can the log take a write now?" within a
+bound of its own, even when a connection hangs (a network partition the kernel has not noticed).
 """
 from __future__ import annotations
 
+import concurrent.futures
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
+
+# libpq/psycopg: connect_timeout has a floor of 2 s; the keepalives and tcp_user_timeout make the
+# kernel drop a connection to a host that stopped answering after ~20 s instead of ~15 minutes.
+POSTGRES_CONNECT_ARGS = {"connect_timeout": 2, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3,
+                         "keepalives_count": 3, "tcp_user_timeout": 20_000}
+POOL_TIMEOUT_S = 5  # waiting for a free pooled connection
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -31,7 +47,71 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA synchronous=FULL")  # an acknowledged edit must survive a power cut
             cur.close()
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    connect_args = {}
+    if url.startswith("postgresql"):  # libpq parameters; ones given in the URL win
+        given = make_url(url).query
+        connect_args = {k: v for k, v in POSTGRES_CONNECT_ARGS.items() if k not in given}
+    return create_engine(url, pool_pre_ping=True, pool_timeout=POOL_TIMEOUT_S, connect_args=connect_args)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True for errors that mean "the database cannot be reached or dropped the connection"
+    (503, retry later), as opposed to a bug or a constraint violation (which stay errors)."""
+    if isinstance(exc, (OperationalError, InterfaceError, PoolTimeout)):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def describe(exc: BaseException) -> str:
+    """The driver's one-line reason, without SQLAlchemy's statement dump and background link."""
+    orig = getattr(exc, "orig", None) or exc
+    return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+
+
+class Reachability:
+    """``check()`` -> None when the database answered ``SELECT 1`` within ``timeout`` s, else the reason.
+
+    The query runs on a daemon thread, so the caller never waits longer than ``timeout`` even if the
+    connection hangs; while an earlier probe is still hanging, callers wait on that one (at most
+    ``timeout`` each) instead of piling up new threads on a dead connection.
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], timeout: float = 1.0):
+        self.sessions = sessions
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._probe: concurrent.futures.Future | None = None
+
+    def check(self) -> str | None:
+        with self._lock:
+            probe = self._probe
+            if probe is None or probe.done():
+                probe = self._probe = _on_daemon_thread(self._ping, "hiedit-db-check")
+        try:
+            probe.result(self.timeout)
+        except concurrent.futures.TimeoutError:
+            return f"no answer within {self.timeout:g} s"
+        except Exception as e:  # noqa: BLE001 - any failure to answer SELECT 1 is "unreachable"
+            return describe(e)
+        return None
+
+    def _ping(self) -> None:
+        with self.sessions() as session:
+            session.execute(text("SELECT 1"))
+
+
+def _on_daemon_thread(fn: Callable[[], object], name: str) -> concurrent.futures.Future:
+    """Run ``fn`` on a new daemon thread (one that can never hold up the process's exit)."""
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            fut.set_result(fn())
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+            fut.set_exception(e)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return fut
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

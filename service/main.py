@@ -13,6 +13,7 @@ from urllib.parse import unquote_to_bytes
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -149,7 +150,17 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _engine(_request: Request, exc: EngineError) -> JSONResponse:
         if exc.status_code == 500:  # 503 (method unavailable) is the client's business, not an error here
             log.error("engine error: %s", exc.detail)
-        return JSONResponse({"detail": exc.detail, **exc.extra}, status_code=exc.status_code)
+        headers = {"Retry-After": "1"} if exc.status_code == 503 else None
+        return JSONResponse({"detail": exc.detail, **exc.extra}, status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(SQLAlchemyError)
+    async def _database(_request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        if not db.is_unavailable(exc):
+            log.exception("database error")
+            return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+        log.warning("database unreachable: %s", db.describe(exc))
+        return JSONResponse({"detail": f"database: the edit log is unreachable ({db.describe(exc)}); retry later"},
+                            status_code=503, headers={"Retry-After": "1"})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

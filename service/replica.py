@@ -24,9 +24,10 @@ from sqlalchemy import select
 from editor_core.delta import LowRankDelta
 from editor_core.state import DeltaRejected
 
+from . import crud
 from .coordination import Coordinator
 from .engine import Conflict, EditEngine
-from .models import Edit, EditDelta, EditStatus
+from .models import EditDelta
 
 log = logging.getLogger("hiedit.replica")
 
@@ -91,8 +92,7 @@ class ReplicaEngine(EditEngine):
         """Make the active edits here those of the log; returns the number of changes applied."""
         t0 = time.perf_counter()
         with self.sessions() as session:
-            wanted = list(session.scalars(select(Edit.id).where(Edit.status == EditStatus.APPLIED)
-                                          .order_by(Edit.id)))
+            wanted = crud.applied_edit_ids(session)
         self.unappliable = {i: why for i, why in self.unappliable.items() if i in set(wanted)}
         local = set(self.state.active_ids)
         drop = sorted(local - set(wanted), reverse=True)

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request bodies above this get 413")
     max_new_tokens: int = Field(256, ge=1, description="upper bound of max_new_tokens for /generate")
+    max_concurrent_generations: int = Field(2, ge=1, description="generations run at once; more requests wait "
+                                            "for a slot (threads beyond the cores only slow each other and the writer)")
     max_prompt_tokens: int = Field(256, ge=8, description="prompts longer than this (in tokens) get 422")
     max_target_tokens: int = Field(32, ge=1, le=32, description="targets longer than this (in tokens) get 422; "
                                    "32 is also the editors' own bound")
@@ -53,7 +55,11 @@ class Settings(BaseSettings):
     probe_max_new_tokens: int = Field(8, ge=1, le=64, description="greedy tokens recorded per probe")
     probe_every_edits: int = Field(10, ge=0, description="recompute /probes/report after this many edits (0: never)")
     probe_every_seconds: float = Field(300.0, ge=0, description="recompute /probes/report this often (0: never)")
+    probe_max_duty: float = Field(0.1, gt=0, le=1, description="the reports started by probe_every_edits take "
+                                  "at most this share of the writer's time (retention is O(active edits))")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    db_check_timeout_seconds: float = Field(1.0, gt=0, description="a write first checks the database answers "
+                                            "within this long, else 503 (an outage never hangs a request)")
 
     # ---- production (DESIGN §4, §7) ----
     api_keys: str | None = Field(None, repr=False, description="comma-separated scope:key or scope:name=key "
