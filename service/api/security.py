@@ -51,4 +51,8 @@ def writes_here(request: Request) -> None:
         raise HTTPException(409, f"this is a replica; send writes to the writer at {where}")
     coordinator = getattr(request.app.state, "coordinator", None)
     if coordinator is not None and coordinator.lock_lost:
-        raise HTTPException(503, "this writer lost its Redis writer lock and refuses writes; restart it")
+        if coordinator.lock_taken:
+            raise HTTPException(503, "this writer lost its Redis writer lock to another process and refuses "
+                                     "writes; restart it")
+        raise HTTPException(503, "this writer lost its Redis writer lock (Redis is unreachable) and refuses "
+                                 "writes until it can take the lock back", headers={"Retry-After": "1"})
