@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_TEXT_CHARS = 8192  # long before a prompt reaches the token limit, refuse megabyte strings outright
+MAX_ID = 2**31 - 1  # ids are SQL INTEGER columns (32-bit on Postgres): a larger one is a 422, not a database error
 
 Method = Literal["hiedit", "rlsedit"]
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query
 from fastapi.responses import JSONResponse
 
 from ... import crud
 from ...engine import EditSpec
-from ...schemas import EditIn, EditList, EditOut, LayersOut
+from ...schemas import MAX_ID, EditIn, EditList, EditOut, LayersOut
 from ..deps import CurrentActor, EngineDep, SessionDep, require_scope
 from ..security import limit_edit_rate, writes_here
 from ..serialize import edit_out, layers_out
@@ -17,6 +17,7 @@ from ..serialize import edit_out, layers_out
 router = APIRouter(prefix="/edits", tags=["edits"])
 
 StatusFilter = Literal["applied", "rolled_back", "failed"]
+EditId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 
 @router.post("", status_code=201, response_model=EditOut,
@@ -40,7 +41,7 @@ async def create_edit(body: EditIn, engine: EngineDep, actor: CurrentActor,
 
 @router.get("", response_model=EditList, dependencies=[Depends(require_scope("read"))])
 def list_edits(session: SessionDep, limit: Annotated[int, Query(ge=1, le=500)] = 50,
-               offset: Annotated[int, Query(ge=0)] = 0, status: StatusFilter | None = None) -> EditList:
+               offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0, status: StatusFilter | None = None) -> EditList:
     """Newest first."""
     edits = crud.list_edits(session, limit, offset, status)
     return EditList(edits=[edit_out(e) for e in edits], total=crud.count_edits(session, status),
@@ -48,12 +49,12 @@ def list_edits(session: SessionDep, limit: Annotated[int, Query(ge=1, le=500)] =
 
 
 @router.get("/{edit_id}", response_model=EditOut, dependencies=[Depends(require_scope("read"))])
-def get_edit(edit_id: int, session: SessionDep) -> EditOut:
+def get_edit(edit_id: EditId, session: SessionDep) -> EditOut:
     return edit_out(_edit_or_404(session, edit_id))
 
 
 @router.get("/{edit_id}/layers", response_model=LayersOut, dependencies=[Depends(require_scope("read"))])
-def get_edit_layers(edit_id: int, session: SessionDep) -> LayersOut:
+def get_edit_layers(edit_id: EditId, session: SessionDep) -> LayersOut:
     """Audit: every editable module of the edit's method, its importance, selection, ‖ΔW‖_F and rank."""
     return layers_out(_edit_or_404(session, edit_id))
 
@@ -69,6 +70,6 @@ def _edit_or_404(session, edit_id: int):
              dependencies=[Depends(require_scope("edit")), Depends(writes_here)],
              responses={404: {"description": "no such edit"},
                         409: {"description": "not an applied edit, or a replica"}})
-async def rollback_edit(edit_id: int, engine: EngineDep, actor: CurrentActor) -> EditOut:
+async def rollback_edit(edit_id: EditId, engine: EngineDep, actor: CurrentActor) -> EditOut:
     edit = await asyncio.wrap_future(engine.submit_rollback(edit_id, actor))
     return edit_out(edit)

@@ -4,11 +4,11 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Response
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
 from fastapi.responses import JSONResponse
 
 from ... import crud
-from ...schemas import ProbeIn, ProbeList, ProbeOut, ReportOut
+from ...schemas import MAX_ID, ProbeIn, ProbeList, ProbeOut, ReportOut
 from ..deps import EngineDep, SessionDep, require_scope
 from ..security import writes_here
 from ..serialize import probe_out
@@ -44,7 +44,7 @@ async def probe_report(engine: EngineDep,
 
 
 @router.delete("/{probe_id}", status_code=204, dependencies=[Depends(require_scope("admin")), Depends(writes_here)])
-def delete_probe(probe_id: int, session: SessionDep) -> Response:
+def delete_probe(probe_id: Annotated[int, Path(ge=1, le=MAX_ID)], session: SessionDep) -> Response:
     if not crud.delete_probe(session, probe_id):
         raise HTTPException(404, f"probe_id: no probe {probe_id}")
     session.commit()
