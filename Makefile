@@ -1,6 +1,6 @@
 PY ?= python3
 
-.PHONY: install serve test
+.PHONY: install serve test soak
 
 install:
 	$(PY) -m pip install -q -e '.[dev]'
@@ -12,3 +12,10 @@ serve: install
 # The test command of the README and of .ci/run.
 test: install
 	$(PY) -m pytest -q
+
+# The long reliability runs of docs/reliability.md (about 15 minutes on 2 CPU cores): 10 SIGKILLs in a
+# 200-edit stream, 120 s of 16 generation clients and 2 edits/s, >= 1,000 fuzz cases, the outages.
+# Needs the PostgreSQL and Redis of the tests; prints one "RELIABILITY {...}" line per case.
+soak: install
+	HIEDIT_SOAK=1 HIEDIT_REQUIRE_SERVICES=1 $(PY) -m pytest -q -s -p no:cacheprovider \
+		tests/test_reliability.py tests/test_reliability_faults.py

@@ -27,6 +27,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get("HIEDIT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REQUIRE_SERVICES = os.environ.get("HIEDIT_REQUIRE_SERVICES") == "1"
+# `make soak`: the reliability suites run their long versions (docs/reliability.md)
+SOAK = os.environ.get("HIEDIT_SOAK") == "1"
 
 STANDIN_SPEC = "gate[0-1],up[0-1]"
 STANDIN_K = 2
@@ -342,3 +344,193 @@ def wait_ready(client, tries: int = 400) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(client.get("/readyz").text)
+
+
+# ---- faults: a TCP proxy a test can take down (a database or Redis outage without touching either) ----
+
+class TCPProxy:
+    """127.0.0.1:<port> forwarding to ``target``; the test decides when the far side is reachable.
+
+    ``down()``: every connection is cut and new ones are refused (the port is closed), as when the
+    server or its host is down. ``stall()``: connections are accepted and kept, but no byte moves
+    either way, as in a network partition nobody has noticed yet. ``up()``: back to forwarding on
+    the same port; what was sent during a stall is delivered then. One selector thread does the work.
+    """
+
+    def __init__(self, target_host: str, target_port: int):
+        import selectors
+        import threading
+
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self.mode = "up"
+        self._sel = selectors.DefaultSelector()
+        self._peer: dict[socket.socket, socket.socket] = {}  # both directions of every forwarded connection
+        self._pending: list[socket.socket] = []  # accepted during a stall, not connected upstream yet
+        self._listener: socket.socket | None = None
+        self._lock = threading.RLock()
+        self._closed = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._listen()
+        self._thread = threading.Thread(target=self._loop, name="tcp-proxy", daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        import selectors
+
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(64)
+        self._listener = s
+        self._sel.register(s, selectors.EVENT_READ, "accept")
+
+    def _watch(self, on: bool) -> None:
+        import selectors
+
+        for sock in self._peer:
+            try:
+                if on:
+                    self._sel.register(sock, selectors.EVENT_READ, "data")
+                else:
+                    self._sel.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+
+    def _connect(self, client: socket.socket) -> None:
+        import selectors
+
+        try:
+            upstream = socket.create_connection(self.target, timeout=5)
+        except OSError:
+            client.close()
+            return
+        self._peer[client], self._peer[upstream] = upstream, client
+        for sock in (client, upstream):
+            sock.settimeout(5)
+            self._sel.register(sock, selectors.EVENT_READ, "data")
+
+    def _set(self, mode: str) -> None:
+        with self._lock:
+            if mode == "down":
+                if self._listener is not None:
+                    self._sel.unregister(self._listener)
+                    self._listener.close()
+                    self._listener = None
+                for sock in list(self._peer) + self._pending:
+                    self._drop(sock)
+                self._pending.clear()
+            else:
+                if self._listener is None:
+                    self._listen()
+                if mode == "stall" and self.mode == "up":
+                    self._watch(False)
+                elif mode == "up" and self.mode != "up":
+                    self._watch(True)
+                    for client in self._pending:
+                        self._connect(client)
+                    self._pending.clear()
+            self.mode = mode
+        self._wake_w.send(b"x")
+
+    def down(self) -> None:
+        self._set("down")
+
+    def stall(self) -> None:
+        self._set("stall")
+
+    def up(self) -> None:
+        self._set("up")
+
+    def close(self) -> None:
+        self._set("down")
+        self._closed = True
+        self._wake_w.send(b"x")
+        self._thread.join(5)
+        self._sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _drop(self, sock: socket.socket) -> None:
+        other = self._peer.pop(sock, None)
+        for s in (sock, other):
+            if s is None:
+                continue
+            self._peer.pop(s, None)
+            try:
+                self._sel.unregister(s)
+            except (KeyError, ValueError):
+                pass
+            s.close()
+
+    def _loop(self) -> None:
+        while not self._closed:
+            for key, _ in self._sel.select(timeout=0.5):
+                with self._lock:
+                    if key.data == "wake":
+                        self._wake_r.recv(4096)
+                    elif key.data == "accept" and key.fileobj is self._listener:
+                        try:
+                            client, _ = self._listener.accept()
+                        except OSError:
+                            continue
+                        if self.mode == "stall":
+                            self._pending.append(client)
+                        else:
+                            self._connect(client)
+                    elif key.data == "data" and self.mode == "up" and key.fileobj in self._peer:
+                        sock = key.fileobj
+                        try:
+                            chunk = sock.recv(65536)
+                            if chunk:
+                                self._peer[sock].sendall(chunk)
+                        except OSError:
+                            chunk = b""
+                        if not chunk:
+                            self._drop(sock)
+
+
+@pytest.fixture
+def tcp_proxy():
+    """``tcp_proxy(url)`` -> (proxy, the same URL through the proxy), for postgres:// and redis:// URLs."""
+    from sqlalchemy.engine import make_url
+
+    proxies: list[TCPProxy] = []
+
+    def make(url: str) -> tuple[TCPProxy, str]:
+        u = make_url(url)
+        proxy = TCPProxy(u.host or "127.0.0.1", u.port or {"redis": 6379}.get(u.drivername, 5432))
+        proxies.append(proxy)
+        return proxy, u.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+
+    yield make
+    for proxy in proxies:
+        proxy.close()
+
+
+def clean_replay_fingerprint(database_url: str, model_dir: Path, editor_dir: Path) -> str:
+    """The fingerprint a fresh process builds from the log alone, without the service's engine:
+    the base model, the HiEdit editor's modules (in model order, as the engine hashes them) and
+    every ``applied`` delta of the log in id order, through ``WeightState``."""
+    from sqlalchemy import create_engine, select
+
+    from editor_core.delta import LowRankDelta
+    from editor_core.hiedit import HiEditor
+    from editor_core.model import load_model, model_id
+    from editor_core.state import WeightState
+    from service.models import Edit, EditDelta, EditStatus
+
+    model, tok = load_model(model_dir)
+    wanted = set(HiEditor.load(editor_dir, model, tok).module_map)
+    state = WeightState({n: m for n, m in model.named_modules() if n in wanted}, model_id(model))
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(select(EditDelta.edit_id, EditDelta.blob).join(Edit, Edit.id == EditDelta.edit_id)
+                                .where(Edit.status == EditStatus.APPLIED).order_by(Edit.id)).all()
+    finally:
+        engine.dispose()
+    for edit_id, blob in rows:
+        state.apply(edit_id, LowRankDelta.from_bytes(blob))
+    return state.fingerprint()

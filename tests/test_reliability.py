@@ -1,0 +1,253 @@
+"""Reliability, in process (docs/reliability.md): a forced non-finite delta, a commit whose answer is
+lost, and schemathesis fuzzing of the whole OpenAPI schema.
+
+The fuzz runs ``FUZZ_CASES`` cases here and at least 1,000 under ``make soak`` (``HIEDIT_SOAK=1``).
+Each test prints one ``RELIABILITY {...}`` JSON line: the figures docs/reliability.md quotes.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import sqlite3
+
+import torch
+from fastapi.testclient import TestClient
+from sqlalchemy.exc import OperationalError
+
+from conftest import SOAK, STANDIN_FACTS, app_settings, clean_replay_fingerprint, wait_ready
+from editor_core.delta import LowRankDelta
+from editor_core.editor import Proposal, StatelessEditor
+from service.main import create_app
+
+FACT1, FACT2 = STANDIN_FACTS
+FUZZ_CASES = 1200 if SOAK else 240
+
+
+def _report(name: str, **figures) -> None:
+    print(f"RELIABILITY {json.dumps({'test': name, **figures})}")
+
+
+def _fresh_components(model_dir, editor_dir, editor_wrapper=None):
+    from editor_core.hiedit import HiEditor
+    from editor_core.model import load_model
+
+    model, tok = load_model(model_dir)
+    editor = HiEditor.load(editor_dir, model, tok)
+    return model, tok, {"hiedit": editor_wrapper(editor) if editor_wrapper else editor}, {"rlsedit": "off here"}
+
+
+# ---- a forced non-finite delta ------------------------------------------------------------------------
+
+class _Poisoned(StatelessEditor):
+    """HiEdit's proposal with one entry of one factor replaced by ``value`` (NaN, +inf or -inf)."""
+
+    method = "hiedit"
+
+    def __init__(self, inner, value: float):
+        self.inner, self.value = inner, value
+        self.modules, self.cfg = inner.modules, inner.cfg
+        self.committed: list[int] = []
+
+    def propose(self, request, k=None):
+        p = self.inner.propose(request, k)
+        name = p.selected_modules[0]
+        left, right = p.delta.factors[name]
+        left = left.clone()
+        left[0, 0] = self.value
+        return Proposal(p.modules, p.importances, p.selected, LowRankDelta({**p.delta.factors, name: (left, right)}),
+                        p.loss_before, p.n_tokens)
+
+    def commit(self, edit_id, proposal):
+        self.committed.append(edit_id)
+
+
+def test_a_non_finite_delta_is_rejected_and_leaves_the_weights_unchanged(tmp_path, standin_model_dir,
+                                                                           standin_editor_dir):
+    # 1. proposed: the guard refuses it before anything is logged or applied
+    for value in (math.nan, math.inf, -math.inf):
+        model, tok, editors, unavailable = _fresh_components(standin_model_dir, standin_editor_dir,
+                                                             lambda e: _Poisoned(e, value))
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        home = tmp_path / f"poisoned-{value}"
+        with TestClient(create_app(app_settings(home), (model, tok, editors, unavailable))) as c:
+            wait_ready(c)
+            state0 = c.get("/state").json()
+            r = c.post("/edits", json={"prompt": FACT1.prompt, "target": FACT1.target})
+            assert r.status_code == 422, r.text
+            assert r.json()["detail"] == "edit rejected by the guard: delta contains NaN or inf values"
+            assert c.get("/state").json() == state0 and state0["fingerprint"] == state0["base_fingerprint"]
+            assert c.get("/edits").json()["total"] == 0 and editors["hiedit"].committed == []
+            assert 'hiedit_edits_total{method="hiedit",status="rejected"} 1.0' in c.get("/metrics").text
+        assert all(torch.equal(p.detach(), weights[n]) for n, p in model.named_parameters())
+
+    # 2. found in the log at start-up (a corrupted row): the replay marks it failed and leaves it out
+    home = tmp_path / "corrupted"
+    with TestClient(create_app(app_settings(home), _fresh_components(standin_model_dir, standin_editor_dir))) as c:
+        wait_ready(c)
+        base = c.get("/state").json()["base_fingerprint"]
+        ids = [c.post("/edits", json={"prompt": f.prompt, "target": f.target}).json()["id"] for f in STANDIN_FACTS]
+    con = sqlite3.connect(home / "hiedit.db")
+    blob = con.execute("SELECT blob FROM edit_deltas WHERE edit_id = ?", (ids[0],)).fetchone()[0]
+    delta = LowRankDelta.from_bytes(blob)
+    name = delta.modules[0]
+    delta.factors[name][1][0, 0] = math.nan
+    con.execute("UPDATE edit_deltas SET blob = ? WHERE edit_id = ?", (delta.to_bytes(), ids[0]))
+    con.commit()
+    con.close()
+    with TestClient(create_app(app_settings(home), _fresh_components(standin_model_dir, standin_editor_dir))) as c:
+        wait_ready(c)
+        first = c.get(f"/edits/{ids[0]}").json()
+        assert first["status"] == "failed" and "NaN or inf" in first["error"]
+        state = c.get("/state").json()
+        assert state["active_edits"] == 1 and state["fingerprint"] != base
+        assert state["fingerprint"] == clean_replay_fingerprint(f"sqlite:///{home / 'hiedit.db'}", standin_model_dir,
+                                                                standin_editor_dir)
+    _report("non_finite_delta", proposed_values=["nan", "inf", "-inf"], rejected_with_422=3,
+            weights_unchanged=True, corrupted_log_row="marked failed at replay")
+
+
+# ---- a commit whose answer is lost ---------------------------------------------------------------------
+
+class _LosesCommitAnswers:
+    """The engine's sessionmaker, except that an armed ``begin()`` commits and *then* fails the way a
+    connection that died before the server's answer arrived fails: the outcome looks unknown."""
+
+    def __init__(self, real):
+        self.real = real
+        self.armed = 0
+
+    def __call__(self, *args, **kwargs):
+        return self.real(*args, **kwargs)
+
+    def begin(self):
+        if not self.armed:
+            return self.real.begin()
+        self.armed -= 1
+
+        @contextlib.contextmanager
+        def lossy():
+            with self.real.begin() as session:
+                yield session
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+        return lossy()
+
+
+def test_a_commit_whose_answer_is_lost_is_reconciled_before_the_next_write(tmp_path, standin_model_dir,
+                                                                             standin_editor_dir):
+    url = f"sqlite:///{tmp_path / 'hiedit.db'}"
+    with TestClient(create_app(app_settings(tmp_path), _fresh_components(standin_model_dir,
+                                                                         standin_editor_dir))) as c:
+        wait_ready(c)
+        engine = c.app.state.engine
+        engine.sessions = lossy = _LosesCommitAnswers(engine.sessions)
+        first = c.post("/edits", json={"prompt": FACT1.prompt, "target": FACT1.target}).json()["id"]
+
+        # an edit: logged, but the engine cannot know, so it is not applied and the client gets 503
+        lossy.armed = 1
+        r = c.post("/edits", json={"prompt": FACT2.prompt, "target": FACT2.target}, headers={"Idempotency-Key": "f2"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        assert r.json()["detail"].startswith("database: the edit could not be logged, so it was not applied")
+        logged = c.get("/edits").json()["edits"]
+        assert [e["status"] for e in logged] == ["applied", "applied"]  # the log has it ...
+        assert c.get("/state").json()["active_edits"] == 1               # ... the weights do not yet
+        # the retry (same key) first brings the weights in line with the log, then finds the edit
+        again = c.post("/edits", json={"prompt": FACT2.prompt, "target": FACT2.target}, headers={"Idempotency-Key": "f2"})
+        assert again.status_code == 200 and again.json()["id"] == logged[0]["id"], again.text
+        state = c.get("/state").json()
+        assert state["active_edits"] == 2 and state["fingerprint"] == clean_replay_fingerprint(
+            url, standin_model_dir, standin_editor_dir)
+
+        # a rollback: logged as rolled back, the weights keep the edit until the next write
+        lossy.armed = 1
+        r = c.post(f"/edits/{first}/rollback")
+        assert r.status_code == 503, r.text
+        assert c.get(f"/edits/{first}").json()["status"] == "rolled_back"
+        assert c.get("/state").json()["active_edits"] == 2
+        again = c.post(f"/edits/{first}/rollback")
+        assert again.status_code == 409 and "already rolled back" in again.json()["detail"]
+        state = c.get("/state").json()
+        assert state["active_edits"] == 1 and state["fingerprint"] == clean_replay_fingerprint(
+            url, standin_model_dir, standin_editor_dir)
+        assert 'hiedit_edits_total{method="hiedit",status="error"} 2.0' in c.get("/metrics").text
+    _report("lost_commit_answer", edit="applied by the next write", rollback="applied by the next write",
+            fingerprint_equals_clean_replay=True)
+
+
+# ---- fuzzing the OpenAPI schema -----------------------------------------------------------------------
+
+def test_fuzz_every_operation_no_5xx_and_rejected_requests_change_nothing(tmp_path, standin_model_dir,
+                                                                         standin_editor_dir):
+    """schemathesis cases for every operation of /openapi.json, valid and invalid by the schema, against
+    the in-process app with both methods on. No answer may be a 5xx, and every answer that is not a
+    2xx must leave the served weights (fingerprint) and the log exactly as they were."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, seed, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis.generation.modes import GenerationMode
+
+    from service.loading import load_all
+
+    app_cfg = app_settings(tmp_path, model=str(standin_model_dir), editor=str(standin_editor_dir),
+                           rlsedit_stats_tokens=2000, max_new_tokens=16, max_rephrases=2, max_locality=2)
+    app_cfg = app_cfg.model_copy(update={"rlsedit": "on"})
+    app = create_app(app_cfg, load_all(app_cfg))
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    modes = (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
+    base_seed = random.randrange(2**32) if SOAK else 0  # CI runs the same cases every time
+    seen = {"cases": 0, "statuses": {}, "rejected": 0, "accepted_changes": 0}
+    failures: list[str] = []
+
+    with TestClient(app) as lifespan:  # runs the lifespan (engine, replay); schemathesis calls the same app
+        wait_ready(lifespan)
+        engine = app.state.engine
+
+        def log_state() -> tuple:
+            with engine.sessions() as session:
+                from service import crud
+                return crud.applied_edit_ids(session), crud.count_edits(session), len(crud.list_probes(session))
+
+        def fuzz(operation, mode, examples: int, run_seed: int) -> int:
+            """Up to ``examples`` cases of one operation; returns how many hypothesis made."""
+            before = seen["cases"]
+
+            @seed(run_seed)
+            @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
+                      suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def run(case):
+                fingerprint, log = engine.fingerprint(), log_state()
+                response = case.call()
+                status = response.status_code
+                seen["cases"] += 1
+                seen["statuses"][status] = seen["statuses"].get(status, 0) + 1
+                where = f"{case.method} {case.formatted_path} ({mode.value}) -> {status}"
+                if status >= 500:
+                    failures.append(f"{where}: {response.text[:300]}")
+                elif status >= 300:
+                    seen["rejected"] += 1
+                    if engine.fingerprint() != fingerprint or log_state() != log:
+                        failures.append(f"{where} changed the weights or the log")
+                elif engine.fingerprint() != fingerprint:
+                    seen["accepted_changes"] += 1
+            try:
+                run()
+            except Unsatisfiable:  # an operation without inputs has no invalid ones (GET /healthz)
+                assert mode is GenerationMode.NEGATIVE, f"{operation.label}: no valid case"
+            return seen["cases"] - before
+
+        # passes with fresh seeds until the budget is spent; an operation whose inputs are exhausted
+        # (hypothesis made fewer cases than asked) is left out of the next passes
+        live = [(op, mode) for op in operations for mode in modes]
+        passes = 0
+        while seen["cases"] < FUZZ_CASES and live:
+            examples = max(1, math.ceil((FUZZ_CASES - seen["cases"]) / len(live)))
+            live = [(op, mode) for op, mode in live if fuzz(op, mode, examples, base_seed + passes) >= examples]
+            passes += 1
+    _report("fuzz", cases=seen["cases"], seed=base_seed, passes=passes, operations=len(operations), rejected=seen["rejected"],
+            accepted_changes_of_weights=seen["accepted_changes"],
+            statuses={str(k): v for k, v in sorted(seen["statuses"].items())}, failures=len(failures))
+    assert not failures, "\n".join(failures[:20])
+    assert seen["cases"] >= FUZZ_CASES, seen
