@@ -1,17 +1,26 @@
-"""What the HTTP service costs over calling the model and the engine directly.
+"""What the HTTP service costs over calling the model and the engine directly, and what an edit
+stream does to generation latency.
 
 Starts ``hiedit serve`` in a subprocess (SQLite, loopback) and, in this process, the same
-model plus an in-process :class:`service.engine.EditEngine` on its own SQLite file. Then,
-interleaved round by round so that machine load hits both sides alike:
+model plus an in-process :class:`service.engine.EditEngine` on its own SQLite file. Then:
 
-* generation: ``GET /generate?ignore_eos=true`` vs ``model.generate(min_new_tokens=n)`` on the
-  same prompt, greedy, exactly the same number of new tokens -> tokens per second of each;
-* editing: ``POST /edits`` (wall time at the client) vs ``engine.submit_edit(...).result()``
-  (the same pipeline: propose, guard, log, apply, score) on the same fact; both sides roll
-  the edit back after each round so every round edits the same weights.
+1. interleaved round by round, so that machine load hits both sides alike:
 
-The LAST line printed is JSON with ``ratio_http_generate_to_inprocess`` (target >= 0.85)
-and ``ratio_http_edit_to_engine_edit`` (target <= 1.5), medians over the rounds.
+   * generation: ``GET /generate?ignore_eos=true`` vs ``model.generate(min_new_tokens=n)`` on the
+     same prompt, greedy, exactly the same number of new tokens -> tokens per second of each;
+   * editing: ``POST /edits`` (wall time at the client) vs ``engine.submit_edit(...).result()``
+     (the same pipeline: propose, guard, log, apply, score) on the same fact; both sides roll
+     the edit back after each round so every round edits the same weights.
+
+2. generation latency while idle against while an edit stream runs, on the server, in alternating
+   windows (``--latency-windows`` pairs of ``--latency-window-s`` seconds): one client sends
+   ``GET /generate`` back to back (``--latency-tokens`` tokens each) throughout; during the edit
+   windows one more client sends ``POST /edits`` back to back (CounterFact facts, the
+   bench/load.py driver). p50 and p99 of each, pooled over the windows.
+
+The LAST line printed is JSON with ``ratio_http_generate_to_inprocess`` (target >= 0.85),
+``ratio_http_edit_to_engine_edit`` (target <= 1.5), medians over the rounds, and
+``ratio_p99_during_edits_to_idle`` (target <= 2.0).
 
     python bench/serve_overhead.py                      # demo assets (or a tiny stand-in if not built)
     python bench/serve_overhead.py --model DIR --editor DIR --rounds 5 --max-new-tokens 64
@@ -20,47 +29,50 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import QUIET_SERVER, Server, assets, edit_facts, emit, percentile  # noqa: E402
+from bench.load import run_load  # noqa: E402
 
 PROMPT = "The Eiffel Tower is located in the city of"
 FACT = ("The Eiffel Tower is in", "Rome")
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _standin(tmp: Path) -> tuple[str, list[str]]:
-    """A tiny model and an untrained editor, when the demo assets are not built."""
-    from editor_core.tiny import build_tiny_model
-
-    model_dir = build_tiny_model(tmp / "model", "llama", hidden=64, layers=4, intermediate=128)
-    return str(model_dir), ["--untrained-editor", "gate[0-3],up[0-3]", "--untrained-lr", "1.0"]
-
-
-def _editor_settings(args: list[str]) -> dict:
-    """The Settings fields for the same editor flags the server gets."""
-    out, it = {}, iter(args)
-    for flag in it:
-        out[flag[2:].replace("-", "_")] = next(it)
+def latency_under_edits(url: str, windows: int, window_s: float, tokens: int) -> dict:
+    """Generation p50/p99 idle vs during a back-to-back edit stream, in alternating windows."""
+    idle: list[float] = []
+    busy: list[float] = []
+    edits, edit_s, errors = 0, 0.0, []
+    facts = edit_facts(1000)
+    for w in range(windows):
+        for phase in (("idle", "edits") if w % 2 == 0 else ("edits", "idle")):
+            run = run_load(url, window_s, clients=1, edit_rate=0 if phase == "edits" else -1, max_new_tokens=tokens,
+                           facts=facts[w * 100:] + facts[:w * 100], key_prefix=f"latency-{w}")
+            (busy if phase == "edits" else idle).extend(run["generate_latencies_s"])
+            errors += run["errors"]
+            if phase == "edits":
+                edits += run["edits"]["sent"]
+                edit_s += run["duration_s"]
+            print(f"window {w} {phase}: generate p50 {run['generate']['p50_ms']} ms p99 {run['generate']['p99_ms']} ms, "
+                  f"{run['edits']['sent']} edits", file=sys.stderr, flush=True)
+    if errors:
+        raise RuntimeError(f"errors during the latency windows: {errors[:5]}")
+    out = {"windows": windows, "window_s": window_s, "tokens": tokens, "requests_idle": len(idle),
+           "requests_during_edits": len(busy), "edits_per_s_during": round(edits / edit_s, 3)}
+    for name, xs in (("idle", idle), ("during_edits", busy)):
+        out[f"generate_p50_ms_{name}"] = round(statistics.median(xs) * 1e3, 2)
+        out[f"generate_p99_ms_{name}"] = round(percentile(xs, 0.99) * 1e3, 2)
+    out["ratio_p50_during_edits_to_idle"] = round(out["generate_p50_ms_during_edits"] / out["generate_p50_ms_idle"], 3)
+    out["ratio_p99_during_edits_to_idle"] = round(out["generate_p99_ms_during_edits"] / out["generate_p99_ms_idle"], 3)
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    from editor_core.assets import DEMO_HIEDIT, DEMO_MODEL
-
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--editor", default=None)
@@ -69,31 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads, the same on both sides (1: an oversubscribed CPU makes OpenMP teams stall)")
     ap.add_argument("--prompt", default=PROMPT)
+    ap.add_argument("--latency-windows", type=int, default=4, help="idle/edit window pairs (0: skip part 2)")
+    ap.add_argument("--latency-window-s", type=float, default=10.0)
+    ap.add_argument("--latency-tokens", type=int, default=16)
     args = ap.parse_args(argv)
 
     import httpx
     import torch
 
     tmp = Path(tempfile.mkdtemp(prefix="hiedit-bench-"))
-    if args.model is None and (DEMO_MODEL / "config.json").is_file() and (DEMO_HIEDIT / "config.json").is_file():
-        model_path, editor_args, assets = str(DEMO_MODEL), ["--editor", str(DEMO_HIEDIT)], "demo"
-    elif args.model is None:
-        model_path, editor_args = _standin(tmp)
-        assets = "tiny stand-in (demo assets not built)"
-    else:
-        model_path, editor_args = args.model, ["--editor", args.editor or "none"]
-        assets = model_path
-    print(f"assets: {assets}", flush=True)
-
-    port = _free_port()
-    server_home = tmp / "server"
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--model", model_path, *editor_args, "--home", str(server_home), "--rlsedit", "off",
-           "--torch-threads", str(args.threads), "--probe-every-edits", "0", "--probe-every-seconds", "0",
-           "--log-level", "warning"]
-    log = open(tmp / "server.log", "w")
-    server = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    a = assets(args.model, args.editor)
+    print(f"assets: {a.label}", flush=True)
+    server = Server(["--model", a.model, *a.editor_args, "--rlsedit", "off", "--torch-threads", str(args.threads),
+                     *QUIET_SERVER], tmp / "server")
+    server.start()
     try:
         # the in-process side: the same model and editor, and an engine on its own database
         from service import db
@@ -102,27 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         from service.metrics import Metrics
         from service.settings import Settings
 
-        settings = Settings(home=tmp / "inproc", model=model_path, rlsedit="off", torch_threads=args.threads,
-                            probe_every_edits=0, probe_every_seconds=0, **_editor_settings(editor_args))
+        settings = Settings(home=tmp / "inproc", rlsedit="off", torch_threads=args.threads, probe_every_edits=0,
+                            probe_every_seconds=0, **a.settings_fields())
         model, tok, editors, unavailable = load_all(settings)
         sql = db.make_engine(settings.resolved_database_url)
         db.upgrade(sql)
         engine = EditEngine(settings, model, tok, editors, unavailable, db.make_sessionmaker(sql), Metrics())
         engine.start().result()
-
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
-        deadline = time.monotonic() + 600
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError("server exited:\n" + (tmp / "server.log").read_text()[-3000:])
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server not ready")
-            time.sleep(0.2)
+        client = httpx.Client(base_url=server.url, timeout=600)
 
         ids = tok(args.prompt, return_tensors="pt").input_ids
         n_new = args.max_new_tokens
@@ -177,26 +165,25 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"round": i, "inproc_tok_s": round(tps_in, 2), "http_tok_s": round(tps_http, 2),
                          "tokens": [g[0][0], g[1][0]], "engine_edit_s": round(e[0], 4), "http_edit_s": round(e[1], 4)})
             print(json.dumps(rows[-1]), flush=True)
+        engine.stop()
+        sql.dispose()
         result = {
             "ratio_http_generate_to_inprocess": round(statistics.median(gen_ratio), 4),
             "ratio_http_edit_to_engine_edit": round(statistics.median(edit_ratio), 4),
-            "assets": assets, "rounds": args.rounds, "max_new_tokens": n_new, "threads": args.threads,
+            "assets": a.label, "rounds": args.rounds, "max_new_tokens": n_new, "threads": args.threads,
             "inproc_tok_s": statistics.median(r["inproc_tok_s"] for r in rows),
             "http_tok_s": statistics.median(r["http_tok_s"] for r in rows),
             "engine_edit_s": statistics.median(r["engine_edit_s"] for r in rows),
             "http_edit_s": statistics.median(r["http_edit_s"] for r in rows),
         }
-        engine.stop()
-        sql.dispose()
-        print(json.dumps(result))
-        return 0
+        if args.latency_windows:
+            result["latency"] = latency_under_edits(server.url, args.latency_windows, args.latency_window_s,
+                                                    args.latency_tokens)
+            result["ratio_p99_during_edits_to_idle"] = result["latency"]["ratio_p99_during_edits_to_idle"]
+        return emit(result)
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        server.stop()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
