@@ -10,8 +10,8 @@ from editor_core.capture import target_loss, teacher_forced
 from editor_core.editor import EditRequest, Proposal
 from editor_core.model import load_model, resolve_modules
 from editor_core.rlsedit import (RLSEditConfig, RLSEditor, RLSStateMismatch, SingularSystemError, SubjectError,
-                                 apply_correction, check_correction, default_layer_spec, find_subject,
-                                 initial_inverse, rls_downdate_factor, rls_gain, rls_step)
+                                 apply_correction, check_correction, default_fact_token, default_layer_spec,
+                                 find_subject, initial_inverse, rls_downdate_factor, rls_gain, rls_step)
 from editor_core.state import WeightState
 from editor_core.stats import StatsMismatch, load_second_moments, read_corpus
 from tiny_models import tiny_model_dir
@@ -118,6 +118,20 @@ def test_default_layer_spec_picks_lower_middle_layers():
     assert default_layer_spec(2) == "down[0-0]"                  # a layer above must carry the edit
 
 
+def test_shallow_models_are_edited_at_the_last_token_in_their_lookup_layers():
+    assert [default_fact_token(n) for n in (2, 4, 6, 8)] == ["last"] * 4
+    assert [default_fact_token(n) for n in (12, 28, 32)] == ["subject_last"] * 3
+    assert default_layer_spec(6, "last") == "down[1-3]"          # the demo model (causal tracing, docs/rlsedit.md)
+    assert default_layer_spec(4, "last") == "down[1-1]"
+    assert default_layer_spec(8, "last") == "down[1-5]"
+    assert default_layer_spec(2, "last") == "down[0-0]"
+    assert default_layer_spec(32, "subject_last") == default_layer_spec(32) == "down[4-8]"
+    with pytest.raises(ValueError, match="fact_token"):
+        RLSEditConfig(fact_token="first")
+    with pytest.raises(ValueError, match="v_lr"):
+        RLSEditConfig(v_lr=0.0)
+
+
 @pytest.mark.parametrize("prompt, subject, text, source", [
     ("The mother tongue of Danielle Darrieux is", None, "Danielle Darrieux", "derived"),
     ("What is the capital of France?", None, "France", "derived"),
@@ -162,6 +176,65 @@ def random_blob(editor: RLSEditor, seed: int, u: int = 1) -> bytes:
     return editor._keys_blob(keys, resid)
 
 
+def test_auto_fact_token_is_resolved_at_creation(llama):
+    assert llama["editor"].cfg.fact_token == "last"              # the tiny Llama has 4 layers
+    assert llama["proposal"].info["fact_token"] == "last"
+
+
+@pytest.mark.parametrize("fact_token", ["subject_last", "last"])
+def test_keys_are_the_down_proj_inputs_at_the_fact_token(llama, fact_token):
+    """With no context prefixes the key of the first edited layer is its input at the fact token of the prompt."""
+    from safetensors.torch import load as st_load
+    model, tok = llama["model"], llama["tok"]
+    stats = load_second_moments(llama["cache"], model, llama["editor"].modules)
+    ed = RLSEditor.create(model, tok, layers=SPEC, stats=stats,
+                          cfg=RLSEditConfig(**{**FAST, "n_contexts": 0, "v_steps": 1, "fact_token": fact_token}))
+    request = EditRequest("Danielle Darrieux was born in the city of", "Paris", subject="Danielle Darrieux")
+    ids = tok(request.prompt, return_tensors="pt")["input_ids"]
+    seen = {}
+
+    def grab(_m, args, _out):
+        seen["x"] = args[0][0].detach().clone()
+
+    hook = ed.module_map[ed.modules[0]].register_forward_hook(grab)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        hook.remove()
+    offsets = tok(request.prompt, return_offsets_mapping=True)["offset_mapping"]
+    subject_last = max(i for i, (a, b) in enumerate(offsets) if b > a and a < len("Danielle Darrieux"))
+    pos = subject_last if fact_token == "subject_last" else ids.shape[1] - 1
+    assert subject_last < ids.shape[1] - 1                       # the two positions differ in this prompt
+    key = st_load(ed.propose(request).state_blob)["keys.0"][0]
+    assert torch.allclose(key, seen["x"][pos], atol=1e-6)
+    with pytest.raises(SubjectError):                            # "last" still checks a given subject
+        ed.propose(EditRequest(request.prompt, "Paris", subject="Colosseum"))
+
+
+def test_value_lr_is_relative_to_the_hidden_norm(llama):
+    model, tok = llama["model"], llama["tok"]
+    stats = load_second_moments(llama["cache"], model, llama["editor"].modules)
+    make = lambda **kw: RLSEditor.create(model, tok, layers=SPEC, stats=stats,  # noqa: E731
+                                         cfg=RLSEditConfig(**{**FAST, "v_steps": 2, **kw}))
+    info = make(v_lr=None, v_lr_scale=0.3).propose(FACT).info
+    d_v = model.config.hidden_size
+    assert info["v_lr"] == pytest.approx(0.3 * info["h_norm"] / d_v ** 0.5, rel=1e-6)
+    assert make(v_lr=0.05).propose(FACT).info["v_lr"] == 0.05    # an absolute lr is taken as given
+
+
+def test_value_optimisation_stops_on_the_fit_not_on_kl_and_decay(llama):
+    """A decay of 100 · ‖δ‖/‖h‖ keeps NLL + KL + decay far above the threshold after the first step;
+    the optimisation must still stop as soon as the target NLL is below it."""
+    model, tok = llama["model"], llama["tok"]
+    stats = load_second_moments(llama["cache"], model, llama["editor"].modules)
+    make = lambda **kw: RLSEditor.create(model, tok, layers=SPEC, stats=stats,  # noqa: E731
+                                         cfg=RLSEditConfig(**{**FAST, "v_lr": None, "v_lr_scale": 0.05, **kw}))
+    nll0 = make(v_steps=1).propose(FACT).info["z_nll"]               # the NLL before any step
+    info = make(v_steps=10, v_weight_decay=100.0, early_stop_loss=nll0 - 1e-4).propose(FACT).info
+    assert info["z_nll"] < nll0 - 1e-4 and info["z_steps"] < 10, info
+
+
 def test_propose_changes_neither_the_model_nor_c(llama):
     after = snapshot(llama["model"])
     assert all(torch.equal(after[n], llama["weights_before"][n]) for n in after)
@@ -193,6 +266,7 @@ def test_edit_raises_the_target_probability_and_touches_only_its_down_projs(llam
     assert editor.modules == ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
     assert p.modules == editor.modules and p.selected == [0, 1] and p.delta.modules == editor.modules
     assert p.info["subject"] == "Danielle Darrieux" and p.info["subject_source"] == "given"
+    assert 0.5 < p.info["delivered"] <= 1.0 + 1e-6               # the spread update closes most of z − h
     assert torch.allclose(p.importances, torch.tensor(p.info["delta_norms"], dtype=torch.float32))
     assert all(p.delta.rank(n) == 1 for n in editor.modules)
     base = state.fingerprint()
@@ -263,6 +337,8 @@ def test_commit_forget_restore_and_snapshots(llama, tmp_path):
     with pytest.raises(RLSStateMismatch, match="alpha"):
         other.load_state(path)
     assert all(torch.equal(other.C[n], c_other[n]) for n in other.modules) and other.history == {}
+    with pytest.raises(RLSStateMismatch, match="fact_token"):  # its C holds keys read at another token
+        make(fact_token="subject_last").load_state(path)
     with pytest.raises(ValueError, match="already committed"):
         ed.commit(1, Proposal(ed.modules, torch.zeros(2), [0, 1], p.delta, 0.0, 1, state_blob=blobs[1]))
 
@@ -362,13 +438,69 @@ def test_statistics_are_cached_per_model_and_refused_for_another(llama):
 
 def test_gemma2_edit_raises_the_target_probability(tmp_path):
     model, tok = load_model(tiny_model_dir("gemma2"), "float32")
-    editor = RLSEditor.create(model, tok, cfg=RLSEditConfig(cache_dir=str(tmp_path), **{**FAST, "stats_max_tokens": 1500}))
-    assert editor.modules == ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
+    editor = RLSEditor.create(model, tok,
+                              cfg=RLSEditConfig(cache_dir=str(tmp_path), **{**FAST, "stats_max_tokens": 1500}))
+    assert editor.cfg.fact_token == "last" and editor.modules == ["model.layers.1.mlp.down_proj"]  # 4 layers
     request = EditRequest("the eiffel tower is in", "Rome")           # no subject: falls back to the last token
     p = editor.propose(request)
     assert p.info["subject_source"] == "last_token"
-    state = WeightState(resolve_modules(model, SPEC), "tiny-gemma")
+    state = WeightState(resolve_modules(model, editor.cfg.layers), "tiny-gemma")
     state.apply(1, p.delta)
     assert loss_of(model, tok, request) < p.loss_before - 0.05
     state.rollback(1)
     assert state.fingerprint() == state.base_fingerprint
+
+
+# ---- the demo model: the defaults must edit its facts ---------------------------------------------------
+
+def _demo_built() -> bool:
+    from editor_core.assets import DEMO_MODEL, DEMO_SPLIT
+    return (DEMO_MODEL / "config.json").is_file() and DEMO_SPLIT.is_file()
+
+
+@pytest.mark.skipif(not _demo_built(), reason="demo assets not built")
+def test_demo_model_default_edits_flip_single_facts(tmp_path):
+    """With the default settings one edit makes P(new) > P(true) on the edit prompt for at least 7 of
+    8 facts of the demo split's held-out stream (never the benchmark stream). With MEMIT's absolute
+    settings (v_lr 0.1, subject-last token) it was 0 of 10 (docs/rlsedit.md)."""
+    import json
+
+    from editor_core.assets import DEMO_MODEL, DEMO_SPLIT
+    from editor_core.data import SHARED_DATA, load_counterfact
+    from editor_core.evaluate import Probe, ProbeSet, request_for
+
+    split = json.loads(DEMO_SPLIT.read_text())
+    records = {r.case_id: r for r in load_counterfact(SHARED_DATA / split["data"]).records}
+    facts = [records[c] for c in split["streams"]["heldout"][:8]]
+    model, tok = load_model(DEMO_MODEL, "float32")
+    editor = RLSEditor.create(model, tok, cfg=RLSEditConfig(cache_dir=str(tmp_path)))
+    assert editor.cfg.fact_token == "last" and editor.cfg.layers == "down[1-3]"
+    state = WeightState(editor.module_map, "demo")
+    probes = ProbeSet(tok, [Probe(r.prompt, r.target_new, r.target_true) for r in facts])
+    before = probes.scores(model).new_over_true
+    flipped, delivered = [], []
+    for i, r in enumerate(facts):
+        p = editor.propose(request_for(r))
+        state.apply(i + 1, p.delta)
+        flipped.append(float(probes.scores(model).new_over_true[i]))
+        state.rollback(i + 1)
+        delivered.append(p.info["delivered"])
+    assert float(before.mean()) == 0.0                          # the model knows every true answer
+    assert sum(flipped) >= 7, flipped
+    assert min(delivered) > 0.8, delivered                      # the spread update reaches z
+    assert state.fingerprint() == state.base_fingerprint
+
+
+def test_history_bench_reports_its_ratio_and_a_recursion_that_matches_the_batch_form(capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "rlsedit_history.py"
+    spec = importlib.util.spec_from_file_location("rlsedit_history", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--edits", "40", "--window", "10", "--d-k", "64", "--d-v", "16", "--demo-edits", "0"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result   # the last line is the JSON
+    assert result["ratio_solve_late_to_early"] > 0 and result["target_ratio_max"] == 1.2
+    assert result["c_max_rel_err_vs_batch"] < 1e-8 and result["w_max_rel_err_vs_batch"] < 1e-8
