@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -81,8 +82,12 @@ class Reachability:
         self.timeout = timeout
         self._lock = threading.Lock()
         self._probe: concurrent.futures.Future | None = None
+        self._ok_at = float("-inf")  # monotonic time of the last answer; a failure resets it
 
-    def check(self) -> str | None:
+    def check(self, max_age: float = 0.0) -> str | None:
+        """``max_age``: an answer that recent is good enough (reads); 0 asks again (writes)."""
+        if max_age and time.monotonic() - self._ok_at < max_age:
+            return None
         with self._lock:
             probe = self._probe
             if probe is None or probe.done():
@@ -90,9 +95,12 @@ class Reachability:
         try:
             probe.result(self.timeout)
         except concurrent.futures.TimeoutError:
+            self._ok_at = float("-inf")
             return f"no answer within {self.timeout:g} s"
         except Exception as e:  # noqa: BLE001 - any failure to answer SELECT 1 is "unreachable"
+            self._ok_at = float("-inf")
             return describe(e)
+        self._ok_at = time.monotonic()
         return None
 
     def _ping(self) -> None:

@@ -46,12 +46,13 @@ from editor_core.capture import EditInputError, teacher_forced
 from editor_core.delta import LowRankDelta
 from editor_core.editor import EditRequest, Editor, LocalityPrompt, Proposal
 from editor_core.model import model_id
-from editor_core.state import DeltaRejected, WeightState
+from editor_core.state import DeltaRejected
 
 from . import crud, db
 from .metrics import Metrics
 from .models import Edit, EditLayer, EditStatus, Probe, utcnow
 from .settings import Settings
+from .weights import ServedWeights
 
 log = logging.getLogger("hiedit.engine")
 
@@ -207,7 +208,7 @@ class EditEngine:
         self.model_name = model_id(model)
         self.device = next(model.parameters()).device
         self.lock = RWLock()
-        self.state = WeightState(self._editable_modules(), self.model_name)
+        self.state = ServedWeights(self._editable_modules(), self.model_name)
         self.ready = False
         self.started_at = int(time.time())  # unix seconds: the "created" of GET /v1/models
         self.startup_error: str | None = None
@@ -414,25 +415,31 @@ class EditEngine:
                 if editor is not None:
                     editor.forget(edit_id)
         applied = 0
-        for edit, stored in self._stored_edits(add):
-            try:
-                delta = LowRankDelta.from_bytes(stored.blob)
-                self.state.apply(edit.id, delta.to(self.device), swap_lock=self.lock.write())
-            except (DeltaRejected, ValueError) as e:
-                # The weights must match the log: an edit that cannot be applied is marked failed,
-                # which is what a fresh replica would conclude too.
-                log.error("replay: edit %s cannot be applied (%s); marking it failed", edit.id, e)
-                with self.sessions.begin() as session:
-                    crud.set_status(session, edit.id, EditStatus.FAILED, error=f"replay: {e}")
-                continue
-            applied += 1
-            editor = self.editors.get(edit.method)
-            if editor is not None:
-                editor.restore(edit.id, stored.state_blob)
-            else:
-                log.warning("replay: edit %s was made with %r, which this server cannot edit with; "
-                            "its delta is applied, but new %s edits are refused", edit.id, edit.method,
-                            edit.method)
+        for rows in self._stored_edits(add):
+            refused: dict[int, str] = {}
+            deltas = []
+            for edit, stored in rows:
+                try:
+                    deltas.append((edit.id, LowRankDelta.from_bytes(stored.blob).to(self.device)))
+                except ValueError as e:  # not a delta at all
+                    refused[edit.id] = str(e)
+            refused.update(self.state.apply_many(deltas, swap_lock=self.lock.write()))  # one swap per batch
+            for edit, stored in rows:
+                if edit.id in refused:
+                    # The weights must match the log: an edit that cannot be applied is marked failed,
+                    # which is what a fresh replica would conclude too.
+                    log.error("replay: edit %s cannot be applied (%s); marking it failed", edit.id, refused[edit.id])
+                    with self.sessions.begin() as session:
+                        crud.set_status(session, edit.id, EditStatus.FAILED, error=f"replay: {refused[edit.id]}")
+                    continue
+                applied += 1
+                editor = self.editors.get(edit.method)
+                if editor is not None:
+                    editor.restore(edit.id, stored.state_blob)
+                else:
+                    log.warning("replay: edit %s was made with %r, which this server cannot edit with; "
+                                "its delta is applied, but new %s edits are refused", edit.id, edit.method,
+                                edit.method)
         if drop or add:
             log.info("log sync: %d edits rolled back, %d applied", len(drop), applied)
         self.metrics.active_edits.set(len(self.state.active_ids))
@@ -440,10 +447,10 @@ class EditEngine:
         return applied
 
     def _stored_edits(self, ids: list[int], batch: int = 100):
-        """(Edit, EditDelta) of ``ids`` in id order, read ``batch`` rows at a time (deltas can be large)."""
+        """Lists of (Edit, EditDelta) of ``ids`` in id order, ``batch`` rows at a time (deltas can be large)."""
         for i in range(0, len(ids), batch):
             with self.sessions() as session:
-                yield from crud.edits_with_deltas(session, ids[i:i + batch])
+                yield crud.edits_with_deltas(session, ids[i:i + batch])
 
     def _check_log(self, method: str | None) -> None:
         """503 before any work when the log cannot take a write; first repair an uncertain write."""

@@ -22,7 +22,6 @@ from prometheus_client import Gauge
 from sqlalchemy import select
 
 from editor_core.delta import LowRankDelta
-from editor_core.state import DeltaRejected
 
 from . import crud
 from .coordination import Coordinator
@@ -106,20 +105,14 @@ class ReplicaEngine(EditEngine):
         if rebuild:
             with self.lock.write():  # one swap for the whole rebuild: readers never see the partial state
                 self.state.reset()
-                for i in sorted(deltas):
-                    self._apply(i, deltas[i], lock=False)
-            changed = len(drop) + len(add)
+                self._note_unappliable(self.state.apply_many(sorted(deltas.items())))
         else:
-            changed = 0
-            for i in drop:
+            for n, i in enumerate(drop, 1):
                 self.state.rollback(i, swap_lock=self.lock.write())
-                changed += 1
-                self._set_lag(len(drop) + len(add) - changed)
-            for i in add:
-                if i in deltas:
-                    self._apply(i, deltas[i], lock=True)
-                changed += 1
-                self._set_lag(len(drop) + len(add) - changed)
+                self._set_lag(len(drop) + len(add) - n)
+            # the new edits in one swap (the same bytes as one by one: service.weights)
+            self._note_unappliable(self.state.apply_many(sorted(deltas.items()), swap_lock=self.lock.write()))
+        changed = len(drop) + len(add)
         self._set_lag(0)
         self.applied_last_id = max(self.state.active_ids, default=None)
         self.metrics.active_edits.set(len(self.state.active_ids))
@@ -134,13 +127,11 @@ class ReplicaEngine(EditEngine):
             rows = session.execute(select(EditDelta.edit_id, EditDelta.blob).where(EditDelta.edit_id.in_(ids))).all()
         return {edit_id: LowRankDelta.from_bytes(blob) for edit_id, blob in rows}
 
-    def _apply(self, edit_id: int, delta: LowRankDelta, lock: bool) -> None:
-        try:
-            self.state.apply(edit_id, delta, swap_lock=self.lock.write() if lock else None)
-        except (DeltaRejected, ValueError) as e:
+    def _note_unappliable(self, refused: dict[int, str]) -> None:
+        for edit_id, why in refused.items():
             # The writer applied it, so this should not happen; never retry it in a loop, say so.
-            self.unappliable[edit_id] = str(e)
-            log.error("edit %s: the stored delta cannot be applied on this replica: %s", edit_id, e)
+            self.unappliable[edit_id] = why
+            log.error("edit %s: the stored delta cannot be applied on this replica: %s", edit_id, why)
 
     def _set_lag(self, n: int) -> None:
         self.lag = n + len(self.unappliable)

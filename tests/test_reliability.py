@@ -12,6 +12,7 @@ import math
 import random
 import sqlite3
 
+import pytest
 import torch
 from fastapi.testclient import TestClient
 from sqlalchemy.exc import OperationalError
@@ -106,6 +107,60 @@ def test_a_non_finite_delta_is_rejected_and_leaves_the_weights_unchanged(tmp_pat
                                                                 standin_editor_dir)
     _report("non_finite_delta", proposed_values=["nan", "inf", "-inf"], rejected_with_422=3,
             weights_unchanged=True, corrupted_log_row="marked failed at replay")
+
+
+# ---- start-up: the batched replay is the same replay ------------------------------------------------
+
+def test_batched_replay_builds_the_bytes_of_one_by_one_and_refuses_the_same_edits(standin_model_dir):
+    """``ServedWeights.apply_many`` (one swap per module, how a start replays the log) against
+    ``WeightState.apply`` one edit at a time: the same active edits, the same served bytes, the same
+    refusals (a non-finite delta, a module the model lacks, an id out of order, and a sum that
+    overflows float32, which sends it down the one-by-one path)."""
+    from editor_core.model import load_model, model_id
+    from editor_core.state import DeltaRejected, WeightState
+    from service.weights import ServedWeights
+
+    gen = torch.Generator().manual_seed(0)
+    model_a, _ = load_model(standin_model_dir)
+    model_b, _ = load_model(standin_model_dir)
+    names = [n for n, _ in model_a.named_modules() if n.endswith(("gate_proj", "up_proj"))]
+    shapes = {n: model_a.get_submodule(n).weight.shape for n in names}
+    deltas = []
+    for edit_id in range(1, 31):
+        chosen = [names[int(i)] for i in torch.randperm(len(names), generator=gen)[:2]]
+        factors = {}
+        for n in chosen:
+            r = int(torch.randint(1, 4, (1,), generator=gen))
+            factors[n] = (torch.randn(shapes[n][0], r, generator=gen), torch.randn(r, shapes[n][1], generator=gen) * 0.1)
+        deltas.append((edit_id, LowRankDelta(factors)))
+    poisoned = LowRankDelta({n: (l.clone(), r) for n, (l, r) in deltas[6][1].factors.items()})
+    next(iter(poisoned.factors.values()))[0][0, 0] = math.nan
+    deltas[6] = (7, poisoned)
+    deltas[10] = (11, LowRankDelta({"model.layers.9.mlp.gate_proj": (torch.ones(64, 1), torch.ones(1, 32))}))
+    deltas.insert(15, (3, deltas[2][1]))  # out of order
+    reference = WeightState({n: model_a.get_submodule(n) for n in names}, model_id(model_a))
+    refused_one_by_one = set()
+    for edit_id, delta in deltas:
+        try:
+            reference.apply(edit_id, delta)
+        except (DeltaRejected, ValueError):
+            refused_one_by_one.add(edit_id)
+    batched = ServedWeights({n: model_b.get_submodule(n) for n in names}, model_id(model_b))
+    refused = batched.apply_many(deltas[:12])
+    refused.update(batched.apply_many(deltas[12:]))
+    assert set(refused) == refused_one_by_one == {3, 7, 11}
+    assert batched.active_ids == reference.active_ids
+    assert batched.fingerprint() == reference.fingerprint() != reference.base_fingerprint
+    # a sum that overflows: the batch swaps nothing, then finds the culprit one by one, as apply does
+    name = names[0]
+    huge = LowRankDelta({name: (torch.full((shapes[name][0], 1), 1e20), torch.full((1, shapes[name][1]), 1e20))})
+    small = deltas[0][1]
+    with pytest.raises(DeltaRejected):
+        reference.apply(100, huge)
+    reference.apply(101, small)
+    refused = batched.apply_many([(100, huge), (101, small)])
+    assert set(refused) == {100} and "overflows" in refused[100]
+    assert batched.active_ids == reference.active_ids and batched.fingerprint() == reference.fingerprint()
 
 
 # ---- a commit whose answer is lost ---------------------------------------------------------------------

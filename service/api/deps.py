@@ -39,7 +39,7 @@ def get_engine(request: Request) -> EditEngine:
 def get_session(request: Request) -> Iterator[Session]:
     """A session on the log; 503 within HIEDIT_DB_CHECK_TIMEOUT_SECONDS when the database does not answer."""
     engine = getattr(request.app.state, "engine", None)
-    reason = engine.reachability.check() if engine is not None else None
+    reason = engine.reachability.check(max_age=1.0) if engine is not None else None
     if reason is not None:
         raise HTTPException(503, f"database: the edit log is unreachable ({reason}); retry later",
                             headers={"Retry-After": "1"})

@@ -1,0 +1,72 @@
+"""The served weights of a process: ``editor_core.state.WeightState`` plus a batched apply for replays.
+
+A start with 1,000 edits in the log applied them one ``WeightState.apply`` at a time, and every one
+recomputed, checked and swapped the full served weight of each module it touched: 19 s of a 2-core
+machine's start for the demo model (docs/benchmarks.md). ``apply_many`` performs exactly the same
+float operations on the accumulators in the same order (so the served bytes, and the fingerprint,
+are identical: DESIGN §3), but computes, checks and swaps each module's served weight once.
+
+This belongs in ``WeightState`` itself (editor_core); it lives here until it moves there, and
+``tests/test_reliability.py`` checks it against ``apply`` one by one, refusals included.
+"""
+from __future__ import annotations
+
+from typing import ContextManager
+
+import torch
+
+from editor_core.delta import LowRankDelta
+from editor_core.state import DeltaRejected, WeightState
+
+
+class ServedWeights(WeightState):
+
+    def apply_many(self, items: list[tuple[int, LowRankDelta]],
+                   swap_lock: ContextManager | None = None) -> dict[int, str]:
+        """Apply ``items`` ([(edit_id, delta)], ascending ids) as if by ``apply`` one by one, in one swap.
+
+        Returns {edit_id: reason} of the edits ``apply`` would have refused (a delta for another model,
+        a non-finite one, an id out of order); they are left out, the others are applied. When the sum
+        overflows the served dtype nothing is swapped and the items are applied one by one instead, so
+        exactly the edits ``apply`` refuses are refused.
+        """
+        refused: dict[int, str] = {}
+        accepted: list[tuple[int, LowRankDelta]] = []
+        newest = max(self.deltas, default=None)
+        for edit_id, delta in items:
+            if edit_id in self.deltas or edit_id == newest:
+                refused[edit_id] = f"edit {edit_id} is already applied"
+                continue
+            if newest is not None and edit_id < newest:
+                refused[edit_id] = (f"edit {edit_id} is older than the newest active edit {newest}: "
+                                    "apply edits in id order")
+                continue
+            try:
+                self.validate(delta)
+            except DeltaRejected as e:
+                refused[edit_id] = str(e)
+                continue
+            accepted.append((edit_id, delta))
+            newest = edit_id
+        new_acc: dict[str, torch.Tensor] = {}
+        for _, delta in accepted:  # what apply does per edit, without the per-edit swap
+            for name, (left, right) in delta.factors.items():
+                acc = new_acc.get(name)
+                if acc is None:
+                    acc = self.acc.get(name)
+                    acc = torch.zeros(self.base[name].shape, dtype=torch.float32, device=self.base[name].device) \
+                        if acc is None else acc.clone()
+                    new_acc[name] = acc
+                acc.addmm_(left.to(acc.device, torch.float32), right.to(acc.device, torch.float32))
+        try:
+            self._swap(new_acc, swap_lock)  # raises before swapping anything when a weight overflows
+        except DeltaRejected:
+            for edit_id, delta in accepted:  # find which edits overflow, as apply would
+                try:
+                    self.apply(edit_id, delta, swap_lock)
+                except (DeltaRejected, ValueError) as e:
+                    refused[edit_id] = str(e)
+            return refused
+        for edit_id, delta in accepted:
+            self.deltas[edit_id] = delta
+        return refused
