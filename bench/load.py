@@ -141,13 +141,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--edit-rate", type=float, default=2.0, help="edits per second (0: back to back, <0: none)")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server it starts")
+    ap.add_argument("--model", help="model of the server it starts (default: the demo model)")
+    ap.add_argument("--editor", help="HiEdit checkpoint of the server it starts")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     server = None
     url = args.url
     if url is None:
-        a = assets()
+        a = assets(args.model, args.editor)
         server = Server(["--model", a.model, *a.editor_args, "--rlsedit", "off", "--torch-threads",
-                         str(args.threads), *QUIET_SERVER], Path(tempfile.mkdtemp(prefix="hiedit-load-")))
+                         str(args.threads), "--dtype", args.dtype, "--device", args.device, *QUIET_SERVER],
+                        Path(tempfile.mkdtemp(prefix="hiedit-load-")))
         server.start()
         url = server.url
     try:

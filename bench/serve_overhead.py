@@ -24,6 +24,7 @@ The LAST line printed is JSON with ``ratio_http_generate_to_inprocess`` (target 
 
     python bench/serve_overhead.py                      # demo assets (or a tiny stand-in if not built)
     python bench/serve_overhead.py --model DIR --editor DIR --rounds 5 --max-new-tokens 64
+    python bench/serve_overhead.py --model DIR --editor DIR --dtype bfloat16 --device cuda   # a GPU
 """
 from __future__ import annotations
 
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads, the same on both sides (1: an oversubscribed CPU makes OpenMP teams stall)")
     ap.add_argument("--prompt", default=PROMPT)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--latency-windows", type=int, default=4, help="idle/edit window pairs (0: skip part 2)")
     ap.add_argument("--latency-window-s", type=float, default=10.0)
     ap.add_argument("--latency-tokens", type=int, default=16)
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = assets(args.model, args.editor)
     print(f"assets: {a.label}", flush=True)
     server = Server(["--model", a.model, *a.editor_args, "--rlsedit", "off", "--torch-threads", str(args.threads),
-                     *QUIET_SERVER], tmp / "server")
+                     "--dtype", args.dtype, "--device", args.device, *QUIET_SERVER], tmp / "server")
     server.start()
     try:
         # the in-process side: the same model and editor, and an engine on its own database
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         from service.settings import Settings
 
         settings = Settings(home=tmp / "inproc", rlsedit="off", torch_threads=args.threads, probe_every_edits=0,
-                            probe_every_seconds=0, **a.settings_fields())
+                            probe_every_seconds=0, dtype=args.dtype, device=args.device, **a.settings_fields())
         model, tok, editors, unavailable = load_all(settings)
         sql = db.make_engine(settings.resolved_database_url)
         db.upgrade(sql)
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         engine.start().result()
         client = httpx.Client(base_url=server.url, timeout=600)
 
-        ids = tok(args.prompt, return_tensors="pt").input_ids
+        ids = tok(args.prompt, return_tensors="pt").input_ids.to(model.device)
         n_new = args.max_new_tokens
 
         def inproc_generate() -> tuple[int, float]:
