@@ -97,8 +97,8 @@ class RLSEditConfig:
     seed: int = 0
     # target value z (reference §3.2). Scale-aware where MEMIT's settings are in absolute units: the
     # published v_lr (0.1 Llama, 0.5 GPT-J) and the decay ‖δ‖/‖h‖² were tuned for those models' ‖h‖. The
-    # demo model's residual stream has ‖h‖ ≈ 1,500-1,900 at d = 192, where lr 0.1 moved δ to ~2% of ‖h‖
-    # in 25 steps (target NLL 3.7-16.7 after them, 0 of 10 facts flipped).
+    # demo model's residual stream has ‖h‖ ≈ 1,500-2,000 at d = 192, where lr 0.1 moved δ to ~2% of ‖h‖
+    # in 25 steps (target NLL 9.5 on average after them, 0 of 100 facts flipped).
     v_lr: float | None = None            # absolute Adam lr on δ; None = v_lr_scale · ‖h_init‖ / √d_v
     # Adam moves every coordinate by about lr per step, so ‖δ‖ after one step is ≈ lr·√d_v: the default
     # makes the first step half of ‖h_init‖. (On Llama-3-8B, d_v = 4096, the published 0.1 is this rule
