@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -223,6 +224,7 @@ class EditEngine:
         # cores and the GIL, and the writer thread would get an ever smaller share of it.
         self._generation_slots = threading.BoundedSemaphore(settings.max_concurrent_generations)
         self._edits_since_report = 0
+        self._changes_since_snapshot = 0
         self._report_pending = threading.Event()
         self._last_report_t = time.monotonic()
         self._next_report_at = 0.0  # edit-count reports wait until then (HIEDIT_PROBE_MAX_DUTY)
@@ -251,6 +253,8 @@ class EditEngine:
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
+        if self._writer.is_alive():
+            self._submit(self._save_editor_snapshots)  # after the jobs already queued
         self._queue.put(_STOP)
         if self._writer.is_alive():
             self._writer.join(timeout)
@@ -275,6 +279,9 @@ class EditEngine:
             except BaseException as e:  # the writer must survive any one job
                 fut.set_exception(e)
             self._maybe_queue_report()
+            every = self.settings.editor_snapshot_every
+            if every and self._changes_since_snapshot >= every:
+                self._save_editor_snapshots()
 
     def _timer_loop(self) -> None:
         every = self.settings.probe_every_seconds
@@ -380,6 +387,8 @@ class EditEngine:
         """Apply every active edit of the log, in id order; then turn ready."""
         t0 = time.perf_counter()
         try:
+            with self.sessions() as session:
+                self._load_editor_snapshots(set(crud.applied_edit_ids(session)))
             n = self._sync_with_log()
             self.ready = True
             log.info("replayed %d edits in %.2fs; fingerprint %s", n, time.perf_counter() - t0,
@@ -389,6 +398,41 @@ class EditEngine:
             self.startup_error = f"replaying the edit log failed: {e}"
             log.exception("replay failed")
             raise
+
+    # ---- editor state snapshots (RLSEdit's C): a start replays only the recursion since the last one ----
+
+    def _snapshot_path(self, method: str) -> Path:
+        return self.settings.home / "state" / f"{method}.safetensors"
+
+    def _load_editor_snapshots(self, applied: set[int]) -> None:
+        """Editors that snapshot their state start from their last snapshot; ``restore`` then skips the
+        edits it holds, and edits it holds that the log no longer has applied are forgotten."""
+        for method, editor in self.editors.items():
+            path = self._snapshot_path(method)
+            if not hasattr(editor, "load_state") or not path.is_file():
+                continue
+            try:
+                editor.load_state(path)  # changes nothing when it does not fit this editor
+            except Exception as e:  # noqa: BLE001 - a stale or foreign snapshot: replay the recursion instead
+                log.warning("%s snapshot %s not used (%s); replaying the whole log", method, path, e)
+                continue
+            stale = sorted((i for i in getattr(editor, "history", {}) if i not in applied), reverse=True)
+            for edit_id in stale:
+                editor.forget(edit_id)
+            log.info("%s state from %s (%d edits in it, %d since rolled back)", method, path,
+                     len(getattr(editor, "history", {})) + len(stale), len(stale))
+
+    def _save_editor_snapshots(self) -> None:
+        """Snapshot the editors' state while it matches the log (on the writer, between jobs)."""
+        self._changes_since_snapshot = 0
+        if not self.ready or self._log_uncertain:
+            return
+        for method, editor in self.editors.items():
+            if hasattr(editor, "save_state"):
+                try:
+                    editor.save_state(self._snapshot_path(method))
+                except Exception as e:  # noqa: BLE001 - only a slower next start
+                    log.warning("%s state not snapshotted: %s", method, e)
 
     def _sync_with_log(self) -> int:
         """Make the active edits in memory exactly the log's ``applied`` edits, in id order.
@@ -646,6 +690,7 @@ class EditEngine:
                 m.layer_selections.labels(module=layer.module).inc()
         m.active_edits.set(len(self.state.active_ids))
         self._edits_since_report += 1
+        self._changes_since_snapshot += 1
         try:
             with self.sessions.begin() as session:
                 row = session.get(Edit, edit_id)
@@ -718,6 +763,7 @@ class EditEngine:
         self.metrics.edits.labels(method=edit.method, status="rolled_back").inc()
         self.metrics.active_edits.set(len(self.state.active_ids))
         self._edits_since_report += 1
+        self._changes_since_snapshot += 1
         try:
             with self.sessions() as session:
                 return crud.get_edit(session, edit_id)

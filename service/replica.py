@@ -53,6 +53,9 @@ class ReplicaEngine(EditEngine):
 
     submit_edit = submit_rollback = add_probe = _refuse
 
+    def _save_editor_snapshots(self) -> None:
+        """Nothing to save: a replica's editors never commit an edit."""
+
     # ---- following the log ------------------------------------------------------------------------
 
     def _replay(self) -> int:

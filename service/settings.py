@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     probe_max_duty: float = Field(0.1, gt=0, le=1, description="the reports started by probe_every_edits take "
                                   "at most this share of the writer's time (retention is O(active edits))")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    editor_snapshot_every: int = Field(100, ge=0, description="snapshot the editors' state (RLSEdit's C) under "
+                                       "<home>/state after this many edits and rollbacks, and at shutdown, so a start "
+                                       "replays only the recursion since (0: only at shutdown)")
     db_check_timeout_seconds: float = Field(1.0, gt=0, description="a write first checks the database answers "
                                             "within this long, else 503 (an outage never hangs a request)")
 

@@ -163,6 +163,60 @@ def test_batched_replay_builds_the_bytes_of_one_by_one_and_refuses_the_same_edit
     assert batched.active_ids == reference.active_ids and batched.fingerprint() == reference.fingerprint()
 
 
+def test_rlsedit_state_snapshot_spares_the_replay_and_forgets_what_was_rolled_back_since(tmp_path, standin_model_dir,
+                                                                                         caplog):
+    """A graceful stop snapshots RLSEdit's C; the next start loads it, so ``restore`` skips the edits in
+    it (no Woodbury recursion to replay), and an edit the log rolled back after the snapshot (another
+    writer, say) is forgotten: the state equals that of a start without the snapshot."""
+    from sqlalchemy import create_engine, text
+
+    from service.loading import load_all
+
+    def app():
+        cfg = app_settings(tmp_path, model=str(standin_model_dir), editor="none", rlsedit_stats_tokens=2000)
+        cfg = cfg.model_copy(update={"rlsedit": "on"})
+        return create_app(cfg, load_all(cfg))
+
+    facts = [(FACT1.prompt, FACT1.target, "The Eiffel Tower"), (FACT2.prompt, FACT2.target, "Danielle Darrieux"),
+             ("Berlin is the capital of", "France", "Berlin")]
+    with TestClient(app()) as c:
+        wait_ready(c)
+        ids = []
+        for prompt, target, subject in facts:
+            r = c.post("/edits", json={"prompt": prompt, "target": target, "subject": subject, "method": "rlsedit"})
+            assert r.status_code == 201, r.text
+            ids.append(r.json()["id"])
+    snapshot = tmp_path / "state" / "rlsedit.safetensors"
+    assert snapshot.is_file()
+    db_url = f"sqlite:///{tmp_path / 'hiedit.db'}"
+    sql = create_engine(db_url)
+    with sql.begin() as conn:  # rolled back behind this writer's back, after its snapshot
+        conn.execute(text("UPDATE edits SET status = 'rolled_back' WHERE id = :i"), {"i": ids[1]})
+    sql.dispose()
+
+    def started():
+        a = app()
+        client = TestClient(a)
+        client.__enter__()
+        wait_ready(client)
+        return a, client
+
+    caplog.set_level("INFO", logger="hiedit.engine")
+    from_snapshot, c1 = started()
+    assert f"rlsedit state from {snapshot} (3 edits in it, 1 since rolled back)" in caplog.text
+    rls = from_snapshot.state.engine.editors["rlsedit"]
+    assert sorted(rls.history) == [ids[0], ids[2]]
+    state1 = c1.get("/state").json()
+    c1.__exit__(None, None, None)
+    snapshot.unlink()
+    from_log, c2 = started()
+    fresh = from_log.state.engine.editors["rlsedit"]
+    assert sorted(fresh.history) == sorted(rls.history)
+    assert all(torch.allclose(rls.C[n], fresh.C[n], rtol=1e-9, atol=1e-12) for n in fresh.modules)
+    assert c2.get("/state").json()["fingerprint"] == state1["fingerprint"]
+    c2.__exit__(None, None, None)
+
+
 # ---- a commit whose answer is lost ---------------------------------------------------------------------
 
 class _LosesCommitAnswers:
