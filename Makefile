@@ -13,7 +13,7 @@ serve: install
 test: install
 	$(PY) -m pytest -q
 
-# The long reliability runs of docs/reliability.md (about 15 minutes on 2 CPU cores): 10 SIGKILLs in a
+# The long reliability runs of docs/reliability.md (11 minutes on 2 shared CPU cores): 10 SIGKILLs in a
 # 200-edit stream, 120 s of 16 generation clients and 2 edits/s, >= 1,000 fuzz cases, the outages.
 # Needs the PostgreSQL and Redis of the tests; prints one "RELIABILITY {...}" line per case.
 soak: install
