@@ -234,17 +234,18 @@ class MethodContext:
     def base_train_options(self) -> dict:
         """The HiEdit editor's own training options, so a trained baseline differs only in what it ablates.
 
-        Read from the checkpoint's ``trainer_state.pt`` when the trainer left one; otherwise the
-        architecture fields of its config (rank, blocks, router width, initial η, capture tokens).
+        Read from the checkpoint's ``train.json`` (the trainer's small log, committed with the demo
+        editors); otherwise the architecture fields of its config (rank, blocks, router width,
+        initial η, capture tokens).
         """
-        from .train import TRAINER_STATE_FILE, TrainConfig
+        from .train import TRAIN_LOG_FILE, TrainConfig
 
         hi = self.hiedit().cfg
         opts = {"rank": hi.rank, "n_blocks": hi.n_blocks, "router_hidden": hi.router_hidden,
-                "lr_init": hi.lr_init, "tokens": hi.tokens}
-        state_file = Path(self.hiedit_dir) / TRAINER_STATE_FILE
-        if state_file.is_file():
-            saved = torch.load(state_file, map_location="cpu", weights_only=False).get("cfg", {})
+                "lr_init": hi.lr_init, "tokens": hi.tokens, "max_delta_rel": hi.max_delta_rel}
+        log_file = Path(self.hiedit_dir) / TRAIN_LOG_FILE
+        if log_file.is_file():
+            saved = json.loads(log_file.read_text()).get("cfg", {})
             known = {f.name for f in fields(TrainConfig)}
             opts.update({k: v for k, v in saved.items() if k in known})
         for transient in ("method", "stop_after", "update", "save_every"):

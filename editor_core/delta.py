@@ -18,6 +18,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 
+def frobenius_sq(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """‖left @ right‖_F² = tr((leftᵀ left)(right rightᵀ)), differentiable, without the dense product."""
+    return ((left.T @ left) * (right @ right.T)).sum()
+
+
 @dataclass
 class LowRankDelta:
     """{module name: (left [d_out, r], right [r, d_in])}, float32, on CPU or the model's device."""

@@ -20,7 +20,7 @@ from torch import nn
 
 from .capture import (DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TARGET_TOKENS, Capture, capture,
                       teacher_forced)
-from .delta import LowRankDelta
+from .delta import LowRankDelta, frobenius_sq
 from .editor import EditRequest, Proposal, StatelessEditor
 from .model import model_id, resolve_modules
 from .nets import LowLevelNet, Router, topk_ste
@@ -45,6 +45,8 @@ class HiEditConfig:
     router_hidden: int = 256             # encoder width (paper Table 4: 256)
     lr_init: float = 1e-6                # initial η_l
     tokens: str = "all"                  # capture positions: "all" (MEND style) or "target"
+    max_delta_rel: float = 0.0           # trust region ρ: ‖ΔW_l‖_F ≤ ρ ‖W_l⁰‖_F per edit (0 = none, the paper)
+    weight_norms: list[float] = field(default_factory=list)  # ‖W_l⁰‖_F per module, filled from the model
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
     max_target_tokens: int = DEFAULT_MAX_TARGET_TOKENS
     shapes: list[list[int]] = field(default_factory=list)  # (d_in, d_out) per module, filled from the model
@@ -67,6 +69,9 @@ class HiEditNet(nn.Module):
         shapes = [tuple(s) for s in cfg.shapes]
         if not shapes:
             raise ValueError("HiEditConfig.shapes is empty: build the config with HiEditor.create")
+        if cfg.max_delta_rel and len(cfg.weight_norms) != len(shapes):
+            raise ValueError("HiEditConfig.max_delta_rel needs weight_norms for every module: build the config "
+                             "with HiEditor.create")
         self.router = Router(shapes, cfg.router_hidden)
         self.nets = nn.ModuleDict()
         self.index_in_group: list[int] = []
@@ -96,11 +101,12 @@ class HiEditNet(nn.Module):
         """(left [d_out, n], right [n, d_in]) of ΔW_l; differentiable in the net's parameters."""
         return self.net_for(l).factors([u], [delta], [self.index_in_group[l]])[0]
 
-    def factors_many(self, modules: list[int], keys: list[torch.Tensor],
-                     grads: list[torch.Tensor]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    def factors_many(self, modules: list[int], keys: list[torch.Tensor], grads: list[torch.Tensor],
+                     trust_region: bool = True) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """{l: (left, right)} for the given module indices, one batched pass per weight shape.
 
-        keys/grads are indexed by module (all L of them); only ``modules`` are run.
+        keys/grads are indexed by module (all L of them); only ``modules`` are run. With
+        ``trust_region`` each ΔW_l is scaled into its trust region (``within_trust_region``).
         """
         out = {}
         for shape in sorted(set(self.shapes[l] for l in modules)):
@@ -108,7 +114,24 @@ class HiEditNet(nn.Module):
             pairs = self.nets[Router.key(shape)].factors([keys[l] for l in members], [grads[l] for l in members],
                                                          [self.index_in_group[l] for l in members])
             out.update(zip(members, pairs))
+        if trust_region:
+            out = {l: self.within_trust_region(l, left, right) for l, (left, right) in out.items()}
         return out
+
+    def within_trust_region(self, l: int, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ΔW_l · min(1, ρ ‖W_l⁰‖_F / ‖ΔW_l‖_F): one edit never moves a module by more than ρ of its norm.
+
+        Departure from the paper, which bounds ΔW only softly (λ‖ΔW‖²). The editor's input is a
+        gradient, and a fact the drifting model gets badly wrong has an outsized gradient; on a small
+        model one such edit, scaled by a net that never saw it, can be larger than the weights it
+        edits and wreck every later answer. The scaling is differentiable, so training learns to
+        produce updates that work inside the region. ρ = 0 turns it off.
+        """
+        if not self.cfg.max_delta_rel:
+            return left, right
+        bound = self.cfg.max_delta_rel * self.cfg.weight_norms[l]
+        norm = frobenius_sq(left, right).clamp_min(0).sqrt()
+        return left * torch.clamp(bound / (norm + 1e-12), max=1.0), right
 
 
 class HiEditor(StatelessEditor):
@@ -135,7 +158,8 @@ class HiEditor(StatelessEditor):
         """A freshly initialised (untrained) editor for ``model``; k defaults to L/2."""
         modules = resolve_modules(model, layer_spec)
         shapes = [[m.in_features, m.out_features] for m in modules.values()]
-        cfg = HiEditConfig(layer_spec=layer_spec, k=k or max(1, len(modules) // 2), shapes=shapes,
+        norms = [float(m.weight.detach().float().norm()) for m in modules.values()]
+        cfg = HiEditConfig(layer_spec=layer_spec, k=k or max(1, len(modules) // 2), shapes=shapes, weight_norms=norms,
                            base_model=model_id(model), base_fingerprint=base_weights_fingerprint(model, modules),
                            **overrides)
         if not 1 <= cfg.k <= len(modules):

@@ -47,16 +47,29 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--time-decay", type=float, default=_FIELDS.time_decay, help="μ")
     g.add_argument("--loc-coef", type=float, default=_FIELDS.loc_coef, help="α")
     g.add_argument("--reg-coef", type=float, default=_FIELDS.reg_coef, help="λ")
+    g.add_argument("--edit-coef", type=float, default=_FIELDS.edit_coef,
+                   help="weight of the edit prompt's CE beside its rephrase's (0 = the paper: rephrase only)")
+    g.add_argument("--general-loc", type=int, default=_FIELDS.general_loc,
+                   help="general-text sentences in each step's locality KL (0 = the paper: neighbourhood prompts only)")
+    g.add_argument("--general-text", type=Path,
+                   help="general text for --general-loc, one sentence per line (default: the GLUE sentences "
+                        "of ../shared/data/glue)")
     g.add_argument("--no-baseline", action="store_true", help="skip the full-layer baseline (advantage not logged)")
     g = parser.add_argument_group("optimiser and editor")
     g.add_argument("--meta-lr", type=float, default=_FIELDS.meta_lr)
     g.add_argument("--eta-lr", type=float, help="Adam lr of the learned edit lrs (default: --meta-lr)")
+    g.add_argument("--router-lr", type=float, help="Adam lr of the router (default: --meta-lr)")
+    g.add_argument("--block-lr", type=float, default=_FIELDS.block_lr,
+                   help="Adam lr of the editor blocks (A, B, b, s); 0 keeps them at identity, which the demo "
+                        "editors do because learned blocks collapsed the demo model (docs/results.md)")
     g.add_argument("--max-grad-norm", type=float, default=_FIELDS.max_grad_norm)
     g.add_argument("--lr-init", type=float, default=_FIELDS.lr_init, help="initial edit lr η (paper: 1e-6 at 8B)")
     g.add_argument("--rank", type=int, default=_FIELDS.rank)
     g.add_argument("--n-blocks", type=int, default=_FIELDS.n_blocks)
     g.add_argument("--router-hidden", type=int, default=_FIELDS.router_hidden)
     g.add_argument("--tokens", choices=["all", "target"], default=_FIELDS.tokens)
+    g.add_argument("--max-delta-rel", type=float, default=_FIELDS.max_delta_rel,
+                   help="trust region ρ: no edit moves a module by more than ρ·‖W⁰‖_F (0 = none)")
     parser.add_argument("--eval-data", help="after training, measure single-edit efficacy on these records")
     parser.add_argument("--eval-n", type=int, default=50, help="records of --eval-data to measure")
     parser.add_argument("--no-progress", action="store_true")
@@ -66,9 +79,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, trajectories=args.trajectories, traj_len=args.traj_len,
                        update=args.update, stop_after=args.stop_after, back_depth=args.back_depth,
                        time_decay=args.time_decay, loc_coef=args.loc_coef, reg_coef=args.reg_coef,
+                       edit_coef=args.edit_coef, general_loc=args.general_loc,
                        baseline=not args.no_baseline, meta_lr=args.meta_lr, eta_lr=args.eta_lr,
+                       router_lr=args.router_lr, block_lr=args.block_lr,
                        max_grad_norm=args.max_grad_norm, lr_init=args.lr_init, rank=args.rank,
                        n_blocks=args.n_blocks, router_hidden=args.router_hidden, tokens=args.tokens,
+                       max_delta_rel=args.max_delta_rel,
                        skip_bad=args.skip_bad)
 
 
@@ -95,9 +111,12 @@ def run(args: argparse.Namespace) -> int:
         loaded = load_records(args.data, tokenizer=tokenizer, skip_bad=args.skip_bad, limit=args.limit)
         if loaded.skipped:
             print(f"skipped {loaded.skipped} bad records of {args.data}", file=sys.stderr)
+        general = None
+        if args.general_text is not None:
+            general = [line.strip() for line in args.general_text.read_text().splitlines() if line.strip()]
         start = time.time()
         editor = train_editor(model, tokenizer, args.layers, k, loaded.records, Path(args.out), seed=args.seed,
-                              cfg=cfg, progress=not args.no_progress, resume=args.resume)
+                              cfg=cfg, progress=not args.no_progress, resume=args.resume, general_texts=general)
         summary = {"out": str(args.out), "method": editor.method, "k": k, "modules": n_modules,
                    "records": len(loaded.records), "skipped": loaded.skipped, "seconds": round(time.time() - start, 1)}
         if args.eval_data:

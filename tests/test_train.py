@@ -15,7 +15,7 @@ from editor_core.hiedit import CheckpointMismatch, HiEditor
 from editor_core.model import load_model
 from editor_core.state import WeightState
 from editor_core.tiny import build_tiny_model
-from editor_core.train import (TRAINER_STATE_FILE, BadRecord, Trainer, TrainConfig, TrainConfigError,
+from editor_core.train import (BLOCK_PARAMS, TRAINER_STATE_FILE, BadRecord, Trainer, TrainConfig, TrainConfigError,
                                single_edit_efficacy, tokenize_records, train_editor)
 
 SPEC = "gate[0-1],up[0-1]"  # L = 4 modules
@@ -173,7 +173,7 @@ def test_every_editor_block_parameter_learns_from_the_first_step(tiny):
     identity through any amount of training (only offsets and η moved).
     """
     model, tok = tiny
-    tr = _trainer(model, tok, TrainConfig(**SMALL))
+    tr = _trainer(model, tok, TrainConfig(block_lr=None, **SMALL))
     tr.run_trajectory([0, 1, 2], step=False)
     for name, p in tr.net.nets.named_parameters():
         # ∂/∂A = hᵀ (g Bᵀ) and ∂/∂s = clamp(h A B + b, 0) are 0 while B = b = 0: they learn from the second update
@@ -185,6 +185,24 @@ def test_every_editor_block_parameter_learns_from_the_first_step(tiny):
     for name, p in tr.net.nets.named_parameters():
         assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
     tr.end()
+
+
+def test_block_lr_zero_keeps_the_blocks_at_identity_and_trains_the_rest(tiny):
+    """block_lr = 0 (the default): A, B, b, s take no gradient and do not move; offsets, η and the router do."""
+    model, tok = tiny
+    tr = _trainer(model, tok, TrainConfig(meta_lr=1e-2, **SMALL))
+    before = {n: p.detach().clone() for n, p in tr.net.named_parameters()}
+    tr.run_trajectory([0, 1, 2], step=True)
+    for n, p in tr.net.named_parameters():
+        moved = not torch.equal(p.detach(), before[n])
+        if n.startswith("nets.") and n.endswith(BLOCK_PARAMS):
+            assert not moved and p.grad is None, n
+        elif n.endswith(("offset.weight", "lr.weight")) or n.startswith("router."):
+            assert moved, n
+    tr.end()
+    assert all(p.requires_grad for p in tr.net.parameters())
+    with pytest.raises(TrainConfigError, match="block_lr"):
+        TrainConfig(block_lr=-1.0).validate()
 
 
 def test_training_lowers_rephrase_ce_on_the_training_stream(tiny):
@@ -371,3 +389,52 @@ def test_trains_a_gemma2_model_and_scores_kept_positions_like_full_logits():
     stats = tr.run_trajectory([0, 1, 2])
     assert len(stats) == 3 and all(math.isfinite(s.ce) and math.isfinite(s.advantage) for s in stats)
     tr.end()
+
+
+def test_trust_region_bounds_every_edit_and_passes_gradients(tiny):
+    """‖ΔW_l‖_F ≤ ρ ‖W_l⁰‖_F for every module and fact, and training still reaches the nets through it."""
+    model, tok = tiny
+    rho = 1e-4  # far below what an untrained editor proposes, so every delta is scaled down
+    editor = HiEditor.create(model, tok, SPEC, k=2, seed=0, lr_init=1e-2, max_delta_rel=rho, **SMALL)
+    bounds = [rho * float(m.weight.float().norm()) for m in editor.module_map.values()]
+    assert editor.cfg.weight_norms == pytest.approx([b / rho for b in bounds])
+    for r in _records()[:4]:
+        from editor_core.editor import EditRequest
+        prop = editor.propose(EditRequest(r.prompt, r.target_new), k=4)
+        for name in prop.delta.modules:
+            l = editor.modules.index(name)
+            assert prop.delta.frobenius_norm(name) <= bounds[l] * (1 + 1e-4)
+            assert prop.delta.frobenius_norm(name) >= bounds[l] * 0.99  # scaled down to the boundary, not zeroed
+    examples, _ = tokenize_records(tok, _records(), 64, 8)
+    tr = Trainer(editor, examples, TrainConfig(**SMALL), 2)
+    editor.net.train()
+    tr.run_trajectory([0, 1], step=False)
+    assert float(editor.net.nets[next(iter(editor.net.nets))].lr.weight.grad.abs().sum()) > 0
+    tr.end()
+    with pytest.raises(ValueError, match="max_delta_rel"):
+        from editor_core.hiedit import HiEditConfig, HiEditNet
+        HiEditNet(HiEditConfig(layer_spec=SPEC, k=2, shapes=editor.cfg.shapes, max_delta_rel=0.1, **SMALL))
+
+
+def test_general_text_enters_the_locality_kl(tiny):
+    """With general_loc > 0 each step's KL covers that many general sentences, chosen by the fact, seeded."""
+    model, tok = tiny
+    texts = [f"{s} and {o} are words of a sentence." for s, o in zip(SUBJECTS, OBJECTS)]
+    from editor_core.train import _general_pool
+    cfg = TrainConfig(general_loc=3, **SMALL)
+    pool = _general_pool(tok, texts, cfg, seed=0)
+    assert len(pool) == len(texts) and all(int((g.labels != -100).sum()) == g.input_ids.shape[1] - 1 for g in pool)
+    assert _general_pool(tok, texts, TrainConfig(general_loc=0, **SMALL), seed=0) == []
+    tr = _trainer(model, tok, cfg)
+    tr.general = pool
+    ids = lambda i: [g.input_ids.tolist() for g in tr.general_for(i)]  # noqa: E731
+    assert len(ids(5)) == 3 and ids(5) == ids(5) and ids(5) != ids(6)
+    # the same step with and without the general rows: only the KL (and so the task loss) differs
+    with_general = tr.run_trajectory([0], step=False)[0]
+    tr.general, tr.cfg.general_loc = [], 0
+    tr.zero_grad()
+    without = tr.run_trajectory([0], step=False)[0]
+    assert with_general.ce == pytest.approx(without.ce, rel=1e-3)  # same step, other padding
+    assert with_general.kl != pytest.approx(without.kl)
+    with pytest.raises(TrainConfigError, match="general_loc"):
+        TrainConfig(general_loc=-1).validate()
