@@ -638,7 +638,7 @@ class EditEngine:
             layers.append(EditLayer(index=i, module=name, importance=float(proposal.importances[i]),
                                     selected=chosen,
                                     delta_norm=delta.frobenius_norm(name) if chosen else 0.0,
-                                    rank=audit_rank(delta, name) if chosen else 0))
+                                    rank=delta.rank(name) if chosen else 0))
         edit = Edit(status=EditStatus.APPLIED, method=spec.method, model=self.model_name, prompt=spec.prompt,
                     target=spec.target, subject=spec.subject, rephrases=list(spec.rephrases),
                     locality=list(spec.locality), k=k, actor=actor, created_at=utcnow(),
@@ -830,23 +830,6 @@ class EditEngine:
             hit = (logits.argmax(-1).cpu() == labels) | (labels == -100)
             lost += [edit_id for (edit_id, _, _), ok in zip(chunk, hit.all(-1).tolist()) if not ok]
         return lost
-
-
-def audit_rank(delta: LowRankDelta, name: str, rtol: float = 1e-6) -> int:
-    """The numerical rank of ΔW = L R that the audit records: ``LowRankDelta.rank`` (eigenvalues of the
-    product of the factors' Gram matrices), or, when LAPACK's non-symmetric eigensolver does not converge
-    on that product (it did, once in 709 demo edits: a 500 for an edit that was otherwise fine), the
-    singular values of R_L R_Rᵀ from QR factorisations L = Q_L R_L and Rᵀ = Q_R R_R, which are those
-    of L R and need no eigensolver. The audit figure must never cost the edit."""
-    try:
-        return delta.rank(name, rtol)
-    except torch.linalg.LinAlgError:
-        left, right = (t.detach().double().cpu() for t in delta.factors[name])
-        if left.numel() == 0 or right.numel() == 0:
-            return 0
-        sv = torch.linalg.svdvals(torch.linalg.qr(left).R @ torch.linalg.qr(right.T).R.T)
-        top = float(sv.max()) if sv.numel() else 0.0
-        return int((sv > rtol * top).sum()) if top > 0 else 0
 
 
 def _jsonable(info: dict) -> dict:

@@ -217,24 +217,24 @@ def test_rlsedit_state_snapshot_spares_the_replay_and_forgets_what_was_rolled_ba
     c2.__exit__(None, None, None)
 
 
-def test_the_audit_rank_survives_an_eigensolver_that_does_not_converge(monkeypatch):
-    """The audit's rank of ΔW = L R falls back to QR + SVD when LowRankDelta.rank's eigensolver fails
-    (torch.linalg.eigvals raised LinAlgError on edit 709 of a 1,000-edit demo stream: a 500 for an edit
-    that was otherwise fine), and gives the same rank."""
-    from service.engine import audit_rank
-
+def test_the_audit_rank_needs_no_eigensolver(monkeypatch):
+    """The audit's rank of ΔW = L R (LowRankDelta.rank) is exact and uses QR + SVD only: an eigensolver
+    on (LᵀL)(RRᵀ) raised LinAlgError on edit 709 of a 1,000-edit demo stream, a 500 for an edit that
+    was otherwise fine."""
     g = torch.Generator().manual_seed(0)
     left, right = torch.randn(64, 6, generator=g), torch.randn(6, 48, generator=g)
     left[:, 5] = left[:, 0] + left[:, 1]  # rank 5
-    delta = LowRankDelta({"m": (left, right), "zero": (torch.zeros(64, 2), torch.zeros(2, 48))})
-    expected = {"m": int(torch.linalg.matrix_rank(left.double() @ right.double(), rtol=1e-6)), "zero": 0}
-    assert expected["m"] == 5 and {n: audit_rank(delta, n) for n in expected} == expected
+    wide = (torch.randn(4, 9, generator=g), torch.randn(9, 7, generator=g))  # r > both dims: rank 4
+    delta = LowRankDelta({"m": (left, right), "zero": (torch.zeros(64, 2), torch.zeros(2, 48)), "wide": wide})
+    expected = {n: int(torch.linalg.matrix_rank(l.double() @ r.double(), rtol=1e-6)) for n, (l, r) in
+                delta.factors.items()}
+    assert expected == {"m": 5, "zero": 0, "wide": 4}
 
-    def fails(self, name, rtol=1e-6):
+    def fails(*a, **k):
         raise torch.linalg.LinAlgError("torch.linalg.eigvals: The algorithm failed to converge")
 
-    monkeypatch.setattr(LowRankDelta, "rank", fails)
-    assert {n: audit_rank(delta, n) for n in expected} == expected
+    monkeypatch.setattr(torch.linalg, "eigvals", fails)
+    assert {n: delta.rank(n) for n in expected} == expected
 
 
 # ---- a commit whose answer is lost ---------------------------------------------------------------------
