@@ -28,7 +28,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, help="modules edited per fact (default L/2; k = L trains RLEdit)")
     parser.add_argument("--out", required=True, help="output directory (editor + checkpoints)")
     parser.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
-    parser.add_argument("--limit", type=int, help="use only the first N records of --data")
+    parser.add_argument("--limit", type=int, help="use only the first N records of --data (after --offset)")
+    parser.add_argument("--offset", type=int, default=0,
+                        help="skip the first N records of --data (the demo split's editor_train stream is "
+                             "counterfact-edit.json --offset 1000 --limit 300)")
     parser.add_argument("--skip-bad", action="store_true", help="skip bad records (and count them) instead of failing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
@@ -108,7 +111,11 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(model_path, dtype=args.dtype, device=args.device)
         n_modules = len(resolve_modules(model, args.layers))
         k = args.k or max(1, n_modules // 2)
-        loaded = load_records(args.data, tokenizer=tokenizer, skip_bad=args.skip_bad, limit=args.limit)
+        if args.offset < 0:
+            raise TrainConfigError("--offset must be >= 0")
+        limit = None if args.limit is None else args.offset + args.limit
+        loaded = load_records(args.data, tokenizer=tokenizer, skip_bad=args.skip_bad, limit=limit)
+        loaded.records[:] = loaded.records[args.offset:]
         if loaded.skipped:
             print(f"skipped {loaded.skipped} bad records of {args.data}", file=sys.stderr)
         general = None
