@@ -21,6 +21,13 @@ from .train import TrainConfig
 _FIELDS = TrainConfig()
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
+    return value
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="base model directory or hub id (default: the demo model)")
     parser.add_argument("--data", required=True, help="editing dataset: ZsRE (MEND format) or CounterFact")
@@ -29,7 +36,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (editor + checkpoints)")
     parser.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
     parser.add_argument("--limit", type=int, help="use only the first N records of --data (after --offset)")
-    parser.add_argument("--offset", type=int, default=0,
+    parser.add_argument("--offset", type=_non_negative_int, default=0,
                         help="skip the first N records of --data (the demo split's editor_train stream is "
                              "counterfact-edit.json --offset 1000 --limit 300)")
     parser.add_argument("--skip-bad", action="store_true", help="skip bad records (and count them) instead of failing")
@@ -111,21 +118,19 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(model_path, dtype=args.dtype, device=args.device)
         n_modules = len(resolve_modules(model, args.layers))
         k = args.k or max(1, n_modules // 2)
-        if args.offset < 0:
-            raise TrainConfigError("--offset must be >= 0")
         limit = None if args.limit is None else args.offset + args.limit
         loaded = load_records(args.data, tokenizer=tokenizer, skip_bad=args.skip_bad, limit=limit)
-        loaded.records[:] = loaded.records[args.offset:]
+        records = loaded.records[args.offset:]
         if loaded.skipped:
             print(f"skipped {loaded.skipped} bad records of {args.data}", file=sys.stderr)
         general = None
         if args.general_text is not None:
             general = [line.strip() for line in args.general_text.read_text().splitlines() if line.strip()]
         start = time.time()
-        editor = train_editor(model, tokenizer, args.layers, k, loaded.records, Path(args.out), seed=args.seed,
+        editor = train_editor(model, tokenizer, args.layers, k, records, Path(args.out), seed=args.seed,
                               cfg=cfg, progress=not args.no_progress, resume=args.resume, general_texts=general)
         summary = {"out": str(args.out), "method": editor.method, "k": k, "modules": n_modules,
-                   "records": len(loaded.records), "skipped": loaded.skipped, "seconds": round(time.time() - start, 1)}
+                   "records": len(records), "skipped": loaded.skipped, "seconds": round(time.time() - start, 1)}
         if args.eval_data:
             eval_records = load_records(args.eval_data, tokenizer=tokenizer, skip_bad=True, limit=args.eval_n).records
             summary["single_edit_efficacy"] = single_edit_efficacy(editor, eval_records, progress=not args.no_progress)

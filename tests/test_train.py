@@ -344,6 +344,14 @@ def test_cli_trains_resumes_and_refuses(tmp_path, capsys):
     state = torch.load(tmp_path / "ed" / TRAINER_STATE_FILE, weights_only=False)
     assert (state["epoch"], state["traj"]) == (1, 0)
 
+    n = len(_records())
+    offset = [a if a != str(tmp_path / "ed") else str(tmp_path / "ed-offset") for a in base]
+    assert main(offset + ["--offset", "2", "--limit", str(n - 3), "--stop-after", "1"]) == 0
+    assert f'"records": {n - 3}' in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(base + ["--offset", "-1"])
+    assert "--offset: must be >= 0" in capsys.readouterr().err
+
     other = [a if a != SPEC else "gate[0-1],up[1]" for a in base]
     assert main(other + ["--resume"]) == 2
     assert "--layers" in capsys.readouterr().err
