@@ -7,6 +7,7 @@ the proposal, logs it and applies it through ``WeightState``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -79,6 +80,13 @@ class Editor(Protocol):
 
     def restore(self, edit_id: int, state_blob: bytes | None) -> None: ...
 
+    def save_state(self, path: Path) -> None:
+        """Snapshot the editor's state to ``path`` (stateless editors write nothing)."""
+
+    def load_state(self, path: Path) -> list[int]:
+        """Replace the state by the snapshot at ``path``; the ids of the edits it holds (raises, changing
+        nothing, when the snapshot does not fit this editor)."""
+
 
 class StatelessEditor:
     """Base for editors whose proposals depend only on their weights and the model (HiEdit and
@@ -92,3 +100,9 @@ class StatelessEditor:
 
     def restore(self, edit_id: int, state_blob: bytes | None) -> None:
         pass
+
+    def save_state(self, path: Path) -> None:
+        pass
+
+    def load_state(self, path: Path) -> list[int]:
+        return []

@@ -841,9 +841,9 @@ class RLSEditor:
         tmp.replace(path)
         return path
 
-    def load_state(self, path: str | Path) -> None:
-        """Replace C and the history by a snapshot; RLSStateMismatch (nothing changed) if it was made
-        for other layers, statistics, model or settings."""
+    def load_state(self, path: str | Path) -> list[int]:
+        """Replace C and the history by a snapshot; the ids of the edits in it. RLSStateMismatch (nothing
+        changed) if it was made for other layers, statistics, model or settings."""
         from safetensors import safe_open
 
         path = Path(path)
@@ -861,3 +861,4 @@ class RLSEditor:
         history = {int(e): {n: tensors[f"K.{e}.{i}"] for i, n in enumerate(self.modules) if f"K.{e}.{i}" in tensors}
                    for e in json.loads(meta["edit_ids"])}
         self.C, self.history = new_c, history
+        return list(history)

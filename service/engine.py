@@ -409,18 +409,17 @@ class EditEngine:
         edits it holds, and edits it holds that the log no longer has applied are forgotten."""
         for method, editor in self.editors.items():
             path = self._snapshot_path(method)
-            if not hasattr(editor, "load_state") or not path.is_file():
+            if not path.is_file():
                 continue
             try:
-                editor.load_state(path)  # changes nothing when it does not fit this editor
+                held = editor.load_state(path)  # changes nothing when it does not fit this editor
             except Exception as e:  # noqa: BLE001 - a stale or foreign snapshot: replay the recursion instead
                 log.warning("%s snapshot %s not used (%s); replaying the whole log", method, path, e)
                 continue
-            stale = sorted((i for i in getattr(editor, "history", {}) if i not in applied), reverse=True)
+            stale = sorted((i for i in held if i not in applied), reverse=True)
             for edit_id in stale:
                 editor.forget(edit_id)
-            log.info("%s state from %s (%d edits in it, %d since rolled back)", method, path,
-                     len(getattr(editor, "history", {})) + len(stale), len(stale))
+            log.info("%s state from %s (%d edits in it, %d since rolled back)", method, path, len(held), len(stale))
 
     def _save_editor_snapshots(self) -> None:
         """Snapshot the editors' state while it matches the log (on the writer, between jobs)."""
@@ -428,11 +427,10 @@ class EditEngine:
         if not self.ready or self._log_uncertain:
             return
         for method, editor in self.editors.items():
-            if hasattr(editor, "save_state"):
-                try:
-                    editor.save_state(self._snapshot_path(method))
-                except Exception as e:  # noqa: BLE001 - only a slower next start
-                    log.warning("%s state not snapshotted: %s", method, e)
+            try:
+                editor.save_state(self._snapshot_path(method))
+            except Exception as e:  # noqa: BLE001 - only a slower next start
+                log.warning("%s state not snapshotted: %s", method, e)
 
     def _sync_with_log(self) -> int:
         """Make the active edits in memory exactly the log's ``applied`` edits, in id order.
