@@ -45,6 +45,9 @@ SEED = 0
 # gate[11-15],up[18-24] of 32 layers), here layers 2-5 of both: L = 8 modules,
 # HiEdit selects k = L/2 = 4 per edit, RLEdit uses all k = L = 8.
 DEMO_LAYER_SPEC = "gate[2-5],up[2-5]"
+# Epochs over the 300 editor-training facts (10 trajectories of 30 each): one parameter update
+# per trajectory, so this is also the number of updates / 10.
+DEMO_EDITOR_EPOCHS = 3
 
 # Base model: Llama-3 style (RoPE, GQA, SwiGLU, tied embeddings), ~4.7M parameters, 6 layers.
 LLAMA_CONFIG = PretrainConfig(arch="llama", hidden=192, layers=6, intermediate=768, heads=4, kv_heads=2,
@@ -164,10 +167,10 @@ def stage_gemma(out_dir: Path, base_dir: Path, cfg: PretrainConfig, progress: bo
 
 def stage_editors(base_dir: Path, split_path: Path, hiedit_dir: Path, rledit_dir: Path, layer_spec: str,
                   seed: int, progress: bool, which: tuple[str, ...] = ("hiedit", "rledit"),
-                  resume: bool = False) -> None:
+                  resume: bool = False, epochs: int = DEMO_EDITOR_EPOCHS) -> None:
     """Train HiEdit (k = L/2) and RLEdit (k = L) on the editor-training stream of the split."""
     try:
-        from editor_core.train import train_editor
+        from editor_core.train import TrainConfig, train_editor
     except ImportError as exc:  # the trainer lives in its own module, written separately
         raise DemoBuildError(f"--stage editors needs editor_core.train.train_editor, which cannot be imported "
                              f"({exc}); build the base model with --stage base meanwhile") from None
@@ -190,7 +193,7 @@ def stage_editors(base_dir: Path, split_path: Path, hiedit_dir: Path, rledit_dir
         print(f"training {name} editor: layers {layer_spec}, k = {k} of L = {n_modules}, "
               f"{len(train_records)} facts -> {out_dir}")
         train_editor(model, tokenizer, layer_spec=layer_spec, k=k, records=train_records, out_dir=out_dir,
-                     seed=seed, progress=progress, resume=resume)
+                     seed=seed, cfg=TrainConfig(epochs=epochs), progress=progress, resume=resume)
         print(f"  {name} trained in {(time.time() - t0) / 60:.1f} min")
 
 
@@ -208,6 +211,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gemma-steps", type=int, default=None, help="override the Gemma twin's steps")
     parser.add_argument("--layers", default=DEMO_LAYER_SPEC, help="layer spec of the demo editors")
     parser.add_argument("--editors", default="hiedit,rledit", help="which editors --stage editors trains")
+    parser.add_argument("--editor-epochs", type=int, default=DEMO_EDITOR_EPOCHS,
+                        help="--stage editors: epochs over the editor-training facts (default %(default)s)")
     parser.add_argument("--resume", action="store_true",
                         help="--stage editors: continue editor runs found in the output folders")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -235,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
         if args.stage in ("all", "editors"):
             which = tuple(x.strip() for x in args.editors.split(",") if x.strip())
             stage_editors(model_dir, split_path, hiedit_dir, rledit_dir, args.layers, args.seed, progress, which,
-                          resume=args.resume)
+                          resume=args.resume, epochs=args.editor_epochs)
     except DemoBuildError as exc:
         print(f"hiedit build-demo: {exc}", file=sys.stderr)
         return 2

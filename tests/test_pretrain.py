@@ -149,3 +149,23 @@ def test_editors_stage_explains_a_missing_trainer(tmp_path, monkeypatch, capsys)
     args = parser.parse_args(["--stage", "editors", "--out", str(tmp_path), "--no-progress"])
     assert demo.run(args) == 2
     assert "editor_core.train.train_editor" in capsys.readouterr().err
+
+
+def test_editors_stage_trains_for_the_requested_epochs(tmp_path, monkeypatch):
+    """--editor-epochs reaches the trainer; HiEdit gets k = L/2 and RLEdit k = L of the same spec."""
+    import argparse
+
+    from editor_core import demo, train
+    from editor_core.assets import DEMO_MODEL, DEMO_SPLIT
+
+    (tmp_path / "model").symlink_to(DEMO_MODEL.resolve())
+    (tmp_path / "split.json").write_text(DEMO_SPLIT.read_text())
+    calls = []
+    monkeypatch.setattr(train, "train_editor", lambda model, tok, **kw: calls.append(kw))
+    parser = argparse.ArgumentParser()
+    demo.configure(parser)
+    args = parser.parse_args(["--stage", "editors", "--out", str(tmp_path), "--editor-epochs", "7", "--no-progress"])
+    assert demo.run(args) == 0
+    assert [(c["k"], c["cfg"].epochs, c["out_dir"].name) for c in calls] == [(4, 7, "hiedit"), (8, 7, "rledit")]
+    assert all(len(c["records"]) == demo.N_EDITOR for c in calls)
+    assert parser.parse_args([]).editor_epochs == demo.DEMO_EDITOR_EPOCHS
