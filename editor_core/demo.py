@@ -45,9 +45,6 @@ SEED = 0
 # gate[11-15],up[18-24] of 32 layers), here layers 2-5 of both: L = 8 modules,
 # HiEdit selects k = L/2 = 4 per edit, RLEdit uses all k = L = 8.
 DEMO_LAYER_SPEC = "gate[2-5],up[2-5]"
-# Epochs over the 300 editor-training facts (10 trajectories of 30 each): one parameter update
-# per trajectory, so this is also the number of updates / 10.
-DEMO_EDITOR_EPOCHS = 3
 
 # Base model: Llama-3 style (RoPE, GQA, SwiGLU, tied embeddings), ~4.7M parameters, 6 layers.
 LLAMA_CONFIG = PretrainConfig(arch="llama", hidden=192, layers=6, intermediate=768, heads=4, kv_heads=2,
@@ -167,8 +164,11 @@ def stage_gemma(out_dir: Path, base_dir: Path, cfg: PretrainConfig, progress: bo
 
 def stage_editors(base_dir: Path, split_path: Path, hiedit_dir: Path, rledit_dir: Path, layer_spec: str,
                   seed: int, progress: bool, which: tuple[str, ...] = ("hiedit", "rledit"),
-                  resume: bool = False, epochs: int = DEMO_EDITOR_EPOCHS) -> None:
-    """Train HiEdit (k = L/2) and RLEdit (k = L) on the editor-training stream of the split."""
+                  resume: bool = False, epochs: int | None = None) -> None:
+    """Train HiEdit (k = L/2) and RLEdit (k = L) on the editor-training stream of the split.
+
+    epochs: passes over the facts (None = the trainer's default, ``TrainConfig.epochs``).
+    """
     try:
         from editor_core.train import TrainConfig, train_editor
     except ImportError as exc:  # the trainer lives in its own module, written separately
@@ -193,13 +193,20 @@ def stage_editors(base_dir: Path, split_path: Path, hiedit_dir: Path, rledit_dir
         print(f"training {name} editor: layers {layer_spec}, k = {k} of L = {n_modules}, "
               f"{len(train_records)} facts -> {out_dir}")
         train_editor(model, tokenizer, layer_spec=layer_spec, k=k, records=train_records, out_dir=out_dir,
-                     seed=seed, cfg=TrainConfig(epochs=epochs), progress=progress, resume=resume)
+                     seed=seed, cfg=TrainConfig() if epochs is None else TrainConfig(epochs=epochs), progress=progress, resume=resume)
         print(f"  {name} trained in {(time.time() - t0) / 60:.1f} min")
 
 
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", choices=("all", "base", "gemma", "editors"), default="all",
@@ -211,8 +218,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gemma-steps", type=int, default=None, help="override the Gemma twin's steps")
     parser.add_argument("--layers", default=DEMO_LAYER_SPEC, help="layer spec of the demo editors")
     parser.add_argument("--editors", default="hiedit,rledit", help="which editors --stage editors trains")
-    parser.add_argument("--editor-epochs", type=int, default=DEMO_EDITOR_EPOCHS,
-                        help="--stage editors: epochs over the editor-training facts (default %(default)s)")
+    parser.add_argument("--editor-epochs", type=_positive_int, default=None,
+                        help="--stage editors: epochs over the editor-training facts "
+                             "(default: the trainer's, TrainConfig.epochs = 3)")
     parser.add_argument("--resume", action="store_true",
                         help="--stage editors: continue editor runs found in the output folders")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -155,6 +155,8 @@ def test_editors_stage_trains_for_the_requested_epochs(tmp_path, monkeypatch):
     """--editor-epochs reaches the trainer; HiEdit gets k = L/2 and RLEdit k = L of the same spec."""
     import argparse
 
+    import pytest
+
     from editor_core import demo, train
     from editor_core.assets import DEMO_MODEL, DEMO_SPLIT
 
@@ -168,4 +170,6 @@ def test_editors_stage_trains_for_the_requested_epochs(tmp_path, monkeypatch):
     assert demo.run(args) == 0
     assert [(c["k"], c["cfg"].epochs, c["out_dir"].name) for c in calls] == [(4, 7, "hiedit"), (8, 7, "rledit")]
     assert all(len(c["records"]) == demo.N_EDITOR for c in calls)
-    assert parser.parse_args([]).editor_epochs == demo.DEMO_EDITOR_EPOCHS
+    assert parser.parse_args([]).editor_epochs is None  # the trainer's own default
+    with pytest.raises(SystemExit):                       # refused before any model loads
+        parser.parse_args(["--editor-epochs", "0"])
