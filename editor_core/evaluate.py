@@ -39,10 +39,12 @@ ZsRE, which has no old answer, by top-1 accuracy.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -469,6 +471,59 @@ def markdown_table(results: dict) -> str:
               f"{base.get('n_ppl_texts', 0)} held-out GLUE sentences, top-1 accuracy "
               f"{base.get('known_accuracy', float('nan')):.2f}% on {base.get('n_known', 0)} unedited known facts."]
     return "\n".join(lines) + "\n"
+
+
+class MergeError(ValueError):
+    """Runs that cannot share one table: another N, scoring, base model or stream."""
+
+
+def merge_results(parts: list[dict]) -> dict:
+    """One results dict from several runs on the same stream; a later run's row replaces an earlier one's.
+
+    Every method starts from the base weights, so rows of separate runs are comparable when the runs
+    agree on N, the scoring and the before-editing baseline (same model, stream, known facts and text).
+    ``setup["runs"]`` keeps each run's own setup with the methods taken from it.
+    """
+    if not parts:
+        raise MergeError("nothing to merge")
+    first = parts[0]
+    for i, part in enumerate(parts[1:], start=1):
+        for key in ("n", "scoring"):
+            if part.get(key) != first.get(key):
+                raise MergeError(f"run {i} has another {key} than run 0: {part.get(key)!r} vs {first.get(key)!r}")
+        if not _same_baseline(part.get("baseline", {}), first.get("baseline", {})):
+            raise MergeError(f"run {i} has another before-editing baseline than run 0 (another model, stream "
+                             f"or probe set?): {part.get('baseline')!r} vs {first.get('baseline')!r}")
+    methods: dict[str, dict] = {}
+    taken_from: dict[str, int] = {}
+    for i, part in enumerate(parts):
+        for name, row in part["methods"].items():
+            methods.pop(name, None)  # a replaced row moves to the end, in the order of the later run
+            methods[name], taken_from[name] = row, i
+    runs = [{"methods": [n for n, j in taken_from.items() if j == i], "setup": part.get("setup", {})}
+            for i, part in enumerate(parts)]
+    return {**{k: v for k, v in first.items() if k not in ("methods", "setup")},
+            "methods": methods, "setup": {"runs": [r for r in runs if r["methods"]]}}
+
+
+def _same_baseline(a: dict, b: dict, rtol: float = 1e-5) -> bool:
+    """Equal keys and counts; floats (perplexity sums in another order on another run) within rtol."""
+    if a.keys() != b.keys():
+        return False
+    return all(math.isclose(a[k], b[k], rel_tol=rtol) if isinstance(a[k], float) or isinstance(b[k], float)
+               else a[k] == b[k] for k in a)
+
+
+def write_reports(results: dict, out) -> str:
+    """results.json, results.md and the two plots into ``out``; returns the markdown table."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown_table(results)
+    (out / "results.md").write_text(table)
+    plot_curves(results, out / "metrics_vs_edits.png")
+    plot_selections(results, out / "module_selection.png")
+    return table
 
 
 def plot_curves(results: dict, path) -> None:

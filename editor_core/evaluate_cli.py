@@ -195,7 +195,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from .assets import DEMO_HIEDIT, DEMO_MODEL, DEMO_RLEDIT, DEMO_SPLIT
     from .baselines import METHODS, NEEDS_RLSEDIT, FTConfig, MethodContext, _rlsedit_available
-    from .evaluate import Bench, EvalConfig, markdown_table, plot_curves, plot_selections, run_benchmark
+    from .evaluate import Bench, EvalConfig, run_benchmark, write_reports
     from .model import load_model, model_id
     from .state import WeightState
 
@@ -313,13 +313,7 @@ def _run(args: argparse.Namespace) -> int:
         "n_train_for_trained_editors": len(train), "wall_s": round(time.time() - started, 1),
         "ft": ctx.ft.__dict__, "argv": sys.argv[1:],
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown_table(results)
-    (out / "results.md").write_text(table)
-    plot_curves(results, out / "metrics_vs_edits.png")
-    plot_selections(results, out / "module_selection.png")
-    print(table)
+    print(write_reports(results, out))
     print(f"wrote {out / 'results.json'}, results.md, metrics_vs_edits.png, module_selection.png", file=sys.stderr)
     return 0
 

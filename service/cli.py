@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("service.serve_cli", "serve a model and its editor over HTTP (default: the demo assets)"),
     "train": ("editor_core.train_cli", "train a HiEdit editor by hierarchical RL on an editing dataset"),
     "eval": ("editor_core.evaluate_cli", "sequential-editing benchmark: results.json, a table and plots"),
+    "eval-merge": ("editor_core.merge_cli", "one table from several hiedit eval runs on the same stream"),
     "build-demo": ("editor_core.demo", "rebuild the committed demo model, tokenizer and editors (seeded)"),
 }
 

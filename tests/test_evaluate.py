@@ -188,6 +188,33 @@ def test_cli_end_to_end_on_tiny_model(tiny, tmp_path):
     assert sum(hi["selections"].values()) == 2 * 20  # k = 2 modules per edit
     assert sum(results["methods"]["rledit"]["selections"].values()) == 4 * 20
     assert [p["edits"] for p in hi["curve"]] == [10, 20]
+    _check_merge(results, tmp_path, methods)
+
+
+def _check_merge(results: dict, tmp_path: Path, methods: list[str]) -> None:
+    """`hiedit eval-merge` puts rows of separate runs into one table, later runs winning; it refuses runs
+    of another N or another baseline and writes nothing then."""
+    from service.cli import main
+
+    def part(names, **changes):
+        path = tmp_path / f"part-{len(list(tmp_path.glob('part-*')))}.json"
+        path.write_text(json.dumps({**results, "methods": {n: results["methods"][n] for n in names}, **changes}))
+        return str(path)
+
+    stale = json.loads(json.dumps(results["methods"]["hiedit"]))
+    stale["mean"] = -1.0
+    early = part(methods[:3])
+    older = tmp_path / "older.json"
+    older.write_text(json.dumps({**results, "methods": {"hiedit": stale}}))
+    late = part(methods[1:])
+    assert main(["eval-merge", str(older), early, late, "--out", str(tmp_path / "merged")]) == 0
+    merged = _check_results(tmp_path / "merged", methods, 20)
+    assert merged["methods"] == results["methods"]                      # hiedit's stale row was replaced
+    assert [r["methods"] for r in merged["setup"]["runs"]] == [methods[:1], methods[1:]]
+    other_base = {**results["baseline"], "perplexity": results["baseline"]["perplexity"] * 1.01}
+    for bad in (part(methods, n=21), part(methods, baseline=other_base)):
+        assert main(["eval-merge", early, bad, "--out", str(tmp_path / "refused")]) == 2
+        assert not (tmp_path / "refused").exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("editor_core.train") is None, reason="editor_core.train not present")

@@ -1,0 +1,49 @@
+"""``hiedit eval-merge``: one table from several ``hiedit eval`` runs on the same stream.
+
+    hiedit eval-merge runs/n1000 runs/n1000-rls --out runs/n1000-all
+
+Each method starts from the base weights, so methods run in separate invocations (on one machine or
+several) belong in one table when the runs agree on N, the scoring and the before-editing baseline;
+runs that do not are refused. A method present in several runs takes its row from the last one.
+Writes ``results.json`` (``setup.runs`` says which run each row came from), ``results.md`` and the
+two plots into ``--out``, like ``hiedit eval``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="RUN",
+                        help="a hiedit eval output directory or its results.json; later runs replace earlier rows")
+    parser.add_argument("--out", required=True, help="output directory")
+
+
+def _load(run: str) -> dict:
+    path = Path(run)
+    path = path / "results.json" if path.is_dir() else path
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"hiedit eval-merge: {path}: not a readable results.json ({e})") from None
+    if not isinstance(results, dict) or not isinstance(results.get("methods"), dict):
+        raise SystemExit(f"hiedit eval-merge: {path}: no 'methods' table (is it a hiedit eval results.json?)")
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    from .evaluate import MergeError, merge_results, write_reports
+
+    parts = [_load(r) for r in args.runs]
+    try:
+        merged = merge_results(parts)
+    except MergeError as e:
+        print(f"hiedit eval-merge: {e} (runs in the order given: {', '.join(args.runs)})", file=sys.stderr)
+        return 2
+    print(write_reports(merged, args.out))
+    print(f"wrote {Path(args.out) / 'results.json'}, results.md, metrics_vs_edits.png, module_selection.png",
+          file=sys.stderr)
+    return 0
