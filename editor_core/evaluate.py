@@ -498,8 +498,7 @@ def merge_results(parts: list[dict]) -> dict:
     taken_from: dict[str, int] = {}
     for i, part in enumerate(parts):
         for name, row in part["methods"].items():
-            methods.pop(name, None)  # a replaced row moves to the end, in the order of the later run
-            methods[name], taken_from[name] = row, i
+            methods[name], taken_from[name] = row, i  # a replaced row keeps its place in the table
     runs = [{"methods": [n for n, j in taken_from.items() if j == i], "setup": part.get("setup", {})}
             for i, part in enumerate(parts)]
     return {**{k: v for k, v in first.items() if k not in ("methods", "setup")},

@@ -204,11 +204,11 @@ def _check_merge(results: dict, tmp_path: Path, methods: list[str]) -> None:
     stale = json.loads(json.dumps(results["methods"]["hiedit"]))
     stale["mean"] = -1.0
     early = part(methods[:3])
-    older = tmp_path / "older.json"
-    older.write_text(json.dumps({**results, "methods": {"hiedit": stale}}))
+    stale_run = tmp_path / "stale.json"
+    stale_run.write_text(json.dumps({**results, "methods": {"hiedit": stale}}))
     late = part(methods[1:])
-    assert main(["eval-merge", str(older), early, late, "--out", str(tmp_path / "merged")]) == 0
-    merged = _check_results(tmp_path / "merged", methods, 20)
+    assert main(["eval-merge", early, str(stale_run), late, "--out", str(tmp_path / "merged")]) == 0
+    merged = _check_results(tmp_path / "merged", methods, 20)          # the table keeps the first run's order
     assert merged["methods"] == results["methods"]                      # hiedit's stale row was replaced
     assert [r["methods"] for r in merged["setup"]["runs"]] == [methods[:1], methods[1:]]
     other_base = {**results["baseline"], "perplexity": results["baseline"]["perplexity"] * 1.01}
