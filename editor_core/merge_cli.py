@@ -23,23 +23,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(run: str) -> dict:
+    from .evaluate import MergeError
+
     path = Path(run)
     path = path / "results.json" if path.is_dir() else path
     try:
         results = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"hiedit eval-merge: {path}: not a readable results.json ({e})") from None
+        raise MergeError(f"{path}: not a readable results.json ({e})") from None
     if not isinstance(results, dict) or not isinstance(results.get("methods"), dict):
-        raise SystemExit(f"hiedit eval-merge: {path}: no 'methods' table (is it a hiedit eval results.json?)")
+        raise MergeError(f"{path}: no 'methods' table (is it a hiedit eval results.json?)")
     return results
 
 
 def run(args: argparse.Namespace) -> int:
     from .evaluate import MergeError, merge_results, write_reports
 
-    parts = [_load(r) for r in args.runs]
     try:
-        merged = merge_results(parts)
+        merged = merge_results([_load(r) for r in args.runs])
     except MergeError as e:
         print(f"hiedit eval-merge: {e} (runs in the order given: {', '.join(args.runs)})", file=sys.stderr)
         return 2

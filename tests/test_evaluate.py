@@ -212,7 +212,9 @@ def _check_merge(results: dict, tmp_path: Path, methods: list[str]) -> None:
     assert merged["methods"] == results["methods"]                      # hiedit's stale row was replaced
     assert [r["methods"] for r in merged["setup"]["runs"]] == [methods[:1], methods[1:]]
     other_base = {**results["baseline"], "perplexity": results["baseline"]["perplexity"] * 1.01}
-    for bad in (part(methods, n=21), part(methods, baseline=other_base)):
+    not_results = tmp_path / "not-results.json"
+    not_results.write_text("[1, 2]")
+    for bad in (part(methods, n=21), part(methods, baseline=other_base), str(not_results), str(tmp_path / "none")):
         assert main(["eval-merge", early, bad, "--out", str(tmp_path / "refused")]) == 2
         assert not (tmp_path / "refused").exists()
 
