@@ -85,6 +85,12 @@ class InvalidRequest(EngineError):
 InvalidEdit = InvalidRequest
 
 
+class LogSettingsMismatch(EngineError):
+    """503: the edit log was written under editor settings this server does not have (its modules differ)."""
+
+    status_code = 503
+
+
 class NotFound(EngineError):
     status_code = 404
 
@@ -465,6 +471,7 @@ class EditEngine:
                     deltas.append((edit.id, LowRankDelta.from_bytes(stored.blob).to(self.device)))
                 except ValueError as e:  # not a delta at all
                     refused[edit.id] = str(e)
+            self._check_modules_served(deltas)
             refused.update(self.state.apply_many(deltas, swap_lock=self.lock.write()))  # one swap per batch
             for edit, stored in rows:
                 if edit.id in refused:
@@ -487,6 +494,25 @@ class EditEngine:
         self.metrics.active_edits.set(len(self.state.active_ids))
         self._log_uncertain = False
         return applied
+
+    def _check_modules_served(self, deltas: list[tuple[int, LowRankDelta]]) -> None:
+        """LogSettingsMismatch if applied edits change modules no editor of this server edits.
+
+        Such an edit is sound; it was made under other editor settings (another layer spec, or
+        RLSEdit's default layers before 3 Dec on models of <= 8 layers). Marking it failed, as a
+        corrupted row is, would drop a user's edit because of a configuration change, so the server
+        refuses to start instead and says which settings the log needs.
+        """
+        foreign = {eid: sorted(set(d.modules) - set(self.state.modules)) for eid, d in deltas}
+        foreign = {eid: names for eid, names in foreign.items() if names}
+        if foreign:
+            shown = "; ".join(f"edit {eid}: {', '.join(names)}" for eid, names in list(foreign.items())[:5])
+            more = f" (and {len(foreign) - 5} more edits)" if len(foreign) > 5 else ""
+            raise LogSettingsMismatch(
+                f"the edit log has applied edits that change modules this server does not edit: {shown}{more}. "
+                f"They were made under other editor settings; start with those (e.g. --rlsedit-layers for "
+                f"RLSEdit, --editor for HiEdit) or roll the edits back from a server that has them. This "
+                f"server edits: {', '.join(self.state.modules)}")
 
     def _stored_edits(self, ids: list[int], batch: int = 100):
         """Lists of (Edit, EditDelta) of ``ids`` in id order, ``batch`` rows at a time (deltas can be large)."""

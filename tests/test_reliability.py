@@ -11,6 +11,7 @@ import json
 import math
 import random
 import sqlite3
+import time
 
 import pytest
 import torch
@@ -215,6 +216,44 @@ def test_rlsedit_state_snapshot_spares_the_replay_and_forgets_what_was_rolled_ba
     assert all(torch.allclose(rls.C[n], fresh.C[n], rtol=1e-9, atol=1e-12) for n in fresh.modules)
     assert c2.get("/state").json()["fingerprint"] == state1["fingerprint"]
     c2.__exit__(None, None, None)
+
+
+def test_a_log_written_under_other_layers_stops_the_start_and_keeps_its_edits(tmp_path, standin_model_dir):
+    """Edits of modules this server does not edit (the log was written with other RLSEdit layers) are
+    not marked failed like a corrupted row: the start is refused, naming the edits and the setting,
+    and the log keeps them, so a start with the log's settings serves them again."""
+    from sqlalchemy import create_engine, text
+
+    from service.loading import load_all
+
+    def app(**kw):
+        cfg = app_settings(tmp_path, model=str(standin_model_dir), editor="none", rlsedit_stats_tokens=2000, **kw)
+        cfg = cfg.model_copy(update={"rlsedit": "on"})
+        return create_app(cfg, load_all(cfg))
+
+    with TestClient(app(rlsedit_layers="down[0-1]")) as c:
+        wait_ready(c)
+        r = c.post("/edits", json={"prompt": FACT1.prompt, "target": FACT1.target, "subject": "The Eiffel Tower",
+                                   "method": "rlsedit"})
+        assert r.status_code == 201, r.text
+        edit_id, state = r.json()["id"], c.get("/state").json()
+    with TestClient(app()) as c:                                      # the default: one layer, down[0]
+        for _ in range(400):
+            r = c.get("/readyz")
+            if r.status_code == 503 and "replaying the edit log failed" in r.json()["detail"]:
+                break
+            time.sleep(0.05)
+        detail = r.json()["detail"]
+        assert r.status_code == 503, r.text
+        assert f"edit {edit_id}: model.layers.1.mlp.down_proj" in detail and "--rlsedit-layers" in detail
+        assert c.post("/edits", json={"prompt": FACT2.prompt, "target": FACT2.target}).status_code == 503
+    sql = create_engine(f"sqlite:///{tmp_path / 'hiedit.db'}")
+    with sql.connect() as conn:
+        assert conn.execute(text("SELECT status FROM edits WHERE id = :i"), {"i": edit_id}).scalar() == "applied"
+    sql.dispose()
+    with TestClient(app(rlsedit_layers="down[0-1]")) as c:           # the log's own settings serve it again
+        wait_ready(c)
+        assert c.get("/state").json()["fingerprint"] == state["fingerprint"]
 
 
 def test_the_audit_rank_needs_no_eigensolver(monkeypatch):
