@@ -192,8 +192,9 @@ def stage_editors(base_dir: Path, split_path: Path, hiedit_dir: Path, rledit_dir
         t0 = time.time()
         print(f"training {name} editor: layers {layer_spec}, k = {k} of L = {n_modules}, "
               f"{len(train_records)} facts -> {out_dir}")
+        cfg = TrainConfig() if epochs is None else TrainConfig(epochs=epochs)
         train_editor(model, tokenizer, layer_spec=layer_spec, k=k, records=train_records, out_dir=out_dir,
-                     seed=seed, cfg=TrainConfig() if epochs is None else TrainConfig(epochs=epochs), progress=progress, resume=resume)
+                     seed=seed, cfg=cfg, progress=progress, resume=resume)
         print(f"  {name} trained in {(time.time() - t0) / 60:.1f} min")
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from editor_core.capture import teacher_forced
@@ -154,8 +155,6 @@ def test_editors_stage_explains_a_missing_trainer(tmp_path, monkeypatch, capsys)
 def test_editors_stage_trains_for_the_requested_epochs(tmp_path, monkeypatch):
     """--editor-epochs reaches the trainer; HiEdit gets k = L/2 and RLEdit k = L of the same spec."""
     import argparse
-
-    import pytest
 
     from editor_core import demo, train
     from editor_core.assets import DEMO_MODEL, DEMO_SPLIT
