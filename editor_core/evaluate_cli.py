@@ -56,6 +56,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", help="base model dtype: float32, bfloat16 or float16")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default, which OMP_NUM_THREADS sets). The scores "
+                             "depend on it: another summation order flips near-tied router choices, and a "
+                             "long edit stream amplifies them; results.json records the count")
     parser.add_argument("--batch-size", type=int, default=64, help="probes per scoring forward pass")
     parser.add_argument("--ft-steps", type=int, default=ft.steps)
     parser.add_argument("--ft-lr", type=float, default=ft.lr)
@@ -207,6 +211,10 @@ def _run(args: argparse.Namespace) -> int:
         raise EvalSetupError("rlsedit / memit-nohist need editor_core/rlsedit.py, which is not installed")
     if args.n < 1:
         raise EvalSetupError("--n must be at least 1")
+    if args.threads < 0:
+        raise EvalSetupError("--threads must be 0 (torch's default) or a positive count")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = Path(args.out)
     progress = not args.no_progress
@@ -309,7 +317,8 @@ def _run(args: argparse.Namespace) -> int:
         "model": str(model_path), "model_id": model_id(model), "editor": str(editor_dir),
         "rledit_editor": str(rledit_dir) if rledit_dir else None, "layer_spec": ctx.layer_spec,
         "data": str(args.data) if args.data else f"{args.split or DEMO_SPLIT} (eval stream)",
-        "dtype": args.dtype, "device": args.device, "seed": args.seed, "skipped_records": skipped_records,
+        "dtype": args.dtype, "device": args.device, "seed": args.seed, "torch_threads": torch.get_num_threads(),
+        "skipped_records": skipped_records,
         "n_train_for_trained_editors": len(train), "wall_s": round(time.time() - started, 1),
         "ft": ctx.ft.__dict__, "argv": sys.argv[1:],
     }

@@ -179,9 +179,10 @@ def test_cli_end_to_end_on_tiny_model(tiny, tmp_path):
     rc = main(["eval", "--methods", ",".join(methods), "--n", "20", "--every", "10", "--out", str(out),
                "--model", str(tiny["model"]), "--editor", str(tiny["hiedit"]), "--rledit-editor",
                str(tiny["rledit"]), "--data", str(tiny["data"]), "--n-known", "20", "--n-ppl", "20",
-               "--ft-steps", "3", "--no-progress"])
+               "--ft-steps", "3", "--threads", "1", "--no-progress"])
     assert rc == 0
     results = _check_results(out, methods, 20)
+    assert results["setup"]["torch_threads"] == 1  # the scores depend on it, so the run records it
     pre, hi = results["methods"]["pre"], results["methods"]["hiedit"]
     assert pre["general_retention"] == 100.0 and pre["specificity_unchanged"] == 100.0
     assert pre["edit_latency_ms_p50"] < hi["edit_latency_ms_p50"]
@@ -305,6 +306,8 @@ def test_cli_refuses_bad_inputs(tiny, tmp_path, capsys):
                  str(tiny["hiedit"]), "--data", str(tiny["data"]), "--methods", "pre", "--no-progress"]) == 2
     assert "trained for base model" in capsys.readouterr().err
     assert main(base + ["--editor", str(tiny["hiedit"]), "--methods", "nonsense"]) == 2
+    assert main(base + ["--editor", str(tiny["hiedit"]), "--threads", "-1"]) == 2
+    assert "--threads" in capsys.readouterr().err
 
 
 def test_registry_is_complete():
