@@ -128,6 +128,11 @@ class TrainConfig:
     router_hidden: int = 256
     tokens: str = "all"               # capture positions: "all" (MEND style) | "target"
     max_delta_rel: float = 0.0        # trust region ρ of every edit: ‖ΔW_l‖_F ≤ ρ ‖W_l⁰‖_F (0 = none)
+    balance_coef: float = 0.0         # β of a load-balancing term on the router (0 = the paper: none).
+                                      # Departure, off by default: β L Σ_l f_l softmax(p)_l, f_l the share
+                                      # of this trajectory's selections that went to module l (Switch
+                                      # Transformer's auxiliary loss). The demo routers fix 4-5 modules and
+                                      # pile every edit into them; this pushes the router towards the others
     method: str | None = None         # name saved with the editor; None = hiedit / rledit (k = L) / mend
     # data
     skip_bad: bool = False            # skip records the tokenizer cannot encode instead of failing
@@ -161,7 +166,7 @@ class TrainConfig:
             bad("tokens", "must be 'all' or 'target'")
         if not 0 < self.time_decay <= 1:
             bad("time_decay", "must be in (0, 1]")
-        for name in ("loc_coef", "reg_coef", "edit_coef"):
+        for name in ("loc_coef", "reg_coef", "edit_coef", "balance_coef"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 bad(name, "must be a finite number >= 0")
         for name in ("meta_lr", "max_grad_norm", "eta_lr_rel"):
@@ -361,6 +366,7 @@ class Trainer:
         self.state.reset()
         self.window.clear()
         self.t = 0
+        self.selection_counts = torch.zeros(self.L, device=self.device)  # for balance_coef
 
     def end(self) -> None:
         self.state.reset()
@@ -606,7 +612,7 @@ class Trainer:
                 sq = frobenius_sq(left, right)
                 reg = reg + cfg.reg_coef * m[l] ** 2 * sq
                 surrogate = surrogate + m[l] * inner
-            surrogate = surrogate + reg
+            surrogate = surrogate + reg + self._balance_term(p, selected)
             # Gradients accumulate into .grad over the whole trajectory (no zero_grad here).
             surrogate.backward()
 
@@ -617,6 +623,18 @@ class Trainer:
         return StepStats(ce=float(ce[0].detach()), ce_before=cap.loss, task=float(task.detach()),
                          kl=float(kl.detach().mean()) if kl.numel() else 0.0, reg=float(reg.detach()),
                          advantage=loss_sel - full if math.isfinite(full) else float("nan"), selected=selected)
+
+    def _balance_term(self, p: torch.Tensor, selected: list[int]) -> torch.Tensor:
+        """β L Σ_l f_l softmax(p)_l (0 when β = 0 or k = L); p [L] the router's logits.
+
+        f_l (no gradient) counts the selections of the trajectory so far, this edit's included; the
+        gradient L β P_l (f_l - Σ_j f_j P_j) lowers the logits of the modules chosen most often.
+        """
+        if self.cfg.balance_coef == 0 or self.k == self.L:
+            return p.new_zeros(())
+        self.selection_counts[selected] += 1
+        f = self.selection_counts / self.selection_counts.sum()
+        return self.cfg.balance_coef * self.L * (f * p.softmax(-1)).sum()
 
     def run_trajectory(self, indices: Sequence[int], step: bool = True, bar=None) -> list[StepStats]:
         """Edit ``indices`` one after another from θ_0; one optimiser step at the end (trajectory mode)."""

@@ -144,6 +144,32 @@ def test_router_learns_from_task_losses_not_only_the_l2_term(tiny):
     assert tr.net.router.encoders[next(iter(tr.net.router.encoders))].weight.grad.abs().sum() > 0
 
 
+def test_balance_term_lowers_the_logits_of_the_modules_chosen_most_and_touches_nothing_else(tiny):
+    """balance_coef β adds β L Σ f_l softmax(p)_l: its gradient raises the router's bias gradient of
+    the modules every edit chose and lowers that of the modules no edit chose (descent moves the
+    logits the other way); the low-level nets' gradients do not change; with k = L it is 0."""
+    model, tok = tiny
+    bias, low, picks = {}, {}, {}
+    for beta in (0.0, 1.0):
+        tr = _trainer(model, tok, TrainConfig(balance_coef=beta, **SMALL))
+        picks[beta] = [s.selected for s in tr.run_trajectory([0, 1, 2, 3], step=False)]
+        bias[beta] = tr.net.router.gate.bias.grad.detach().clone()
+        low[beta] = {n: p.grad.detach().clone() for n, p in tr.net.named_parameters()
+                     if not n.startswith("router.") and p.grad is not None}
+        tr.end()
+    assert picks[0.0] == picks[1.0]  # the term changes gradients, not the forward pass
+    diff = bias[1.0] - bias[0.0]
+    always = [l for l in range(4) if all(l in sel for sel in picks[0.0])]
+    never = [l for l in range(4) if not any(l in sel for sel in picks[0.0])]
+    assert always or never
+    assert all(diff[l] > 0 for l in always) and all(diff[l] < 0 for l in never)
+    assert low[0.0] and low[0.0].keys() == low[1.0].keys()
+    assert all(torch.equal(low[0.0][n], low[1.0][n]) for n in low[0.0])
+    all_k = _trainer(model, tok, TrainConfig(balance_coef=1.0, **SMALL), k=4)
+    all_k.begin_trajectory()
+    assert float(all_k._balance_term(torch.randn(4), [0, 1, 2, 3])) == 0.0
+
+
 def test_low_level_gradients_accumulate_over_the_trajectory(tiny):
     """Grad after steps 1+2 = grad of step 1 + grad of step 2 (the MEND-style code kept only step 2's)."""
     model, tok = tiny
