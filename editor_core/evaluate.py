@@ -481,14 +481,15 @@ def merge_results(parts: list[dict]) -> dict:
     """One results dict from several runs on the same stream; a later run's row replaces an earlier one's.
 
     Every method starts from the base weights, so rows of separate runs are comparable when the runs
-    agree on N, the scoring and the before-editing baseline (same model, stream, known facts and text).
+    agree on N, the scoring, the order of the stream and the before-editing baseline (same model,
+    stream, known facts and text).
     ``setup["runs"]`` keeps each run's own setup with the methods taken from it.
     """
     if not parts:
         raise MergeError("nothing to merge")
     first = parts[0]
     for i, part in enumerate(parts[1:], start=1):
-        for key in ("n", "scoring"):
+        for key in ("n", "scoring", "order_seed"):  # order_seed: absent (None) = stream order
             if part.get(key) != first.get(key):
                 raise MergeError(f"run {i} has another {key} than run 0: {part.get(key)!r} vs {first.get(key)!r}")
         if not _same_baseline(part.get("baseline", {}), first.get("baseline", {})):

@@ -56,6 +56,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", help="base model dtype: float32, bfloat16 or float16")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--order-seed", type=int, default=None,
+                        help="edit the same N facts in a seeded random order (default: stream order); "
+                             "runs with several order seeds are replicates of one comparison")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default, which OMP_NUM_THREADS sets). The scores "
                              "depend on it: another summation order flips near-tied router choices, and a "
@@ -279,6 +282,11 @@ def _run(args: argparse.Namespace) -> int:
                              seed=args.seed).records[:args.n_train]
     if len(stream) < args.n:
         print(f"warning: only {len(stream)} facts available for the stream (asked for {args.n})", file=sys.stderr)
+    if args.order_seed is not None:
+        # The same facts in another order. Routing and interference depend on the order, so one order
+        # is one sample; Edited Retention then re-scores the first 10% of this order.
+        order = torch.randperm(len(stream), generator=torch.Generator().manual_seed(args.order_seed)).tolist()
+        stream = [stream[i] for i in order]
     counterfact = all(r.target_true for r in stream)
     try:
         ppl_texts = list(islice(glue_sentences("heldout", seed=0), args.n_ppl)) if args.n_ppl > 0 else []
@@ -313,11 +321,13 @@ def _run(args: argparse.Namespace) -> int:
     started = time.time()
     bench = Bench(model, tokenizer, stream, known, ppl_texts, counterfact)
     results = run_benchmark(bench, {n: (lambda e=e: e) for n, e in editors.items()}, state_for, cfg)
+    results["order_seed"] = args.order_seed  # eval-merge refuses to mix orders
     results["setup"] = {
         "model": str(model_path), "model_id": model_id(model), "editor": str(editor_dir),
         "rledit_editor": str(rledit_dir) if rledit_dir else None, "layer_spec": ctx.layer_spec,
         "data": str(args.data) if args.data else f"{args.split or DEMO_SPLIT} (eval stream)",
         "dtype": args.dtype, "device": args.device, "seed": args.seed, "torch_threads": torch.get_num_threads(),
+        "stream": [r.case_id for r in stream],
         "skipped_records": skipped_records,
         "n_train_for_trained_editors": len(train), "wall_s": round(time.time() - started, 1),
         "ft": ctx.ft.__dict__, "argv": sys.argv[1:],

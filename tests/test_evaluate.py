@@ -190,6 +190,14 @@ def test_cli_end_to_end_on_tiny_model(tiny, tmp_path):
     assert sum(results["methods"]["rledit"]["selections"].values()) == 4 * 20
     assert [p["edits"] for p in hi["curve"]] == [10, 20]
     _check_merge(results, tmp_path, methods)
+    # --order-seed: the same facts in another (recorded) order
+    assert main(["eval", "--methods", "pre", "--n", "20", "--out", str(tmp_path / "shuffled"), "--model",
+                 str(tiny["model"]), "--editor", str(tiny["hiedit"]), "--data", str(tiny["data"]), "--n-known", "5",
+                 "--n-ppl", "5", "--order-seed", "1", "--no-progress"]) == 0
+    shuffled = json.loads((tmp_path / "shuffled" / "results.json").read_text())
+    assert shuffled["order_seed"] == 1 and results["order_seed"] is None
+    assert sorted(shuffled["setup"]["stream"]) == sorted(results["setup"]["stream"])
+    assert shuffled["setup"]["stream"] != results["setup"]["stream"]
 
 
 def _check_merge(results: dict, tmp_path: Path, methods: list[str]) -> None:
@@ -215,7 +223,8 @@ def _check_merge(results: dict, tmp_path: Path, methods: list[str]) -> None:
     other_base = {**results["baseline"], "perplexity": results["baseline"]["perplexity"] * 1.01}
     not_results = tmp_path / "not-results.json"
     not_results.write_text("[1, 2]")
-    for bad in (part(methods, n=21), part(methods, baseline=other_base), str(not_results), str(tmp_path / "none")):
+    for bad in (part(methods, n=21), part(methods, baseline=other_base), part(methods, order_seed=3),
+                str(not_results), str(tmp_path / "none")):
         assert main(["eval-merge", early, bad, "--out", str(tmp_path / "refused")]) == 2
         assert not (tmp_path / "refused").exists()
 
