@@ -132,7 +132,9 @@ class TrainConfig:
                                       # Departure, off by default: β L Σ_l f_l softmax(p)_l, f_l the share
                                       # of this trajectory's selections that went to module l (Switch
                                       # Transformer's auxiliary loss). The demo routers fix 4-5 modules and
-                                      # pile every edit into them; this pushes the router towards the others
+                                      # pile every edit into them; this pushes the router towards the others.
+                                      # On the demo (docs/results.md) 0.1 kept the model healthier but cost
+                                      # Specificity, and 1 collapsed it: so it stays off
     method: str | None = None         # name saved with the editor; None = hiedit / rledit (k = L) / mend
     # data
     skip_bad: bool = False            # skip records the tokenizer cannot encode instead of failing
@@ -327,6 +329,7 @@ class Trainer:
         self.state = WeightState(self.module_map, "train")
         self.window: deque[int] = deque(maxlen=cfg.back_depth)
         self.t = 0
+        self.selection_counts = torch.zeros(self.L, device=self.device)  # per trajectory, for balance_coef
         self._keep_ok: bool | None = None  # does the model take logits_to_keep as a mask? (probed once)
         # Two optimisers, as the published code (opt for the low level, hi_opt for the router);
         # the learned edit lrs η_l get their own Adam lr (MEND's lr_lr).
@@ -366,7 +369,7 @@ class Trainer:
         self.state.reset()
         self.window.clear()
         self.t = 0
-        self.selection_counts = torch.zeros(self.L, device=self.device)  # for balance_coef
+        self.selection_counts.zero_()
 
     def end(self) -> None:
         self.state.reset()
