@@ -466,6 +466,10 @@ def markdown_table(results: dict) -> str:
             t = m["top1"]
             lines.append(f"| {name} | " + " | ".join(_fmt(t[k]) for k in (*METRICS, "mean"))
                          + f" | {m['edit_latency_ms_p50']:.1f} |")
+    if results.get("replicates"):
+        lines += ["", f"Mean of {results['replicates']} runs of the same facts; the mean's range over the runs: "
+                  + ", ".join(f"{name} {_fmt(m['spread']['mean'][0])}–{_fmt(m['spread']['mean'][1])}"
+                              for name, m in results["methods"].items()) + "."]
     base = results.get("baseline", {})
     lines += ["", f"Before editing: perplexity {base.get('perplexity', float('nan')):.2f} on "
               f"{base.get('n_ppl_texts', 0)} held-out GLUE sentences, top-1 accuracy "
@@ -489,12 +493,7 @@ def merge_results(parts: list[dict]) -> dict:
         raise MergeError("nothing to merge")
     first = parts[0]
     for i, part in enumerate(parts[1:], start=1):
-        for key in ("n", "scoring", "order_seed"):  # order_seed: absent (None) = stream order
-            if part.get(key) != first.get(key):
-                raise MergeError(f"run {i} has another {key} than run 0: {part.get(key)!r} vs {first.get(key)!r}")
-        if not _same_baseline(part.get("baseline", {}), first.get("baseline", {})):
-            raise MergeError(f"run {i} has another before-editing baseline than run 0 (another model, stream "
-                             f"or probe set?): {part.get('baseline')!r} vs {first.get('baseline')!r}")
+        _check_comparable(first, part, i, ("n", "scoring", "order_seed"))  # order_seed: absent = stream order
     methods: dict[str, dict] = {}
     taken_from: dict[str, int] = {}
     for i, part in enumerate(parts):
@@ -504,6 +503,59 @@ def merge_results(parts: list[dict]) -> dict:
             for i, part in enumerate(parts)]
     return {**{k: v for k, v in first.items() if k not in ("methods", "setup")},
             "methods": methods, "setup": {"runs": [r for r in runs if r["methods"]]}}
+
+
+def average_results(parts: list[dict]) -> dict:
+    """The mean of several runs of one comparison: the same N facts in other orders or on other thread
+    counts. One sequential run is one sample (near-tied router choices flip with the summation order),
+    so a comparison between methods is read on the mean of several.
+
+    Every number of a method's row is averaged over the runs (curves point by point); ``spread``
+    gives the [min, max] over the runs of each table metric. Only methods present in every run are
+    kept. Runs must agree on N, the scoring and the baseline, and on the set of facts where every
+    run records its stream (``setup.stream``).
+    """
+    if len(parts) < 2:
+        raise MergeError("averaging needs at least two runs")
+    first = parts[0]
+    for i, part in enumerate(parts[1:], start=1):
+        _check_comparable(first, part, i, ("n", "scoring"))
+    streams = [p.get("setup", {}).get("stream") for p in parts]
+    if all(streams) and any(sorted(s) != sorted(streams[0]) for s in streams):
+        raise MergeError("the runs edited different facts (setup.stream): averaging needs the same facts")
+    names = [n for n in first["methods"] if all(n in p["methods"] for p in parts)]
+    if not names:
+        raise MergeError("no method is in every run")
+    methods = {}
+    for name in names:
+        rows = [p["methods"][name] for p in parts]
+        methods[name] = {**_mean_of(rows),
+                         "spread": {k: [min(r[k] for r in rows), max(r[k] for r in rows)] for k in (*METRICS, "mean")}}
+    return {**{k: v for k, v in first.items() if k not in ("methods", "setup", "order_seed")},
+            "methods": methods, "replicates": len(parts), "setup": {"runs": [p.get("setup", {}) for p in parts]}}
+
+
+def _check_comparable(first: dict, part: dict, i: int, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if part.get(key) != first.get(key):
+            raise MergeError(f"run {i} has another {key} than run 0: {part.get(key)!r} vs {first.get(key)!r}")
+    if not _same_baseline(part.get("baseline", {}), first.get("baseline", {})):
+        raise MergeError(f"run {i} has another before-editing baseline than run 0 (another model, stream "
+                         f"or probe set?): {part.get('baseline')!r} vs {first.get('baseline')!r}")
+
+
+def _mean_of(values: list):
+    """Element-wise mean of equally shaped JSON values; equal non-numbers are kept, unequal ones dropped."""
+    v0 = values[0]
+    if isinstance(v0, dict):
+        return {k: _mean_of([v[k] for v in values]) for k in v0 if all(isinstance(v, dict) and k in v for v in values)}
+    if isinstance(v0, list):
+        if all(isinstance(v, list) and len(v) == len(v0) for v in values):
+            return [_mean_of(list(items)) for items in zip(*values)]
+        return []
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return v0 if all(v == v0 for v in values) else sum(values) / len(values)
+    return v0 if all(v == v0 for v in values) else None
 
 
 def _same_baseline(a: dict, b: dict, rtol: float = 1e-5) -> bool:

@@ -1,12 +1,17 @@
 """``hiedit eval-merge``: one table from several ``hiedit eval`` runs on the same stream.
 
     hiedit eval-merge runs/n1000 runs/n1000-rls --out runs/n1000-all
+    hiedit eval-merge --mean runs/n1000-o1 runs/n1000-o2 runs/n1000-o3 --out runs/n1000-mean
 
 Each method starts from the base weights, so methods run in separate invocations (on one machine or
 several) belong in one table when the runs agree on N, the scoring and the before-editing baseline;
 runs that do not are refused. A method present in several runs takes its row from the last one.
 Writes ``results.json`` (``setup.runs`` says which run each row came from), ``results.md`` and the
 two plots into ``--out``, like ``hiedit eval``.
+
+With ``--mean`` the runs are replicates of one comparison instead (the same facts in other orders,
+``hiedit eval --order-seed``, or on other thread counts): each method's row is the mean over the runs,
+with the range of each metric under ``spread`` (``editor_core.evaluate.average_results``).
 """
 from __future__ import annotations
 
@@ -20,6 +25,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN",
                         help="a hiedit eval output directory or its results.json; later runs replace earlier rows")
     parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--mean", action="store_true",
+                        help="the runs are replicates (same facts, other orders or thread counts): average "
+                             "each method over them instead of taking rows from the last run")
 
 
 def _load(run: str) -> dict:
@@ -37,10 +45,11 @@ def _load(run: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .evaluate import MergeError, merge_results, write_reports
+    from .evaluate import MergeError, average_results, merge_results, write_reports
 
+    combine = average_results if args.mean else merge_results
     try:
-        merged = merge_results([_load(r) for r in args.runs])
+        merged = combine([_load(r) for r in args.runs])
     except MergeError as e:
         print(f"hiedit eval-merge: {e} (runs in the order given: {', '.join(args.runs)})", file=sys.stderr)
         return 2

@@ -227,6 +227,26 @@ def _check_merge(results: dict, tmp_path: Path, methods: list[str]) -> None:
                 str(not_results), str(tmp_path / "none")):
         assert main(["eval-merge", early, bad, "--out", str(tmp_path / "refused")]) == 2
         assert not (tmp_path / "refused").exists()
+    # --mean: replicates of one comparison averaged per method, with each metric's range over the runs
+    bumped = json.loads(json.dumps(results["methods"]))
+    for row in bumped.values():
+        row["mean"] += 2.0
+        row["curve"][0]["specificity"] += 4.0
+    reordered = {**results["setup"], "stream": list(reversed(results["setup"]["stream"]))}
+    one, two = part(methods), part(methods, methods=bumped, setup=reordered)
+    assert main(["eval-merge", "--mean", one, two, "--out", str(tmp_path / "mean")]) == 0
+    mean = json.loads((tmp_path / "mean" / "results.json").read_text())
+    assert mean["replicates"] == 2 and list(mean["methods"]) == methods
+    for name, row in mean["methods"].items():
+        orig = results["methods"][name]
+        assert row["mean"] == pytest.approx(orig["mean"] + 1.0)
+        assert row["spread"]["mean"] == [orig["mean"], orig["mean"] + 2.0]
+        assert row["efficacy"] == orig["efficacy"] and row["spread"]["efficacy"] == [orig["efficacy"]] * 2
+        assert row["curve"][0]["specificity"] == pytest.approx(orig["curve"][0]["specificity"] + 2.0)
+    other_facts = part(methods, setup={**results["setup"], "stream": ["x"] + results["setup"]["stream"][1:]})
+    for bad in ([one], [one, part(methods, n=21)], [one, other_facts]):
+        assert main(["eval-merge", "--mean", *bad, "--out", str(tmp_path / "refused")]) == 2
+        assert not (tmp_path / "refused").exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("editor_core.train") is None, reason="editor_core.train not present")
