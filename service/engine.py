@@ -503,8 +503,8 @@ class EditEngine:
         corrupted row is, would drop a user's edit because of a configuration change, so the server
         refuses to start instead and says which settings the log needs.
         """
-        foreign = {eid: sorted(set(d.modules) - set(self.state.modules)) for eid, d in deltas}
-        foreign = {eid: names for eid, names in foreign.items() if names}
+        served = set(self.state.modules)
+        foreign = {eid: sorted(set(d.modules) - served) for eid, d in deltas if not served.issuperset(d.modules)}
         if foreign:
             shown = "; ".join(f"edit {eid}: {', '.join(names)}" for eid, names in list(foreign.items())[:5])
             more = f" (and {len(foreign) - 5} more edits)" if len(foreign) > 5 else ""
