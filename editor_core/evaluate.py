@@ -506,9 +506,10 @@ def merge_results(parts: list[dict]) -> dict:
 
 
 def average_results(parts: list[dict]) -> dict:
-    """The mean of several runs of one comparison: the same N facts in other orders or on other thread
-    counts. One sequential run is one sample (near-tied router choices flip with the summation order),
-    so a comparison between methods is read on the mean of several.
+    """The mean of several runs of one comparison: the same N facts in other orders, on other thread
+    counts, or with editors trained from other seeds. One sequential run is one sample (near-tied
+    router choices flip with the summation order, and each training seed learns another router), so a
+    comparison between methods is read on the mean of several.
 
     Every number of a method's row is averaged over the runs (curves point by point); ``spread``
     gives the [min, max] over the runs of each table metric. Only methods present in every run are

@@ -10,7 +10,8 @@ Writes ``results.json`` (``setup.runs`` says which run each row came from), ``re
 two plots into ``--out``, like ``hiedit eval``.
 
 With ``--mean`` the runs are replicates of one comparison instead (the same facts in other orders,
-``hiedit eval --order-seed``, or on other thread counts): each method's row is the mean over the runs,
+``hiedit eval --order-seed``, on other thread counts, or with editors trained from other seeds,
+``--editor`` / ``--rledit-editor``): each method's row is the mean over the runs,
 with the range of each metric under ``spread`` (``editor_core.evaluate.average_results``).
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="a hiedit eval output directory or its results.json; later runs replace earlier rows")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--mean", action="store_true",
-                        help="the runs are replicates (same facts, other orders or thread counts): average "
+                        help="the runs are replicates (same facts; other orders, thread counts or editor training seeds): average "
                              "each method over them instead of taking rows from the last run")
 
 

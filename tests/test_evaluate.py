@@ -232,11 +232,13 @@ def _check_merge(results: dict, tmp_path: Path, methods: list[str]) -> None:
     for row in bumped.values():
         row["mean"] += 2.0
         row["curve"][0]["specificity"] += 4.0
-    reordered = {**results["setup"], "stream": list(reversed(results["setup"]["stream"]))}
+    # another order of the same facts, run with an editor trained from another seed
+    reordered = {**results["setup"], "stream": list(reversed(results["setup"]["stream"])), "editor": "/seed1/hiedit"}
     one, two = part(methods), part(methods, methods=bumped, setup=reordered)
     assert main(["eval-merge", "--mean", one, two, "--out", str(tmp_path / "mean")]) == 0
     mean = json.loads((tmp_path / "mean" / "results.json").read_text())
     assert mean["replicates"] == 2 and list(mean["methods"]) == methods
+    assert [r["editor"] for r in mean["setup"]["runs"]] == [results["setup"]["editor"], "/seed1/hiedit"]
     for name, row in mean["methods"].items():
         orig = results["methods"][name]
         assert row["mean"] == pytest.approx(orig["mean"] + 1.0)
