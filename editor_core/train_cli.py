@@ -40,7 +40,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="skip the first N records of --data (the demo split's editor_train stream is "
                              "counterfact-edit.json --offset 1000 --limit 300)")
     parser.add_argument("--skip-bad", action="store_true", help="skip bad records (and count them) instead of failing")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the nets' initialisation, the facts that calibrate η_0 and the trajectory "
+                             "order; editors of different seeds learn different routers (docs/results.md)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", default="float32", help="base model dtype (float32, bfloat16, float16); "
                                                            "the editor nets stay float32")
@@ -55,7 +57,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("loss")
     g.add_argument("--back-depth", type=int, default=_FIELDS.back_depth, help="K: edits replayed per step")
     g.add_argument("--time-decay", type=float, default=_FIELDS.time_decay, help="μ")
-    g.add_argument("--loc-coef", type=float, default=_FIELDS.loc_coef, help="α")
+    g.add_argument("--loc-coef", type=float, default=_FIELDS.loc_coef, help="α, the weight of the locality KL")
     g.add_argument("--reg-coef", type=float, default=_FIELDS.reg_coef, help="λ")
     g.add_argument("--edit-coef", type=float, default=_FIELDS.edit_coef,
                    help="weight of the edit prompt's CE beside its rephrase's (0 = the paper: rephrase only)")
