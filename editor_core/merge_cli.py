@@ -27,8 +27,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="a hiedit eval output directory or its results.json; later runs replace earlier rows")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--mean", action="store_true",
-                        help="the runs are replicates (same facts; other orders, thread counts or editor training seeds): average "
-                             "each method over them instead of taking rows from the last run")
+                        help="the runs are replicates (same facts; other orders, thread counts or editor "
+                             "training seeds): average each method over them instead of taking rows from the last run")
 
 
 def _load(run: str) -> dict:
