@@ -31,7 +31,8 @@ Departures from the published code (reference §5.3-5.4, §8), all deliberate:
    place through ``.data``, so CE and KL have no path to the mask and the router learns only from
    the L2 term (§5.4, §8.3). Here ∂L/∂m_l = ⟨G_l, ΔW_l⟩ (option (a)/(b) of §5.4) flows through the
    STE m = onehot_topk(p) + p - sg(p) into p, for selected *and* unselected modules, so the router
-   learns which modules' updates lower the rephrase CE and the locality KL.
+   learns which modules' updates lower the rephrase CE and the locality KL. ``router_reward="l2"``
+   restores the published behaviour, as an ablation (docs/results.md).
 2. Low-level gradients accumulate over the whole trajectory. The MEND-style published code calls
    ``opt.zero_grad()`` at every step, so only the last step's gradient survives (§5.3 e, §8.2).
 3. The L2 term reaches the low-level net as well (§8.7: in both published code bases it never does).
@@ -71,6 +72,7 @@ log = logging.getLogger(__name__)
 TRAINER_STATE_FILE = "trainer_state.pt"   # optimiser state etc.: needed to resume, not to use the editor
 TRAIN_LOG_FILE = "train.json"             # small, human-readable: options, seed, progress, per-trajectory losses
 UPDATE_MODES = ("trajectory", "per_edit")
+ROUTER_REWARDS = ("task", "l2")
 
 
 class TrainConfigError(ValueError):
@@ -135,6 +137,10 @@ class TrainConfig:
                                       # pile every edit into them; this pushes the router towards the others.
                                       # On the demo (docs/results.md) 0.1 kept the model healthier but cost
                                       # Specificity, and 1 collapsed it: so it stays off
+    router_reward: str = "task"       # what reaches the router: "task" = ∂L_t/∂m_l = ⟨G_l, ΔW_l⟩ + 2λ m_l ‖ΔW_l‖²
+                                      # (the paper's intent, departure 1 above); "l2" = the reg term alone,
+                                      # what the published code's router learns from (reference §5.4): an
+                                      # ablation, which pushes down the logits of the modules it selected
     method: str | None = None         # name saved with the editor; None = hiedit / rledit (k = L) / mend
     # data
     skip_bad: bool = False            # skip records the tokenizer cannot encode instead of failing
@@ -164,6 +170,8 @@ class TrainConfig:
                 bad(name, "must be None or an integer >= 1")
         if self.update not in UPDATE_MODES:
             bad("update", f"must be one of {UPDATE_MODES}")
+        if self.router_reward not in ROUTER_REWARDS:
+            bad("router_reward", f"must be one of {ROUTER_REWARDS}")
         if self.tokens not in ("all", "target"):
             bad("tokens", "must be 'all' or 'target'")
         if not 0 < self.time_decay <= 1:
@@ -605,7 +613,9 @@ class Trainer:
         #    S = Σ_l m_l ⟨sg(G_l), ΔW_l(θ_L)⟩ + λ m_l² ‖ΔW_l(θ_L)‖²
         #    ∂S/∂θ_L = Σ_l m_l [⟨G_l, ∂ΔW_l⟩ + λ ∂‖ΔW_l‖²]     (only selected modules: m_l = 0 otherwise)
         #    ∂S/∂m_l = ⟨G_l, ΔW_l⟩ + 2λ m_l ‖ΔW_l‖²           -> through the STE into p and the router
-        #    Departure from the published code: there CE/KL never reach the mask (reference §5.4).
+        #    Departure from the published code: there CE/KL never reach the mask (reference §5.4);
+        #    router_reward="l2" reproduces that by cutting the mask out of the task term.
+        task_mask = m if cfg.router_reward == "task" else m.detach()
         with torch.enable_grad():
             surrogate = p.new_zeros(())
             reg = p.new_zeros(())
@@ -614,7 +624,7 @@ class Trainer:
                 inner = ((D[name] @ left) * (U[name] @ right.T)).sum()    # ⟨G_l, ΔW_l⟩ via [n, r] products
                 sq = frobenius_sq(left, right)
                 reg = reg + cfg.reg_coef * m[l] ** 2 * sq
-                surrogate = surrogate + m[l] * inner
+                surrogate = surrogate + task_mask[l] * inner
             surrogate = surrogate + reg + self._balance_term(p, selected)
             # Gradients accumulate into .grad over the whole trajectory (no zero_grad here).
             surrogate.backward()

@@ -69,6 +69,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--balance-coef", type=float, default=_FIELDS.balance_coef,
                    help="β of a load-balancing term that spreads the router's choice over the modules "
                         "(0 = the paper: none)")
+    g.add_argument("--router-reward", choices=("task", "l2"), default=_FIELDS.router_reward,
+                   help="what trains the router: task = the rephrase CE and locality KL through the mask "
+                        "(the paper's intent); l2 = the ‖ΔW‖² term alone, as the published code (an ablation)")
     g.add_argument("--no-baseline", action="store_true", help="skip the full-layer baseline (advantage not logged)")
     g = parser.add_argument_group("optimiser and editor")
     g.add_argument("--meta-lr", type=float, default=_FIELDS.meta_lr)
@@ -94,7 +97,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, trajectories=args.trajectories, traj_len=args.traj_len,
                        update=args.update, stop_after=args.stop_after, back_depth=args.back_depth,
                        time_decay=args.time_decay, loc_coef=args.loc_coef, reg_coef=args.reg_coef,
-                       edit_coef=args.edit_coef, balance_coef=args.balance_coef, general_loc=args.general_loc,
+                       edit_coef=args.edit_coef, balance_coef=args.balance_coef, router_reward=args.router_reward,
+                       general_loc=args.general_loc,
                        baseline=not args.no_baseline, meta_lr=args.meta_lr, eta_lr=args.eta_lr,
                        router_lr=args.router_lr, block_lr=args.block_lr,
                        max_grad_norm=args.max_grad_norm, lr_init=args.lr_init, rank=args.rank,

@@ -170,6 +170,28 @@ def test_balance_term_lowers_the_logits_of_the_modules_chosen_most_and_touches_n
     assert float(all_k._balance_term(torch.randn(4), [0, 1, 2, 3])) == 0.0
 
 
+def test_router_reward_l2_trains_the_router_on_the_reg_term_alone(tiny):
+    """router_reward="l2" (the published code's router, reference §5.4): the task losses no longer reach
+    the router, so with λ = 0 its gradient is exactly 0; the choices and the low-level gradients are those
+    of router_reward="task", whose router does get a gradient."""
+    model, tok = tiny
+    router, low, picks = {}, {}, {}
+    for reward in ("task", "l2"):
+        tr = _trainer(model, tok, TrainConfig(router_reward=reward, reg_coef=0.0, **SMALL))
+        picks[reward] = [s.selected for s in tr.run_trajectory([0, 1, 2], step=False)]
+        router[reward] = [p.grad for p in tr.net.router.parameters()]
+        low[reward] = {n: p.grad.detach().clone() for n, p in tr.net.named_parameters()
+                       if not n.startswith("router.") and p.grad is not None}
+        tr.end()
+    assert picks["task"] == picks["l2"]
+    assert any(g is not None and float(g.abs().sum()) > 0 for g in router["task"])
+    assert all(g is None or float(g.abs().sum()) == 0 for g in router["l2"])
+    assert low["task"] and low["task"].keys() == low["l2"].keys()
+    assert all(torch.equal(low["task"][n], low["l2"][n]) for n in low["task"])
+    with pytest.raises(TrainConfigError, match="router_reward"):
+        TrainConfig(router_reward="reinforce").validate()
+
+
 def test_low_level_gradients_accumulate_over_the_trajectory(tiny):
     """Grad after steps 1+2 = grad of step 1 + grad of step 2 (the MEND-style code kept only step 2's)."""
     model, tok = tiny
