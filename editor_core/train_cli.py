@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from .train import TrainConfig
+from .train import ROUTER_REWARDS, TrainConfig
 
 _FIELDS = TrainConfig()
 
@@ -69,7 +69,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--balance-coef", type=float, default=_FIELDS.balance_coef,
                    help="β of a load-balancing term that spreads the router's choice over the modules "
                         "(0 = the paper: none)")
-    g.add_argument("--router-reward", choices=("task", "l2"), default=_FIELDS.router_reward,
+    g.add_argument("--router-reward", choices=ROUTER_REWARDS, default=_FIELDS.router_reward,
                    help="what trains the router: task = the rephrase CE and locality KL through the mask "
                         "(the paper's intent); l2 = the ‖ΔW‖² term alone, as the published code (an ablation)")
     g.add_argument("--no-baseline", action="store_true", help="skip the full-layer baseline (advantage not logged)")
