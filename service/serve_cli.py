@@ -1,6 +1,6 @@
 """``hiedit serve``: the HTTP service on uvicorn (DESIGN §5).
 
-With no options it serves the demo model and its trained editor on 127.0.0.1:8000, logging
+With no options it serves SmolLM2-135M-Instruct and its trained editor on 127.0.0.1:8000, logging
 edits to SQLite under the data directory. Every flag also reads its ``HIEDIT_*`` variable;
 a flag given on the command line wins.
 """
@@ -14,8 +14,11 @@ import sys
 _FLAGS: list[tuple[str, dict]] = [
     ("--host", dict(help="bind address (HIEDIT_HOST; default 127.0.0.1)")),
     ("--port", dict(type=int, help="port (HIEDIT_PORT; default 8000)")),
-    ("--model", dict(help="model directory or hub id (HIEDIT_MODEL; default: the demo model)")),
-    ("--editor", dict(help="HiEdit checkpoint directory, or 'none' (HIEDIT_EDITOR; default: the demo editor)")),
+    ("--model", dict(help="smollm2-135m-instruct (default) | gemma-3-270m | a model directory | a .gguf file "
+                          "(converted once into HIEDIT_HOME/models) | a hub id already in the local hub cache "
+                          "(HIEDIT_MODEL)")),
+    ("--editor", dict(help="HiEdit checkpoint directory, or 'none' (HIEDIT_EDITOR; default: the committed "
+                           "editor of a named --model)")),
     ("--untrained-editor", dict(metavar="LAYER_SPEC",
                                 help="instead of loading an editor, create an UNTRAINED one over these modules, "
                                      "e.g. 'gate[0-1],up[0-1]' (a scaled gradient step; for stand-ins and tests)")),
@@ -43,6 +46,12 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--max-target-tokens", dict(type=int, help="longest edit target (in tokens, at most 32)")),
     ("--delta-norm-bound", dict(type=float, help="refuse an edit whose update of any module has a larger "
                                                  "Frobenius norm")),
+    ("--edit-check", dict(choices=["refuse", "report"], help="an edit that does not take: refuse it (422, nothing "
+                          "kept; default) or keep it and report how it fell short (HIEDIT_EDIT_CHECK)")),
+    ("--edit-max-steps", dict(type=int, help="strengthening steps an edit that did not take may add (0: the "
+                                             "proposal alone, checked; HIEDIT_EDIT_MAX_STEPS, default 8)")),
+    ("--edit-max-delta-rel", dict(type=float, help="no strengthening beyond ‖ΔW‖_F = this share of ‖W‖_F per "
+                                                   "module (HIEDIT_EDIT_MAX_DELTA_REL)")),
     ("--torch-threads", dict(type=int, help="torch intra-op threads")),
     ("--edit-rate-per-second", dict(type=float, help="per-key rate limit of POST /edits (0: none)")),
     ("--edit-burst", dict(type=int, help="POST /edits a key may send at once before the rate applies")),
@@ -67,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
+    from editor_core.catalog import ModelSourceError, resolve_model
+
     from .auth import AuthConfigError, check_bind_allowed, parse_api_keys
     from .loading import ConfigError, check_assets
     from .main import create_app
@@ -77,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
         # before anything heavy: an open server (no keys) is never reachable from outside the machine
         check_bind_allowed(settings.host, parse_api_keys(settings.api_keys))
         check_assets(settings)
-    except (AuthConfigError, ConfigError, ValidationError) as e:
+        # A named model or a .gguf file is converted into HIEDIT_HOME/models on first use (once).
+        resolve_model(settings.model, settings.home)
+    except (AuthConfigError, ConfigError, ModelSourceError, ValidationError) as e:
         prefix = "invalid option: " if isinstance(e, ValidationError) else ""
         print(f"hiedit serve: {prefix}{e}", file=sys.stderr)
         return 2
@@ -98,5 +111,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"hiedit serve: --redis-url {settings.redis_url}: Redis is not reachable ({e})", file=sys.stderr)
             return 2
     app = create_app(settings, coordinator=coordinator)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False)
+    except SystemExit:  # uvicorn exits 3 when the lifespan fails; a start the app refused is a usage error
+        if not app.state.startup_failure:
+            raise
+    if app.state.startup_failure:  # e.g. the edit log was written for another base model
+        print(f"hiedit serve: {app.state.startup_failure}", file=sys.stderr)
+        return 2
     return 0

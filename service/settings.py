@@ -12,7 +12,7 @@ from platformdirs import user_data_dir
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from editor_core.assets import DEMO_HIEDIT, DEMO_MODEL
+from editor_core.catalog import DEFAULT_MODEL
 
 
 def default_home() -> Path:
@@ -26,8 +26,10 @@ class Settings(BaseSettings):
 
     home: Path = Field(default_factory=default_home, description="data directory (SQLite file lives here)")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<home>/hiedit.db")
-    model: str = Field(str(DEMO_MODEL), description="model directory or hub id")
-    editor: str = Field(str(DEMO_HIEDIT), description="HiEdit checkpoint directory, or 'none'")
+    model: str = Field(DEFAULT_MODEL, description="a known model name (smollm2-135m-instruct, gemma-3-270m), a model "
+                       "directory, a .gguf file (converted once under <home>/models) or a hub id")
+    editor: str | None = Field(None, description="HiEdit checkpoint directory, or 'none'; default: the committed "
+                               "editor of a known --model")
     untrained_editor: str | None = Field(
         None, description="layer spec: create an untrained HiEdit editor (a scaled gradient step) instead of loading one")
     untrained_lr: float = Field(1e-6, gt=0, description="edit learning rate of an untrained editor")
@@ -51,6 +53,13 @@ class Settings(BaseSettings):
     max_rephrases: int = Field(16, ge=0)
     max_locality: int = Field(16, ge=0)
     delta_norm_bound: float = Field(1e4, gt=0, description="a proposal whose per-module ‖ΔW‖_F exceeds this is refused (422)")
+    edit_check: Literal["refuse", "report"] = Field("refuse", description="an edit that does not take (after "
+                                                    "strengthening): 'refuse' = 422, nothing kept; 'report' = kept, "
+                                                    "its efficacy.take says how it fell short")
+    edit_max_steps: int = Field(8, ge=0, le=64, description="strengthening budget of an edit that did not take: "
+                                "further editor steps at the edited weights (0: the proposal alone, checked)")
+    edit_max_delta_rel: float = Field(0.1, gt=0, description="strengthening stops before any module's update "
+                                      "exceeds this share of its weight's norm: ‖ΔW_l‖_F ≤ ρ ‖W⁰_l‖_F")
 
     probe_max_new_tokens: int = Field(8, ge=1, le=64, description="greedy tokens recorded per probe")
     probe_every_edits: int = Field(10, ge=0, description="recompute /probes/report after this many edits (0: never)")
