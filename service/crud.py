@@ -50,6 +50,16 @@ def applied_facts(session: Session) -> list[tuple[int, str, str]]:
                                               .where(Edit.status == EditStatus.APPLIED).order_by(Edit.id))]
 
 
+def log_base_models(session: Session, ids: list[int] | None = None) -> list[tuple[str, str | None, int]]:
+    """(model, base_fingerprint, number of edits) of every distinct base model in the log (or among
+    the edits ``ids``), most edits first; base_fingerprint is None on rows older than migration 0003."""
+    q = select(Edit.model, Edit.base_fingerprint, func.count(Edit.id)).group_by(Edit.model, Edit.base_fingerprint)
+    if ids is not None:
+        q = q.where(Edit.id.in_(ids))
+    rows = [(model, fp, int(n)) for model, fp, n in session.execute(q)]
+    return sorted(rows, key=lambda r: (-r[2], r[0], r[1] or ""))
+
+
 def edit_methods(session: Session, ids: list[int]) -> dict[int, str]:
     return dict(session.execute(select(Edit.id, Edit.method).where(Edit.id.in_(ids))).all())
 

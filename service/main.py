@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import db
 from .api.main import api_router
 from .auth import RateLimiter, parse_api_keys
-from .engine import EditEngine, EngineError
+from .engine import BaseModelMismatch, EditEngine, EngineError
 from .loading import load_all
 from .metrics import Metrics
 from .settings import Settings
@@ -206,6 +206,7 @@ def create_app(settings: Settings | None = None, components=None, coordinator=No
             else:
                 engine = EditEngine(*args)
                 engine.coordinator = coord
+            await _refuse_another_base_model(app, engine)
             app.state.engine = engine
             engine.start()  # replays (or, on a replica, syncs) the log on the writer thread; then /readyz is 200
             log.info("serving %s as %s with methods %s", engine.model_name, settings.role, sorted(editors) or "none")
@@ -227,7 +228,49 @@ def create_app(settings: Settings | None = None, components=None, coordinator=No
     app.state.metrics = Metrics()
     app.state.engine = None
     app.state.coordinator = coordinator
+    app.state.startup_failure = None  # why the lifespan refused to start (hiedit serve prints it, exits 2)
     install_error_handlers(app)
     app.include_router(api_router)
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)
+    app.add_middleware(StartupFailureMessage)
     return app
+
+
+async def _refuse_another_base_model(app: FastAPI, engine: EditEngine) -> None:
+    """Fail the start (before the replay, which stays asynchronous) when the log belongs to another base model.
+
+    The weights are loaded by now (the check compares their fingerprint). Only BaseModelMismatch stops
+    the start here; any other failure to read the log is left to the replay, which reports it on /readyz
+    as before (a replica may start before its database is reachable).
+    """
+    try:
+        await asyncio.to_thread(engine.check_base_model)
+    except BaseModelMismatch as e:
+        app.state.startup_failure = e.detail
+        raise
+    except Exception as e:  # noqa: BLE001 - the replay checks again and reports what went wrong
+        log.warning("base model check deferred to the replay: %s", db.describe(e))
+
+
+class StartupFailureMessage:
+    """A refused start (``app.state.startup_failure``) is logged as its one-line reason, not a traceback.
+
+    Starlette reports an exception of the lifespan to the server as ``lifespan.startup.failed`` with
+    the formatted traceback, which uvicorn logs; the reason alone is what an operator needs.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_reason(message: Message) -> None:
+            failure = getattr(scope["app"].state, "startup_failure", None) if "app" in scope else None
+            if message["type"] == "lifespan.startup.failed" and failure:
+                message = {**message, "message": failure}
+            await send(message)
+
+        await self.app(scope, receive, send_reason)

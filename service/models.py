@@ -42,6 +42,9 @@ class Edit(Base):
     status: Mapped[str] = mapped_column(String(16), index=True)
     method: Mapped[str] = mapped_column(String(32))
     model: Mapped[str] = mapped_column(String(255))
+    # identity of the base weights the edit was made on (service.weights.base_model_fingerprint);
+    # NULL on rows of logs written before migration 0003
+    base_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
     prompt: Mapped[str] = mapped_column(Text)
     target: Mapped[str] = mapped_column(Text)
     subject: Mapped[str | None] = mapped_column(Text, nullable=True)

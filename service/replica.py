@@ -62,6 +62,7 @@ class ReplicaEngine(EditEngine):
         """First job of the writer thread: catch up with the log, turn ready, then follow it."""
         t0 = time.perf_counter()
         try:
+            self.check_base_model()  # the writer's check: a log of another base model is never applied
             changed = self._sync()
         except Exception as e:
             self.startup_error = f"reading the edit log failed: {e}"
@@ -102,6 +103,8 @@ class ReplicaEngine(EditEngine):
         self._set_lag(len(drop) + len(add))
         if not drop and not add:
             return 0
+        if add:  # edits a writer on another base model logged after this replica started: not applied
+            self.check_base_model(add)
         keep = local - set(drop)
         rebuild = bool(add and keep and min(add) < max(keep))  # an older edit came back: rebuild in id order
         deltas = self._load_deltas([i for i in wanted if i not in self.unappliable] if rebuild else add)

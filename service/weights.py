@@ -16,7 +16,21 @@ from typing import ContextManager
 import torch
 
 from editor_core.delta import LowRankDelta
-from editor_core.state import DeltaRejected, WeightState
+from editor_core.state import DeltaRejected, WeightState, weights_fingerprint
+
+
+def base_model_fingerprint(model: torch.nn.Module, model_name: str) -> str:
+    """Identity of the base model the edits of a log apply to (``edits.base_fingerprint``).
+
+    sha256 over the model name and *every* parameter, rounded to bf16 as HiEdit's checkpoint check
+    does (``editor_core.hiedit.base_weights_fingerprint``). Not ``WeightState.base_fingerprint`` (GET
+    /state's ``base_fingerprint``): that one covers only the editable modules in the served dtype, so
+    it changes with the editor settings (--editor, --rlsedit, --rlsedit-layers) and --dtype, and a
+    restart with other settings on the same base model would look like another base model. Those
+    cases keep their own handling (``LogSettingsMismatch`` names the settings a log needs). Call it
+    before any edit is applied: it hashes the weights as they are.
+    """
+    return weights_fingerprint(model_name, ((n, p.detach().to(torch.bfloat16)) for n, p in model.named_parameters()))
 
 
 class ServedWeights(WeightState):
