@@ -167,10 +167,15 @@ class HiEditor(StatelessEditor):
         torch.manual_seed(seed)
         return cls(HiEditNet(cfg), model, tokenizer)
 
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write config.json and the nets' weights; ``dtype`` (e.g. float16) stores the parameters in it
+        (``load`` casts them back to the nets' float32). The normalisers' running statistics stay float32:
+        their counts and second moments overflow float16 (90,464 and 3.5e5 on SmolLM2)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        params = {name for name, _ in self.net.named_parameters()}
+        state = {k: (v.to(dtype) if dtype is not None and k in params else v).detach().cpu().contiguous()
+                 for k, v in self.net.state_dict().items()}
         save_file(state, directory / WEIGHTS_FILE)
         (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
         return directory
@@ -208,8 +213,9 @@ class HiEditor(StatelessEditor):
         return capture(self.model, self.module_map, example, self.cfg.tokens)
 
     @torch.no_grad()
-    def propose(self, request: EditRequest, k: int | None = None) -> Proposal:
-        """Route the fact and build the low-rank delta of its top-k modules.
+    def propose(self, request: EditRequest, k: int | None = None, selected: list[int] | None = None) -> Proposal:
+        """Route the fact and build the low-rank delta of its top-k modules (or of ``selected``, module
+        indices the caller keeps from an earlier routing: the service's strengthening steps do).
 
         The normalisers are frozen here (the published code keeps updating them during
         evaluation): a proposal then depends only on the checkpoint and the current
@@ -222,7 +228,7 @@ class HiEditor(StatelessEditor):
         keys = [cap.keys[n] for n in self.modules]
         grads = [cap.grads[n] for n in self.modules]
         p = self.net.importances(keys, grads)
-        selected = sorted(p.topk(k).indices.tolist())
+        selected = sorted(p.topk(k).indices.tolist()) if selected is None else sorted(selected)
         return Proposal(self.modules, p.float().cpu(), selected, self.delta_for(cap, selected), cap.loss,
                         cap.n_tokens)
 

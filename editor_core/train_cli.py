@@ -88,6 +88,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokens", choices=["all", "target"], default=_FIELDS.tokens)
     g.add_argument("--max-delta-rel", type=float, default=_FIELDS.max_delta_rel,
                    help="trust region ρ: no edit moves a module by more than ρ·‖W⁰‖_F (0 = none)")
+    parser.add_argument("--publish", type=Path, metavar="DIR",
+                        help="after training, also write the editor to DIR with its weights in float16 (half the "
+                             "size; the committed editors are published this way) and without the optimiser state")
     parser.add_argument("--eval-data", help="after training, measure single-edit efficacy on these records")
     parser.add_argument("--eval-n", type=int, default=50, help="records of --eval-data to measure")
     parser.add_argument("--no-progress", action="store_true")
@@ -138,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
         start = time.time()
         editor = train_editor(model, tokenizer, args.layers, k, records, Path(args.out), seed=args.seed,
                               cfg=cfg, progress=not args.no_progress, resume=args.resume, general_texts=general)
+        if args.publish is not None:
+            editor.save(args.publish, dtype=torch.float16)
         summary = {"out": str(args.out), "method": editor.method, "k": k, "modules": n_modules,
                    "records": len(records), "skipped": loaded.skipped, "seconds": round(time.time() - start, 1)}
         if args.eval_data:

@@ -40,12 +40,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sqlalchemy import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 
 from editor_core.capture import EditInputError, teacher_forced
 from editor_core.delta import LowRankDelta
 from editor_core.editor import EditRequest, Editor, LocalityPrompt, Proposal
+from editor_core.hiedit import HiEditor
 from editor_core.model import model_id
 from editor_core.state import DeltaRejected
 
@@ -53,7 +55,7 @@ from . import crud, db
 from .metrics import Metrics
 from .models import Edit, EditLayer, EditStatus, Probe, utcnow
 from .settings import Settings
-from .weights import ServedWeights
+from .weights import ServedWeights, base_model_fingerprint
 
 log = logging.getLogger("hiedit.engine")
 
@@ -87,6 +89,12 @@ InvalidEdit = InvalidRequest
 
 class LogSettingsMismatch(EngineError):
     """503: the edit log was written under editor settings this server does not have (its modules differ)."""
+
+    status_code = 503
+
+
+class BaseModelMismatch(EngineError):
+    """503: the edit log was written for another base model; the server must not start (nothing is replayed)."""
 
     status_code = 503
 
@@ -186,6 +194,77 @@ class ProbeReport:
                 "lost_edits": self.lost_edits, "duration_s": round(self.duration_s, 4)}
 
 
+@dataclass
+class TakeReport:
+    """Whether an edit takes: greedy continuations at the edited weights (see ``EditEngine._make_it_take``)."""
+
+    prompt: bool
+    rephrases: list[bool]
+    locality: list[bool]
+    continuation: str
+    steps: int = 0
+    max_steps: int = 0
+    max_delta_rel: float = 0.0
+    stopped: str = "taken"
+
+    @property
+    def taken(self) -> bool:
+        return self.prompt and all(self.rephrases) and all(self.locality)
+
+    @property
+    def acceptable(self) -> bool:
+        """Kept when the prompt takes and no locality answer changed; rephrases that did not take are reported."""
+        return self.prompt and all(self.locality)
+
+    def refusal(self, spec: "EditSpec") -> str:
+        if self.stopped == "apply":
+            return f"apply: {self.continuation}"
+        how = {"budget": f"after the proposal and {self.steps} strengthening steps (HIEDIT_EDIT_MAX_STEPS="
+                         f"{self.max_steps})",
+               "norm_bound": f"after {self.steps} strengthening steps, the next would move a module by more than "
+                             "HIEDIT_EDIT_MAX_DELTA_REL of its weight",
+               "stateful_editor": "(this method is checked, not strengthened)",
+               "locality": f"after {self.steps} strengthening steps"}.get(self.stopped, "")
+        if not self.prompt:
+            return (f"the greedy continuation of the prompt is {self.continuation!r}, not the target "
+                    f"{spec.target.strip()!r}, {how}")
+        changed = [i for i, kept in enumerate(self.locality) if not kept]
+        return (f"locality{changed} would change its answer ({spec.locality[changed[0]]['prompt']!r} no longer "
+                f"continues as before), {how}")
+
+    def as_dict(self) -> dict:
+        return {"taken": self.taken, "prompt": self.prompt, "rephrases_taken": sum(self.rephrases),
+                "rephrases": len(self.rephrases), "locality_kept": sum(self.locality), "locality": len(self.locality),
+                "steps": self.steps, "max_steps": self.max_steps, "max_delta_rel": round(self.max_delta_rel, 6),
+                "continuation": self.continuation, "stopped": self.stopped}
+
+
+def _efficacy(before: dict, after: dict, prompts: int, locality_before: float | None,
+              locality_after: float | None) -> dict:
+    return {"before": before["prob"], "after": after["prob"], "top1_before": before["top1"],
+            "top1_after": after["top1"], "metric": "probability of the whole target, mean over prompt and rephrases",
+            "prompts": prompts, "locality_before": locality_before, "locality_after": locality_after}
+
+
+def _concat(a: LowRankDelta, b: LowRankDelta) -> LowRankDelta:
+    """a + b as one low-rank delta: per module [L_a | L_b] [R_a ; R_b] (ranks add)."""
+    out = dict(a.factors)
+    for name, (left, right) in b.factors.items():
+        if name in out:
+            la, ra = out[name]
+            out[name] = (torch.cat([la, left.to(la.device)], 1), torch.cat([ra, right.to(ra.device)], 0))
+        else:
+            out[name] = (left, right)
+    return LowRankDelta(out)
+
+
+# Greedy tokens of a locality prompt that an edit must leave unchanged (more when its target is longer).
+LOCALITY_TOKENS = 8
+
+# Edit id of the trial apply of the take check: above any id a log will hold, and never logged.
+TRIAL_ID = 1 << 62
+
+
 # ---- the engine ----------------------------------------------------------------------------------
 
 _STOP = object()
@@ -216,6 +295,10 @@ class EditEngine:
         self.device = next(model.parameters()).device
         self.lock = RWLock()
         self.state = ServedWeights(self._editable_modules(), self.model_name)
+        # W⁰'s identity, taken before any edit is applied: every edit row records it, and a start on a log
+        # written for another base model is refused (check_base_model). Unlike state.base_fingerprint
+        # (editable modules only, served dtype) it does not change with the editor settings or --dtype.
+        self.base_fingerprint = base_model_fingerprint(model, self.model_name)
         self.ready = False
         self.started_at = int(time.time())  # unix seconds: the "created" of GET /v1/models
         self.startup_error: str | None = None
@@ -374,13 +457,9 @@ class EditEngine:
             raise Unavailable("the server is not ready: the edit log is still being replayed")
         n = max_new_tokens or self.settings.probe_max_new_tokens
         ids = self.check_prompt(prompt)
-        input_ids = torch.tensor([ids], device=self.device)
-        with self.lock.read(), torch.no_grad():
-            out = self.model.generate(input_ids, max_new_tokens=n, do_sample=False, temperature=None, top_k=None,
-                                      top_p=None, attention_mask=torch.ones_like(input_ids),
-                                      pad_token_id=self.tokenizer.pad_token_id)
+        with self.lock.read():
+            new = self._greedy_ids(ids, n)
             fingerprint = self.state.fingerprint()
-        new = out[0, input_ids.shape[1]:].tolist()
         probe = Probe(prompt=prompt, max_new_tokens=n, expected=self.tokenizer.decode(new, skip_special_tokens=True),
                       expected_ids=new, created_at=utcnow(), fingerprint_at_creation=fingerprint)
         with self.sessions.begin() as session:
@@ -393,6 +472,7 @@ class EditEngine:
         """Apply every active edit of the log, in id order; then turn ready."""
         t0 = time.perf_counter()
         try:
+            self.check_base_model()  # before anything is loaded or applied
             with self.sessions() as session:
                 self._load_editor_snapshots(set(crud.applied_edit_ids(session)))
             n = self._sync_with_log()
@@ -404,6 +484,36 @@ class EditEngine:
             self.startup_error = f"replaying the edit log failed: {e}"
             log.exception("replay failed")
             raise
+
+    def check_base_model(self, ids: list[int] | None = None) -> None:
+        """BaseModelMismatch if the log (or its edits ``ids``) has edits made on another base model.
+
+        An edit matches when its model name and base fingerprint are this server's; rows logged before
+        migration 0003 have no fingerprint and are compared by name only. Runs before the replay (the
+        app's lifespan also runs it first, so such a server never starts) and on a replica before it
+        applies new edits of the log.
+        """
+        with self.sessions() as session:
+            groups = crud.log_base_models(session, ids)
+        foreign = [(model, fp, n) for model, fp, n in groups
+                   if model != self.model_name or (fp is not None and fp != self.base_fingerprint)]
+        if not foreign:
+            return
+
+        def fingerprint(fp: str | None) -> str:
+            return f"fingerprint {fp[:12]}…" if fp else "no fingerprint recorded"
+
+        url = make_url(self.settings.resolved_database_url).render_as_string(hide_password=True)
+        written = " and ".join(f"{model!r} ({fingerprint(fp)}, {n} edit{'s' * (n != 1)})"
+                               for model, fp, n in foreign[:3])
+        more = f" and {len(foreign) - 3} other base models" if len(foreign) > 3 else ""
+        model = foreign[0][0]
+        fix = (f"start with --model {model}" if model != self.model_name else
+               f"start with the weights of {model!r} the log was written for (this {model!r} has other weights)")
+        raise BaseModelMismatch(
+            f"the edit log at {url} was written for base model {written}{more}, but this server runs "
+            f"{self.model_name!r} ({fingerprint(self.base_fingerprint)}): {fix}, or use another --database-url / "
+            f"HIEDIT_HOME for this model; nothing was replayed")
 
     # ---- editor state snapshots (RLSEdit's C): a start replays only the recursion since the last one ----
 
@@ -653,6 +763,15 @@ class EditEngine:
         prompts = [spec.prompt] + list(spec.rephrases)
         before = self._score(prompts, spec.target)
         locality_before = self._locality(spec.locality)
+        # Check that the edit takes (and strengthen it within the budget) before anything is logged.
+        proposal, take = self._make_it_take(editor, spec, request, k, proposal)
+        try:
+            self._guard(proposal)
+        except EngineError:
+            self.metrics.edits.labels(method=spec.method, status="rejected").inc()
+            raise
+        keep = take.acceptable or (self.settings.edit_check == "report" and take.stopped != "apply")
+        refusal = None if keep else take.refusal(spec)
 
         # Log first: an edit exists only once it is in the database.
         delta = proposal.delta
@@ -663,15 +782,25 @@ class EditEngine:
                                     selected=chosen,
                                     delta_norm=delta.frobenius_norm(name) if chosen else 0.0,
                                     rank=delta.rank(name) if chosen else 0))
-        edit = Edit(status=EditStatus.APPLIED, method=spec.method, model=self.model_name, prompt=spec.prompt,
+        edit = Edit(status=EditStatus.APPLIED if refusal is None else EditStatus.FAILED, method=spec.method, model=self.model_name, prompt=spec.prompt,
+                    base_fingerprint=self.base_fingerprint,
                     target=spec.target, subject=spec.subject, rephrases=list(spec.rephrases),
                     locality=list(spec.locality), k=k, actor=actor, created_at=utcnow(),
                     loss_before=float(proposal.loss_before), n_tokens=int(proposal.n_tokens),
                     info=_jsonable(proposal.info), idempotency_key=idempotency_key, request_hash=request_hash)
         with self._writing_log("the edit could not be logged, so it was not applied", spec.method), \
                 self.sessions.begin() as session:
+            if refusal is not None:
+                edit.error = refusal if take.stopped == "apply" else f"not taken: {refusal}"
+                edit.efficacy = {"take": take.as_dict(), **_efficacy(before, before, len(prompts),
+                                                                      locality_before, locality_before)}
             crud.add_edit(session, edit, layers, delta.to_bytes(), proposal.state_blob)
         edit_id = edit.id
+        if refusal is not None:  # logged as a failed attempt; weights, editor state and fingerprint untouched
+            self.metrics.edits.labels(method=spec.method,
+                                      status="failed" if take.stopped == "apply" else "not_taken").inc()
+            raise InvalidEdit(f"edit did not take: {refusal}. Nothing was applied; edit {edit_id} records the "
+                              f"attempt (status failed)", edit_id=edit_id, take=take.as_dict())
 
         try:
             self.state.apply(edit_id, delta, swap_lock=self.lock.write())
@@ -700,11 +829,8 @@ class EditEngine:
         after = self._score(prompts, spec.target)
         locality_after = self._locality(spec.locality)
         latency = time.perf_counter() - t0
-        record = {"efficacy": {"before": before["prob"], "after": after["prob"],
-                               "top1_before": before["top1"], "top1_after": after["top1"],
-                               "metric": "probability of the whole target, mean over prompt and rephrases",
-                               "prompts": len(prompts),
-                               "locality_before": locality_before, "locality_after": locality_after},
+        record = {"efficacy": {"take": take.as_dict(),
+                               **_efficacy(before, after, len(prompts), locality_before, locality_after)},
                   "latency_ms": latency * 1000, "fingerprint_after": self.state.fingerprint()}
         m = self.metrics
         m.edits.labels(method=spec.method, status="applied").inc()
@@ -730,6 +856,120 @@ class EditEngine:
             for name, value in record.items():
                 setattr(edit, name, value)
             return edit, True
+
+    def _make_it_take(self, editor: Editor, spec: EditSpec, request: EditRequest, k: int,
+                      proposal: Proposal) -> tuple[Proposal, TakeReport]:
+        """Check the proposal on the prompt, rephrases and locality prompts; strengthen it if it did not take.
+
+        An edit *takes* when the greedy continuation of its prompt and of each rephrase starts with the
+        target, and each locality prompt's greedy answer (over its target's length) is what it was before.
+        With the proposal applied on trial, a check is one batched forward pass (greedy decoding yields
+        the target iff the teacher-forced argmax is the target at every position). If the edit did not
+        take, a *strengthening step* asks the editor again at the edited weights and adds its delta (a
+        further MEND-style step: the gradient at θ + ΔW, not a rescaled one): on the first of prompt and
+        rephrases that does not continue with the target, or, once they all do, on the first locality
+        prompt whose answer changed, toward that answer (the request's locality prompts are constraints
+        the edit is steered by, not only scored on). At most ``edit_max_steps`` steps, and never
+        beyond ‖ΔW_l‖_F ≤ ρ ‖W⁰_l‖_F (``edit_max_delta_rel``). Steps keep the router's first choice of k
+        modules (the audit lists k per edit). Stateful editors (RLSEdit, whose proposal depends on its
+        history) are checked, not strengthened.
+
+        The trial weights are swapped in under the write lock: generation waits for the check (a forward
+        pass per step, plus a forward and backward per strengthening step) and never sees a trial.
+        """
+        s = self.settings
+        targets = [(spec.prompt, spec.target)] + [(r, spec.target) for r in spec.rephrases]
+        rows = self._token_rows(targets)
+        # A locality prompt keeps its answer when its greedy continuation (as long as its target, and at least
+        # LOCALITY_TOKENS tokens) is the same with the edit: teacher-forced on today's continuation.
+        for prompt, target in self._token_rows([(loc["prompt"], loc["target"]) for loc in spec.locality]):
+            n = max(len(target), LOCALITY_TOKENS)
+            rows.append((prompt, self._greedy_ids(prompt, n)))
+        base_norm = {name: float(self.state.base[name].float().norm()) for name in editor.modules}
+        can_step = isinstance(editor, HiEditor)
+        delta, steps, n_tokens = proposal.delta, 0, proposal.n_tokens
+        with self.lock.write():
+            while True:
+                try:
+                    self.state.apply(TRIAL_ID, delta)
+                except DeltaRejected as e:  # e.g. the edited weight overflows the served dtype
+                    return proposal, TakeReport(False, [False] * len(spec.rephrases), [False] * len(spec.locality),
+                                                str(e), steps, s.edit_max_steps, stopped="apply")
+                try:
+                    got = self._argmax_on_targets(rows)
+                    match = [g == want for g, (_, want) in zip(got, rows)]
+                    hits, kept = match[:len(targets)], match[len(targets):]
+                    continuation = self.tokenizer.decode(got[0], skip_special_tokens=True)
+                    report = TakeReport(hits[0], hits[1:], kept, continuation, steps, s.edit_max_steps,
+                                        max((delta.frobenius_norm(n) / base_norm[n] for n in delta.modules), default=0.0))
+                    if report.taken:
+                        break
+                    if not can_step:
+                        report.stopped = "stateful_editor"
+                        break
+                    if steps >= s.edit_max_steps:
+                        report.stopped = "budget"
+                        break
+                    if not all(hits):  # toward the target, on the first prompt that misses it
+                        step = EditRequest(targets[hits.index(False)][0], spec.target, subject=spec.subject)
+                    else:  # back toward a locality prompt's own answer, which the edit changed
+                        i = kept.index(False)
+                        answer = self.tokenizer.decode(rows[len(targets) + i][1], skip_special_tokens=True)
+                        if not answer.strip():
+                            report.stopped = "locality"
+                            break
+                        step = EditRequest(spec.locality[i]["prompt"], answer)
+                    more = editor.propose(step, k, selected=proposal.selected)  # the router's choice stands
+                finally:
+                    self.state.rollback(TRIAL_ID)
+                stronger = _concat(delta, more.delta)
+                if any(stronger.frobenius_norm(n) > s.edit_max_delta_rel * base_norm[n] for n in more.delta.modules):
+                    report.stopped = "norm_bound"
+                    break
+                delta, steps, n_tokens = stronger, steps + 1, n_tokens + more.n_tokens
+        if steps:
+            proposal = Proposal(proposal.modules, proposal.importances, proposal.selected, delta,
+                                proposal.loss_before, n_tokens, dict(proposal.info), proposal.state_blob)
+        return proposal, report
+
+    def _token_rows(self, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+        """(prompt, target) texts -> (prompt ids, target ids) as teacher forcing sees them."""
+        rows = []
+        for prompt, target in pairs:
+            ex = teacher_forced(self.tokenizer, prompt, target, max_prompt_tokens=self.settings.max_prompt_tokens)
+            rows.append((ex.input_ids[0, :ex.n_prompt_tokens].tolist(), ex.labels[0, ex.target_positions].tolist()))
+        return rows
+
+    def _greedy_ids(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        """The greedy continuation of ``ids`` (new token ids). No lock: callers hold what they need."""
+        input_ids = torch.tensor([ids], device=self.device)
+        with torch.no_grad():
+            out = self.model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                      top_k=None, top_p=None, attention_mask=torch.ones_like(input_ids),
+                                      pad_token_id=self.tokenizer.pad_token_id)
+        return out[0, input_ids.shape[1]:].tolist()
+
+    def _argmax_on_targets(self, rows: list[tuple[list[int], list[int]]], batch: int = 32) -> list[list[int]]:
+        """For each (prompt ids, target ids): the model's argmax at each target position, teacher-forced.
+
+        It equals the target ids iff greedy decoding continues the prompt with the target. ``batch`` rows
+        per forward pass, right-padded (causal attention keeps each row's logits its own). Runs on the
+        writer, the only thread that changes weights: no lock of its own.
+        """
+        out: list[list[int]] = []
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        for start in range(0, len(rows), batch):
+            chunk = [prompt + target[:-1] for prompt, target in rows[start:start + batch]]
+            ids = torch.full((len(chunk), max(map(len, chunk))), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, seq in enumerate(chunk):
+                ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
+            with torch.no_grad():
+                argmax = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.argmax(-1)
+            argmax = argmax.cpu()
+            for row, (prompt, target) in enumerate(rows[start:start + batch]):
+                out.append(argmax[row, len(prompt) - 1:len(prompt) - 1 + len(target)].tolist())
+        return out
 
     def _guard(self, proposal: Proposal) -> None:
         try:
@@ -808,13 +1048,8 @@ class EditEngine:
         changed = []
         for probe in probes:
             ids = self.tokenizer(probe.prompt, add_special_tokens=True)["input_ids"]
-            input_ids = torch.tensor([ids], device=self.device)
-            with torch.no_grad():  # on the writer: nobody else changes weights, no lock needed
-                out = self.model.generate(input_ids, max_new_tokens=probe.max_new_tokens, do_sample=False,
-                                          temperature=None, top_k=None, top_p=None,
-                                          attention_mask=torch.ones_like(input_ids),
-                                          pad_token_id=self.tokenizer.pad_token_id)
-            if out[0, input_ids.shape[1]:].tolist() != list(probe.expected_ids):
+            # on the writer: nobody else changes weights, no lock needed
+            if self._greedy_ids(ids, probe.max_new_tokens) != list(probe.expected_ids):
                 changed.append(probe.id)
         lost = self._lost_edits(active)
         spec = 1 - len(changed) / len(probes) if probes else None
@@ -829,31 +1064,12 @@ class EditEngine:
         self._next_report_at = self._last_report_t + self.report.duration_s * (1 / duty - 1)
         return self.report
 
-    def _lost_edits(self, facts: list[tuple[int, str, str]], batch: int = 32) -> list[int]:
-        """Ids of the (id, prompt, target) facts whose target is no longer the greedy continuation.
-
-        Greedy decoding reproduces the target iff the teacher-forced argmax matches every target
-        token. Scored ``batch`` facts per forward pass (right-padded: causal attention keeps each
-        fact's logits its own), so a report over 1,000 edits is a few dozen passes, not 1,000.
-        """
-        lost = []
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        for start in range(0, len(facts), batch):
-            chunk = facts[start:start + batch]
-            examples = [teacher_forced(self.tokenizer, prompt, target, max_prompt_tokens=self.settings.max_prompt_tokens)
-                        for _, prompt, target in chunk]
-            width = max(ex.input_ids.shape[1] for ex in examples)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, ex in enumerate(examples):
-                n = ex.input_ids.shape[1]
-                ids[row, :n], labels[row, :n], mask[row, :n] = ex.input_ids[0], ex.labels[0], 1
-            with torch.no_grad():  # on the writer: nobody else changes weights, no lock needed
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            hit = (logits.argmax(-1).cpu() == labels) | (labels == -100)
-            lost += [edit_id for (edit_id, _, _), ok in zip(chunk, hit.all(-1).tolist()) if not ok]
-        return lost
+    def _lost_edits(self, facts: list[tuple[int, str, str]]) -> list[int]:
+        """Ids of the (id, prompt, target) facts whose target is no longer the greedy continuation
+        (batched: a report over 1,000 edits is a few dozen forward passes, not 1,000)."""
+        rows = self._token_rows([(prompt, target) for _, prompt, target in facts])
+        return [edit_id for (edit_id, _, _), got, (_, want) in zip(facts, self._argmax_on_targets(rows), rows)
+                if got != want]
 
 
 def _jsonable(info: dict) -> dict:

@@ -57,7 +57,24 @@ class EditIn(StrictBody):
         return v
 
 
+class TakeOut(BaseModel):
+    """How well an edit took: greedy continuations checked after the proposal and each strengthening step."""
+
+    taken: bool                  # the prompt and every rephrase continue with the target, every locality answer kept
+    prompt: bool                 # the prompt's greedy continuation starts with the target
+    rephrases_taken: int         # of `rephrases`
+    rephrases: int
+    locality_kept: int           # of `locality`: answers (greedy, over the locality target's length) unchanged
+    locality: int
+    steps: int                   # strengthening steps beyond the proposal (0: the proposal took alone)
+    max_steps: int               # the budget (HIEDIT_EDIT_MAX_STEPS)
+    max_delta_rel: float         # max over modules of ‖ΔW_l‖_F / ‖W⁰_l‖_F of the kept (or refused) update
+    continuation: str            # the prompt's greedy continuation (target length) with the edit
+    stopped: str                 # why strengthening stopped: taken | budget | norm_bound | locality | stateful_editor | apply
+
+
 class EfficacyOut(BaseModel):
+    take: TakeOut | None = None
     before: float
     after: float
     top1_before: float

@@ -232,7 +232,8 @@ class ServerProcess:
     def __init__(self, args: list[str], home: Path, env: dict | None = None):
         self.args = args
         self.home = home
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # HIEDIT_EDIT_CHECK=report: the stand-in's untrained edits are kept whether or not they take (see app_settings)
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "HIEDIT_EDIT_CHECK": "report", **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.log_path = home / "server.log"
@@ -334,6 +335,9 @@ def app_settings(home: Path, **kw):
 
     kw.setdefault("probe_every_seconds", 0)
     kw.setdefault("probe_every_edits", 0)
+    # The stand-in memorisers' untrained edits are what these tests move around, not whether they take:
+    # the take check's own tests (tests/test_edit_take.py) set "refuse".
+    kw.setdefault("edit_check", "report")
     return Settings(home=home, rlsedit="off", torch_threads=1, **kw)
 
 
