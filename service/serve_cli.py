@@ -49,9 +49,9 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--edit-check", dict(choices=["refuse", "report"], help="an edit that does not take: refuse it (422, nothing "
                           "kept; default) or keep it and report how it fell short (HIEDIT_EDIT_CHECK)")),
     ("--edit-max-steps", dict(type=int, help="strengthening steps an edit that did not take may add (0: the "
-                                             "proposal alone, checked; HIEDIT_EDIT_MAX_STEPS, default 8)")),
+                                             "proposal alone, checked; HIEDIT_EDIT_MAX_STEPS, default 10)")),
     ("--edit-max-delta-rel", dict(type=float, help="no strengthening beyond ‖ΔW‖_F = this share of ‖W‖_F per "
-                                                   "module (HIEDIT_EDIT_MAX_DELTA_REL)")),
+                                                   "module (HIEDIT_EDIT_MAX_DELTA_REL, default 0.15)")),
     ("--torch-threads", dict(type=int, help="torch intra-op threads")),
     ("--edit-rate-per-second", dict(type=float, help="per-key rate limit of POST /edits (0: none)")),
     ("--edit-burst", dict(type=int, help="POST /edits a key may send at once before the rate applies")),

@@ -56,9 +56,9 @@ class Settings(BaseSettings):
     edit_check: Literal["refuse", "report"] = Field("refuse", description="an edit that does not take (after "
                                                     "strengthening): 'refuse' = 422, nothing kept; 'report' = kept, "
                                                     "its efficacy.take says how it fell short")
-    edit_max_steps: int = Field(8, ge=0, le=64, description="strengthening budget of an edit that did not take: "
+    edit_max_steps: int = Field(10, ge=0, le=64, description="strengthening budget of an edit that did not take: "
                                 "further editor steps at the edited weights (0: the proposal alone, checked)")
-    edit_max_delta_rel: float = Field(0.1, gt=0, description="strengthening stops before any module's update "
+    edit_max_delta_rel: float = Field(0.15, gt=0, description="strengthening stops before any module's update "
                                       "exceeds this share of its weight's norm: ‖ΔW_l‖_F ≤ ρ ‖W⁰_l‖_F")
 
     probe_max_new_tokens: int = Field(8, ge=1, le=64, description="greedy tokens recorded per probe")

@@ -82,7 +82,28 @@ def standin_components(standin_model_dir, standin_editor_dir):
     return model, tok, {"hiedit": editor}, {"rlsedit": "disabled in this test"}
 
 
-# ---- the assets of the end-to-end suite: the demo assets when built, else the stand-in -------------
+# ---- the real models (converted once per machine) and the assets of the end-to-end suite -----------
+
+# Where the tests convert the real models' GGUF files (once per machine: about 30 s for SmolLM2, 70 s for
+# Gemma-3-270M); later runs, CI's included, load the directories.
+MODEL_HOME = Path(os.environ.get("HIEDIT_TEST_MODEL_HOME", Path.home() / ".cache" / "hiedit-test"))
+
+
+def real_model_dir(name: str) -> Path:
+    from editor_core.catalog import resolve_model
+
+    return Path(resolve_model(name, MODEL_HOME))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    return real_model_dir("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    return real_model_dir("gemma-3-270m")
+
 
 @dataclass(frozen=True)
 class E2EAssets:
@@ -94,7 +115,9 @@ class E2EAssets:
     modules: tuple[str, ...]           # every editable module of the editor, in index order
 
 
-DEMO_E2E_SCAN = 30  # eval-stream facts scanned for two that the demo editor writes in one edit
+# Two CounterFact facts SmolLM2 states (editor_core/assets/smollm2-135m-instruct/known_facts.json) whose
+# edits take with the committed editor; the suite tests the service, bench/real_model_edits.py the editor.
+E2E_CASES = (735, 1432)
 
 
 def _editor_modules(model_dir: Path, editor_dir: Path) -> tuple[int, tuple[str, ...]]:
@@ -107,71 +130,21 @@ def _editor_modules(model_dir: Path, editor_dir: Path) -> tuple[int, tuple[str, 
     return cfg["k"], tuple(r.name for r in parse_layer_spec(cfg["layer_spec"], n_layers))
 
 
-def demo_assets_built() -> bool:
-    from editor_core.assets import DEMO_HIEDIT, DEMO_MODEL, DEMO_SPLIT
-
-    return all(p.is_file() for p in (DEMO_MODEL / "config.json", DEMO_HIEDIT / "editor.safetensors",
-                                      DEMO_HIEDIT / "config.json", DEMO_SPLIT))
-
-
-def _demo_assets() -> E2EAssets:
-    """Two CounterFact facts of the eval stream that the demo model knows and its editor rewrites.
-
-    The suite tests the service, not the editor's efficacy (``hiedit eval`` measures that): so the
-    facts are the first two, in stream order, that one in-process edit flips (greedy answer
-    before = target_true, after = target_new). The server must then do the same over HTTP.
-    """
+@pytest.fixture(scope="session")
+def e2e_assets(smollm2_dir) -> E2EAssets:
+    """SmolLM2-135M-Instruct with its committed editor, edits checked as in production (--edit-check refuse)."""
     import json
 
-    import torch
+    from editor_core.catalog import KNOWN_MODELS
 
-    from editor_core.assets import DEMO_HIEDIT, DEMO_MODEL, DEMO_SPLIT
-    from editor_core.data import SHARED_DATA, load_counterfact
-    from editor_core.editor import EditRequest
-    from editor_core.hiedit import HiEditor
-    from editor_core.model import load_model, model_id
-    from editor_core.state import WeightState
-
-    split = json.loads(DEMO_SPLIT.read_text())
-    records = {r.case_id: r for r in load_counterfact(SHARED_DATA / split["data"]).records}
-    model, tok = load_model(DEMO_MODEL)
-    editor = HiEditor.load(DEMO_HIEDIT, model, tok)
-    state = WeightState(editor.module_map, model_id(model))
-
-    def greedy(prompt: str) -> str:
-        ids = tok(prompt, return_tensors="pt").input_ids
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
-        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-
-    chosen = []
-    for case_id in split["streams"]["eval"][:DEMO_E2E_SCAN]:
-        r = records[case_id]
-        if not greedy(r.prompt).startswith(r.target_true):
-            continue
-        state.apply(1, editor.propose(EditRequest(r.prompt, r.target_new)).delta)
-        flipped = greedy(r.prompt).startswith(r.target_new)
-        state.reset()
-        if flipped:
-            chosen.append(r)
-        if len(chosen) == 2:
-            break
-    if len(chosen) < 2:
-        pytest.fail(f"the demo editor rewrites fewer than 2 of the first {DEMO_E2E_SCAN} eval facts in one edit")
-    facts = tuple(Fact(r.prompt, r.target_new, (r.rephrase,) if r.rephrase else ()) for r in chosen)
-    k, modules = _editor_modules(DEMO_MODEL, DEMO_HIEDIT)
-    return E2EAssets("demo", ("--model", str(DEMO_MODEL), "--editor", str(DEMO_HIEDIT)), facts,
-                     chosen[0].locality_prompt, k, modules)
-
-
-@pytest.fixture(scope="session")
-def e2e_assets(standin_model_dir, standin_editor_dir) -> E2EAssets:
-    """The demo assets once they are built (HIEDIT_E2E_ASSETS=standin forces the stand-in)."""
-    if demo_assets_built() and os.environ.get("HIEDIT_E2E_ASSETS", "auto") != "standin":
-        return _demo_assets()
-    k, modules = _editor_modules(standin_model_dir, standin_editor_dir)
-    return E2EAssets("standin", ("--model", str(standin_model_dir), "--editor", str(standin_editor_dir)),
-                     STANDIN_FACTS, STANDIN_OTHER_PROMPT, k, modules)
+    known = KNOWN_MODELS["smollm2-135m-instruct"]
+    facts = {f["case_id"]: f for f in json.loads((known.assets / "known_facts.json").read_text())["facts"]}
+    chosen = [facts[c] for c in E2E_CASES]
+    k, modules = _editor_modules(smollm2_dir, known.editor)
+    return E2EAssets("smollm2", ("--model", str(smollm2_dir), "--editor", str(known.editor), "--edit-check", "refuse"),
+                     (Fact(chosen[0]["prompt"], chosen[0]["target_new"], (chosen[0]["rephrase_prompt"],)),
+                      Fact(chosen[1]["prompt"], chosen[1]["target_new"])),
+                     chosen[0]["locality_prompt"], k, modules)
 
 
 # ---- databases -------------------------------------------------------------------------------------
