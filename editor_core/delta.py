@@ -67,6 +67,17 @@ class LowRankDelta:
     def nbytes(self) -> int:
         return sum(l.numel() * l.element_size() + r.numel() * r.element_size() for l, r in self.factors.values())
 
+    def plus(self, other: "LowRankDelta") -> "LowRankDelta":
+        """self + other as one delta: per module [L_a | L_b] [R_a ; R_b] (the ranks add)."""
+        out = dict(self.factors)
+        for name, (left, right) in other.factors.items():
+            if name in out:
+                la, ra = out[name]
+                out[name] = (torch.cat([la, left.to(la.device)], 1), torch.cat([ra, right.to(ra.device)], 0))
+            else:
+                out[name] = (left, right)
+        return LowRankDelta(out)
+
     def to(self, device: torch.device | str) -> "LowRankDelta":
         return LowRankDelta({n: (l.to(device), r.to(device)) for n, (l, r) in self.factors.items()})
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import ContextManager
 
 import torch
@@ -98,16 +98,33 @@ class WeightState:
         if self.deltas and edit_id < max(self.deltas):
             raise ValueError(f"edit {edit_id} is older than the newest active edit {max(self.deltas)}: "
                              "apply edits in id order")
-        self.validate(delta)
-        new_acc = {}
-        for name, (left, right) in delta.factors.items():
-            acc = self.acc.get(name)
-            acc = torch.zeros(self.base[name].shape, dtype=torch.float32, device=self.base[name].device) \
-                if acc is None else acc.clone()
-            acc.addmm_(left.to(acc.device, torch.float32), right.to(acc.device, torch.float32))
-            new_acc[name] = acc
-        self._swap(new_acc, swap_lock)
+        self._swap(self._added(delta), swap_lock)
         self.deltas[edit_id] = delta
+
+    @contextlib.contextmanager
+    def trial(self, delta: LowRankDelta) -> Iterator[None]:
+        """Serve ``delta`` on top of the active edits for the block, then put back exactly what was served.
+
+        What a rollback would rebuild from W^0 and every remaining delta (O(active edits)) is restored
+        here from the tensors the block replaced: the served bytes, accumulators and digests are the
+        ones of before. Not an edit: ``active_ids`` never lists it. The caller holds whatever lock keeps
+        readers from seeing the trial (the engine: the write side of its RWLock, for the whole block).
+        """
+        saved = {n: (self.modules[n].weight.data, self.acc.get(n), self._digests[n], n in self._dirty)
+                 for n in delta.modules if n in self.modules}
+        self._swap(self._added(delta), None)  # validates first: nothing is swapped when it raises
+        try:
+            yield
+        finally:
+            for name, (weight, acc, digest, dirty) in saved.items():
+                self.modules[name].weight.data = weight
+                if acc is None:
+                    self.acc.pop(name, None)
+                else:
+                    self.acc[name] = acc
+                self._digests[name] = digest
+                if not dirty:
+                    self._dirty.discard(name)
 
     def rollback(self, edit_id: int, swap_lock: ContextManager | None = None) -> None:
         """Remove edit ``edit_id``, rebuilding the modules it touched from W^0 and the rest."""
@@ -124,6 +141,18 @@ class WeightState:
         self.deltas.clear()
 
     # ---- internals ----------------------------------------------------------------------------
+
+    def _added(self, delta: LowRankDelta) -> dict[str, torch.Tensor]:
+        """New accumulators of the modules ``delta`` touches: acc + left @ right (validated first)."""
+        self.validate(delta)
+        new_acc = {}
+        for name, (left, right) in delta.factors.items():
+            acc = self.acc.get(name)
+            acc = torch.zeros(self.base[name].shape, dtype=torch.float32, device=self.base[name].device) \
+                if acc is None else acc.clone()
+            acc.addmm_(left.to(acc.device, torch.float32), right.to(acc.device, torch.float32))
+            new_acc[name] = acc
+        return new_acc
 
     def _rebuild(self, names: Iterable[str], deltas: dict[int, LowRankDelta]) -> dict[str, torch.Tensor | None]:
         out: dict[str, torch.Tensor | None] = {}

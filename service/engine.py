@@ -246,23 +246,9 @@ def _efficacy(before: dict, after: dict, prompts: int, locality_before: float | 
             "prompts": prompts, "locality_before": locality_before, "locality_after": locality_after}
 
 
-def _concat(a: LowRankDelta, b: LowRankDelta) -> LowRankDelta:
-    """a + b as one low-rank delta: per module [L_a | L_b] [R_a ; R_b] (ranks add)."""
-    out = dict(a.factors)
-    for name, (left, right) in b.factors.items():
-        if name in out:
-            la, ra = out[name]
-            out[name] = (torch.cat([la, left.to(la.device)], 1), torch.cat([ra, right.to(ra.device)], 0))
-        else:
-            out[name] = (left, right)
-    return LowRankDelta(out)
-
-
 # Greedy tokens of a locality prompt that an edit must leave unchanged (more when its target is longer).
 LOCALITY_TOKENS = 8
 
-# Edit id of the trial apply of the take check: above any id a log will hold, and never logged.
-TRIAL_ID = 1 << 62
 
 
 # ---- the engine ----------------------------------------------------------------------------------
@@ -295,6 +281,8 @@ class EditEngine:
         self.device = next(model.parameters()).device
         self.lock = RWLock()
         self.state = ServedWeights(self._editable_modules(), self.model_name)
+        # ‖W⁰_l‖_F of every editable module: the take check's norm bound, relative to it
+        self._base_norms = {name: float(w.float().norm()) for name, w in self.state.base.items()}
         # W⁰'s identity, taken before any edit is applied: every edit row records it, and a start on a log
         # written for another base model is refused (check_base_model). Unlike state.base_fingerprint
         # (editable modules only, served dtype) it does not change with the editor settings or --dtype.
@@ -874,8 +862,9 @@ class EditEngine:
         modules (the audit lists k per edit). Stateful editors (RLSEdit, whose proposal depends on its
         history) are checked, not strengthened.
 
-        The trial weights are swapped in under the write lock: generation waits for the check (a forward
-        pass per step, plus a forward and backward per strengthening step) and never sees a trial.
+        The trial weights are swapped in under the write lock (``WeightState.trial``, which restores what
+        was served without a rebuild): generation waits for the check (a forward pass per step, plus a
+        forward and backward per strengthening step) and never sees a trial.
         """
         s = self.settings
         targets = [(spec.prompt, spec.target)] + [(r, spec.target) for r in spec.rephrases]
@@ -885,45 +874,27 @@ class EditEngine:
         for prompt, target in self._token_rows([(loc["prompt"], loc["target"]) for loc in spec.locality]):
             n = max(len(target), LOCALITY_TOKENS)
             rows.append((prompt, self._greedy_ids(prompt, n)))
-        base_norm = {name: float(self.state.base[name].float().norm()) for name in editor.modules}
         can_step = isinstance(editor, HiEditor)
         delta, steps, n_tokens = proposal.delta, 0, proposal.n_tokens
         with self.lock.write():
             while True:
                 try:
-                    self.state.apply(TRIAL_ID, delta)
+                    with self.state.trial(delta):
+                        got = self._argmax_on_targets(rows)
+                        report = self._take_report(spec, rows, got, delta, steps)
+                        step = None if report.taken or not can_step or steps >= s.edit_max_steps \
+                            else self._next_step(spec, rows, report)
+                        more = None if step is None else editor.propose(step, k, selected=proposal.selected)
                 except DeltaRejected as e:  # e.g. the edited weight overflows the served dtype
                     return proposal, TakeReport(False, [False] * len(spec.rephrases), [False] * len(spec.locality),
                                                 str(e), steps, s.edit_max_steps, stopped="apply")
-                try:
-                    got = self._argmax_on_targets(rows)
-                    match = [g == want for g, (_, want) in zip(got, rows)]
-                    hits, kept = match[:len(targets)], match[len(targets):]
-                    continuation = self.tokenizer.decode(got[0], skip_special_tokens=True)
-                    report = TakeReport(hits[0], hits[1:], kept, continuation, steps, s.edit_max_steps,
-                                        max((delta.frobenius_norm(n) / base_norm[n] for n in delta.modules), default=0.0))
-                    if report.taken:
-                        break
-                    if not can_step:
-                        report.stopped = "stateful_editor"
-                        break
-                    if steps >= s.edit_max_steps:
-                        report.stopped = "budget"
-                        break
-                    if not all(hits):  # toward the target, on the first prompt that misses it
-                        step = EditRequest(targets[hits.index(False)][0], spec.target, subject=spec.subject)
-                    else:  # back toward a locality prompt's own answer, which the edit changed
-                        i = kept.index(False)
-                        answer = self.tokenizer.decode(rows[len(targets) + i][1], skip_special_tokens=True)
-                        if not answer.strip():
-                            report.stopped = "locality"
-                            break
-                        step = EditRequest(spec.locality[i]["prompt"], answer)
-                    more = editor.propose(step, k, selected=proposal.selected)  # the router's choice stands
-                finally:
-                    self.state.rollback(TRIAL_ID)
-                stronger = _concat(delta, more.delta)
-                if any(stronger.frobenius_norm(n) > s.edit_max_delta_rel * base_norm[n] for n in more.delta.modules):
+                if more is None:
+                    report.stopped = ("taken" if report.taken else "stateful_editor" if not can_step
+                                      else "budget" if steps >= s.edit_max_steps else "locality")
+                    break
+                stronger = delta.plus(more.delta)  # the router's k modules: the steps keep proposal.selected
+                if any(stronger.frobenius_norm(n) > s.edit_max_delta_rel * self._base_norms[n]
+                       for n in more.delta.modules):
                     report.stopped = "norm_bound"
                     break
                 delta, steps, n_tokens = stronger, steps + 1, n_tokens + more.n_tokens
@@ -931,6 +902,27 @@ class EditEngine:
             proposal = Proposal(proposal.modules, proposal.importances, proposal.selected, delta,
                                 proposal.loss_before, n_tokens, dict(proposal.info), proposal.state_blob)
         return proposal, report
+
+    def _take_report(self, spec: EditSpec, rows: list[tuple[list[int], list[int]]], got: list[list[int]],
+                     delta: LowRankDelta, steps: int) -> TakeReport:
+        """rows: prompt, rephrases, then locality prompts (with their greedy answers); got: the argmax on them."""
+        match = [g == want for g, (_, want) in zip(got, rows)]
+        n_targets = 1 + len(spec.rephrases)
+        return TakeReport(match[0], match[1:n_targets], match[n_targets:],
+                          self.tokenizer.decode(got[0], skip_special_tokens=True), steps, self.settings.edit_max_steps,
+                          max((delta.frobenius_norm(n) / self._base_norms[n] for n in delta.modules), default=0.0))
+
+    def _next_step(self, spec: EditSpec, rows: list[tuple[list[int], list[int]]],
+                   report: TakeReport) -> EditRequest | None:
+        """What the next strengthening step edits: toward the target on the first of prompt and rephrases that
+        misses it, else back toward the first changed locality prompt's own answer (None: no such answer)."""
+        hits = [report.prompt] + report.rephrases
+        if not all(hits):
+            return EditRequest(([spec.prompt] + list(spec.rephrases))[hits.index(False)], spec.target,
+                               subject=spec.subject)
+        i = report.locality.index(False)
+        answer = self.tokenizer.decode(rows[len(hits) + i][1], skip_special_tokens=True)
+        return EditRequest(spec.locality[i]["prompt"], answer) if answer.strip() else None
 
     def _token_rows(self, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
         """(prompt, target) texts -> (prompt ids, target ids) as teacher forcing sees them."""

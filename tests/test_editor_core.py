@@ -153,6 +153,25 @@ def test_rollback_every_edit_in_any_order_restores_the_base(setup):
         assert snapshot(model) == base_bytes
 
 
+def test_trial_serves_a_delta_and_restores_every_byte_and_the_fingerprint(setup):
+    model, _, editor, state = setup
+    deltas = proposals(editor, 3)
+    state.apply(1, deltas[0])
+    fp, served, acc = state.fingerprint(), snapshot(model), {n: a.clone() for n, a in state.acc.items()}
+    with state.trial(deltas[1].plus(deltas[2])):
+        assert snapshot(model) != served and state.fingerprint() != fp and state.active_ids == [1]
+    assert snapshot(model) == served and state.fingerprint() == fp and state.active_ids == [1]
+    assert set(state.acc) == set(acc) and all(torch.equal(state.acc[n], acc[n]) for n in acc)
+    state.apply(2, deltas[1])  # the trial leaves no trace that a later apply could trip on
+    bad = LowRankDelta({n: (torch.full_like(l, float("nan")), r) for n, (l, r) in deltas[2].factors.items()})
+    with pytest.raises(DeltaRejected):
+        with state.trial(bad):
+            pass
+    state.rollback(2)
+    assert state.fingerprint() == fp and snapshot(model) == served
+    state.rollback(1)  # the fixture's state is shared: leave it at W⁰
+
+
 def test_rollback_one_of_many_equals_a_fresh_replay_of_the_rest(setup):
     model, tok, editor, state = setup
     deltas = proposals(editor, 6)
