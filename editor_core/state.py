@@ -135,6 +135,16 @@ class WeightState:
         self._swap(new_acc, swap_lock)
         del self.deltas[edit_id]
 
+    def served_with(self, deltas: dict[int, LowRankDelta]) -> dict[str, torch.Tensor]:
+        """The served weight of every editable module if exactly ``deltas`` were the active edits.
+
+        The same float operations a replay of them performs (from W^0, in id order), so with the active
+        edits it is the served bytes; nothing here changes. For exports: {name: [d_out, d_in] tensor}.
+        """
+        for delta in deltas.values():
+            self.validate(delta)
+        return {name: self._served(name, acc) for name, acc in self._rebuild(self.modules, deltas).items()}
+
     def reset(self, swap_lock: ContextManager | None = None) -> None:
         """Drop every edit: the served weights become W^0 again, byte for byte."""
         self._swap({n: None for n in self.acc}, swap_lock)
@@ -150,9 +160,14 @@ class WeightState:
             acc = self.acc.get(name)
             acc = torch.zeros(self.base[name].shape, dtype=torch.float32, device=self.base[name].device) \
                 if acc is None else acc.clone()
-            acc.addmm_(left.to(acc.device, torch.float32), right.to(acc.device, torch.float32))
+            self._accumulate(acc, left, right)
             new_acc[name] = acc
         return new_acc
+
+    def _accumulate(self, acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+        """acc += left @ right, in place: every change of ``acc`` goes through here, so a subclass that
+        changes how the product is summed (service.weights.ServedWeights) changes it everywhere at once."""
+        acc.addmm_(left.to(acc.device, torch.float32), right.to(acc.device, torch.float32))
 
     def _rebuild(self, names: Iterable[str], deltas: dict[int, LowRankDelta]) -> dict[str, torch.Tensor | None]:
         out: dict[str, torch.Tensor | None] = {}
@@ -164,19 +179,23 @@ class WeightState:
                     continue
                 if acc is None:
                     acc = torch.zeros(self.base[name].shape, dtype=torch.float32, device=self.base[name].device)
-                acc.addmm_(factors[0].to(acc.device, torch.float32), factors[1].to(acc.device, torch.float32))
+                self._accumulate(acc, factors[0], factors[1])
             out[name] = acc
         return out
 
+    def _served(self, name: str, acc: torch.Tensor | None) -> torch.Tensor:
+        """cast(W^0 + acc) in the model's dtype; W^0 itself when no edit touches the module."""
+        w0 = self.base[name]
+        if acc is None:
+            return w0
+        w = (w0.float() + acc).to(w0.dtype)
+        if not bool(torch.isfinite(w).all()):
+            raise DeltaRejected(f"the edited weight of {name} overflows {w0.dtype}")
+        return w
+
     def _swap(self, new_acc: dict[str, torch.Tensor | None], swap_lock: ContextManager | None) -> None:
         """Compute served weights for ``new_acc`` (None = no edits left), then swap them in."""
-        served = {}
-        for name, acc in new_acc.items():
-            w0 = self.base[name]
-            w = w0 if acc is None else (w0.float() + acc).to(w0.dtype)
-            if acc is not None and not bool(torch.isfinite(w).all()):
-                raise DeltaRejected(f"the edited weight of {name} overflows {w0.dtype}")
-            served[name] = w
+        served = {name: self._served(name, acc) for name, acc in new_acc.items()}
         with swap_lock or contextlib.nullcontext():
             for name, w in served.items():
                 # A pointer swap: readers see the old or the new tensor, never a mix.

@@ -11,6 +11,8 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("service.serve_cli", "serve a model and its editor over HTTP (default: SmolLM2-135M-Instruct and its editor)"),
+    "export": ("service.export_cli", "write a server's edits as a merged model or a PEFT LoRA adapter (vLLM, SGLang, "
+                                     "transformers)"),
     "train": ("editor_core.train_cli", "train a HiEdit editor by hierarchical RL on an editing dataset"),
     "eval": ("editor_core.evaluate_cli", "sequential-editing benchmark: results.json, a table and plots"),
     "eval-merge": ("editor_core.merge_cli", "one table from several hiedit eval runs on the same stream"),

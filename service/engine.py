@@ -43,6 +43,8 @@ import torch
 from sqlalchemy import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from editor_core.capture import EditInputError, teacher_forced
 from editor_core.delta import LowRankDelta
@@ -256,6 +258,32 @@ LOCALITY_TOKENS = 8
 _STOP = object()
 
 
+class _TokenCallback(BaseStreamer):
+    """transformers' streamer protocol: ``put`` gets the prompt once, then each new token ([1] tensor)."""
+
+    def __init__(self, on_token: Callable[[int], None]):
+        self.on_token = on_token
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.on_token(int(token))
+
+    def end(self) -> None:
+        pass
+
+
+class _Cancelled(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 class EditEngine:
     """Owns model weights (through WeightState), editors, the writer thread and the log.
 
@@ -399,25 +427,40 @@ class EditEngine:
             raise InvalidRequest(f"{field_name}: {len(ids)} tokens, over the limit of {self.settings.max_prompt_tokens}")
         return ids
 
-    def generate(self, prompt: str, max_new_tokens: int, temperature: float = 0.0,
-                 seed: int | None = None, ignore_eos: bool = False) -> tuple[str, int]:
-        """Continuation of ``prompt`` (text without the prompt, number of new tokens)."""
+    def check_generation(self, ids: list[int], max_new_tokens: int) -> None:
+        """What ``generate`` refuses before decoding anything (a stream checks it before its first byte)."""
         if not self.ready:
             raise Unavailable("the server is not ready: the edit log is still being replayed")
-        t0 = time.perf_counter()
-        ids = self.check_prompt(prompt)
         context = getattr(self.model.config, "max_position_embeddings", None)
         if context and len(ids) + max_new_tokens > context:
             raise InvalidRequest(f"max_new_tokens: the prompt ({len(ids)} tokens) plus {max_new_tokens} new tokens "
                               f"exceed the model's context of {context} tokens")
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int, temperature: float = 0.0,
+                 seed: int | None = None, ignore_eos: bool = False,
+                 on_token: Callable[[int], None] | None = None,
+                 cancel: threading.Event | None = None) -> tuple[str, int]:
+        """Continuation of ``prompt`` (text, or token ids already checked: a chat template's output).
+
+        Returns (text without the prompt, number of new tokens). ``on_token`` is called with each new
+        token id as it is decoded (streaming; from this thread, under the read lock, so it must only
+        hand the id on); setting ``cancel`` stops the generation after the current token (a client
+        that went away), and what was generated so far is returned.
+        """
+        t0 = time.perf_counter()
+        ids = self.check_prompt(prompt) if isinstance(prompt, str) else prompt
+        self.check_generation(ids, max_new_tokens)
         with self._generation_slots:
-            text, n = self._generate_ids(ids, max_new_tokens, temperature, seed, lock=True, ignore_eos=ignore_eos)
+            text, n = self._generate_ids(ids, max_new_tokens, temperature, seed, lock=True, ignore_eos=ignore_eos,
+                                         on_token=on_token, cancel=cancel)
         self.metrics.generate_duration.observe(time.perf_counter() - t0)
         self.metrics.generated_tokens.inc(n)
         return text, n
 
     def _generate_ids(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-                      seed: int | None = None, lock: bool = True, ignore_eos: bool = False) -> tuple[str, int]:
+                      seed: int | None = None, lock: bool = True, ignore_eos: bool = False,
+                      on_token: Callable[[int], None] | None = None,
+                      cancel: threading.Event | None = None) -> tuple[str, int]:
         input_ids = torch.tensor([ids], device=self.device)
         if temperature < GREEDY_BELOW:  # the T -> 0 limit; dividing logits by a denormal T overflows to NaN
             temperature = 0.0
@@ -429,6 +472,10 @@ class EditEngine:
             kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
         else:
             kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        if on_token is not None:  # neither changes which tokens are chosen: streamed = non-streamed
+            kwargs["streamer"] = _TokenCallback(on_token)
+        if cancel is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
         sampling = self._rng_lock if temperature > 0 else contextlib.nullcontext()
         with (self.lock.read() if lock else contextlib.nullcontext()), sampling, torch.no_grad():
             if temperature > 0:  # under _rng_lock: no other sampler reseeds the global RNG meanwhile
@@ -561,7 +608,7 @@ class EditEngine:
                 if editor is not None:
                     editor.forget(edit_id)
         applied = 0
-        for rows in self._stored_edits(add):
+        for rows in self.stored_edits(add):
             refused: dict[int, str] = {}
             deltas = []
             for edit, stored in rows:
@@ -569,7 +616,7 @@ class EditEngine:
                     deltas.append((edit.id, LowRankDelta.from_bytes(stored.blob).to(self.device)))
                 except ValueError as e:  # not a delta at all
                     refused[edit.id] = str(e)
-            self._check_modules_served(deltas)
+            self.check_modules_served(deltas)
             refused.update(self.state.apply_many(deltas, swap_lock=self.lock.write()))  # one swap per batch
             for edit, stored in rows:
                 if edit.id in refused:
@@ -593,7 +640,7 @@ class EditEngine:
         self._log_uncertain = False
         return applied
 
-    def _check_modules_served(self, deltas: list[tuple[int, LowRankDelta]]) -> None:
+    def check_modules_served(self, deltas: list[tuple[int, LowRankDelta]]) -> None:
         """LogSettingsMismatch if applied edits change modules no editor of this server edits.
 
         Such an edit is sound; it was made under other editor settings (another layer spec, or
@@ -612,7 +659,7 @@ class EditEngine:
                 f"RLSEdit, --editor for HiEdit) or roll the edits back from a server that has them. This "
                 f"server edits: {', '.join(self.state.modules)}")
 
-    def _stored_edits(self, ids: list[int], batch: int = 100):
+    def stored_edits(self, ids: list[int], batch: int = 100):
         """Lists of (Edit, EditDelta) of ``ids`` in id order, ``batch`` rows at a time (deltas can be large)."""
         for i in range(0, len(ids), batch):
             with self.sessions() as session:

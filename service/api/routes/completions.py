@@ -1,66 +1,18 @@
-"""POST /v1/completions and GET /v1/models: the OpenAI-compatible subset (DESIGN §4).
-
-Existing OpenAI clients and SDKs work unchanged: the request fields an SDK sends for a plain
-completion are accepted, the response has the OpenAI shape, and every error of these routes
-(auth, validation, limits) is ``{"error": {"message", "type", "param", "code"}}``, which is what
-those clients parse. Generation is the engine's, so a completion sees the edited weights.
-"""
+"""POST /v1/completions and GET /v1/models: the OpenAI-compatible subset (DESIGN §4; the shared shape,
+errors and streaming are ``service.api.openai_shape``'s)."""
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ...engine import EngineError
 from ...schemas import MAX_TEXT_CHARS
 from ..deps import EngineDep, require_scope
-
-_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-          429: "rate_limit_error", 503: "service_unavailable"}
-
-
-def openai_error(status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict | None = None) -> JSONResponse:
-    kind = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                        status_code=status, headers=headers)
-
-
-class OpenAIRoute(APIRoute):
-    """Renders every error of the route (dependencies included) in the OpenAI shape."""
-
-    def get_route_handler(self) -> Callable:
-        handler = super().get_route_handler()
-
-        async def route(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except RequestValidationError as exc:
-                err = exc.errors()[0]
-                loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-                param = ".".join(loc) or None
-                msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-                if err.get("type") == "json_invalid":
-                    param, msg = None, "the body is not valid JSON"
-                return openai_error(400, f"{param}: {msg}" if param else msg, param, err.get("type"))
-            except EngineError as exc:
-                param = exc.detail.split(":", 1)[0] if ":" in exc.detail else None
-                return openai_error(exc.status_code, exc.detail, _PARAMS.get(param, param))
-            except StarletteHTTPException as exc:
-                return openai_error(exc.status_code, str(exc.detail), headers=exc.headers)
-        return route
-
-
-# engine field names -> the OpenAI request's names
-_PARAMS = {"max_new_tokens": "max_tokens", "prompt": "prompt"}
+from ..openai_shape import (OpenAIRoute, StreamOptions, Usage, check_max_tokens, check_model, complete, stop_list,
+                            stream, validate_stop)
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute,
                    dependencies=[Depends(require_scope("read"))])
@@ -79,7 +31,8 @@ class CompletionIn(BaseModel):
     stop: str | list[str] | None = None
     # accepted at their neutral values only, so a client that sends them explicitly still works
     n: int = Field(1, ge=1, le=1, description="one choice per request")
-    stream: bool = Field(False, description="streaming is not supported")
+    stream: bool = Field(False, description="server-sent events, one chunk per piece of text, then [DONE]")
+    stream_options: StreamOptions | None = None
     echo: bool = Field(False, description="the prompt is never echoed")
     logprobs: int | None = Field(None, le=0, description="log-probabilities are not returned")
     top_p: float = Field(1.0, ge=1.0, le=1.0, description="nucleus sampling is not supported")
@@ -99,7 +52,7 @@ class CompletionIn(BaseModel):
             raise ValueError(f"longer than {MAX_TEXT_CHARS} characters")
         return v
 
-    @field_validator("stream", "echo")
+    @field_validator("echo")
     @classmethod
     def _off(cls, v: bool, info) -> bool:
         if v:
@@ -109,18 +62,12 @@ class CompletionIn(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        items = [v] if isinstance(v, str) else (v or [])
-        if len(items) > 4 or any(not s for s in items):
-            raise ValueError("up to 4 non-empty stop sequences")
-        return v
+        return validate_stop(v)
 
     @property
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
-    @property
-    def stops(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
 class CompletionChoice(BaseModel):
@@ -128,12 +75,6 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: None = None
     finish_reason: str
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
 
 
 class CompletionOut(BaseModel):
@@ -146,30 +87,28 @@ class CompletionOut(BaseModel):
     system_fingerprint: str  # the weights' fingerprint: which edits answered
 
 
-def _check_model(engine, model: str | None) -> None:
-    if model is not None and model != engine.model_name:
-        raise StarletteHTTPException(404, f"model: {model!r} is not served here; this server serves "
-                                          f"{engine.model_name!r} (GET /v1/models)")
-
-
 @router.post("/completions", response_model=CompletionOut)
-def create_completion(body: CompletionIn, engine: EngineDep) -> CompletionOut:
+def create_completion(body: CompletionIn, engine: EngineDep):
     """Continuation of ``prompt``; ``finish_reason`` is "length" when ``max_tokens`` ran out."""
-    _check_model(engine, body.model)
-    limit = engine.settings.max_new_tokens
-    if body.max_tokens > limit:
-        raise EngineError(f"max_tokens: must be at most {limit} (HIEDIT_MAX_NEW_TOKENS), got {body.max_tokens}", 400)
-    prompt_ids = engine.check_prompt(body.text)
-    text, n = engine.generate(body.text, body.max_tokens, body.temperature, body.seed)
-    finish = "length" if n >= body.max_tokens else "stop"  # fewer tokens: the model ended the text (EOS)
-    cuts = [i for i in (text.find(s) for s in body.stops) if i >= 0]
-    if cuts:  # a stop sequence ends the text there, itself excluded (OpenAI semantics)
-        text, finish = text[:min(cuts)], "stop"
-        n = len(engine.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
-    return CompletionOut(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=engine.model_name,
+    check_model(engine, body.model)
+    check_max_tokens(engine, body.max_tokens)
+    ids = engine.check_prompt(body.text)
+    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        fingerprint = engine.fingerprint()  # the weights a stream decodes with: checked before its first token
+
+        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+            return {"id": cid, "object": "text_completion", "created": created, "model": engine.model_name,
+                    "system_fingerprint": fingerprint,
+                    "choices": [{"index": 0, "text": delta.get("text", ""), "logprobs": None,
+                                 "finish_reason": finish}]}
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return stream(engine, ids, body.max_tokens, body.temperature, body.seed, stop_list(body.stop), chunk,
+                      include_usage)
+    text, n, finish = complete(engine, ids, body.max_tokens, body.temperature, body.seed, stop_list(body.stop))
+    return CompletionOut(id=cid, created=created, model=engine.model_name,
                          choices=[CompletionChoice(index=0, text=text, finish_reason=finish)],
-                         usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=n,
-                                     total_tokens=len(prompt_ids) + n),
+                         usage=Usage(prompt_tokens=len(ids), completion_tokens=n, total_tokens=len(ids) + n),
                          system_fingerprint=engine.fingerprint())
 
 

@@ -1,0 +1,168 @@
+"""POST /v1/chat/completions: the OpenAI chat shape, prompted through the model's own chat template.
+
+The messages are rendered by the tokenizer's template (``apply_chat_template`` with the generation
+prompt), so an edit made with a plain prompt is asked the way a chat client asks it. A model without a
+template (Gemma-3-270M is a base model) answers 400 naming ``messages``: use /v1/completions there.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ...engine import InvalidRequest
+from ...schemas import MAX_TEXT_CHARS
+from ..deps import EngineDep, require_scope
+from ..openai_shape import (OpenAIRoute, StreamOptions, Usage, check_max_tokens, check_model, complete, stop_list,
+                            stream, validate_stop)
+
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute,
+                   dependencies=[Depends(require_scope("read"))])
+
+ROLES = ("system", "developer", "user", "assistant")
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"] = Field(description="only text parts: this server serves a text model")
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # e.g. "name": accepted, not shown to the model
+
+    role: str
+    content: str | list[TextPart]
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, v: str) -> str:
+        if v not in ROLES:
+            raise ValueError(f"unknown role {v!r}; one of {', '.join(ROLES)}")
+        return v
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionIn(BaseModel):
+    """What an OpenAI SDK sends for a chat completion; options this server cannot honour are refused by name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    messages: list[ChatMessage]
+    max_tokens: int | None = Field(None, ge=1, description="default: HIEDIT_MAX_NEW_TOKENS")
+    max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default; 0 is greedy
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # accepted at their neutral values only, so a client that sends them explicitly still works
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    logprobs: bool = Field(False, description="log-probabilities are not returned")
+    top_p: float = Field(1.0, ge=1.0, le=1.0, description="nucleus sampling is not supported")
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    user: str | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _some(cls, v: list[ChatMessage]) -> list[ChatMessage]:
+        if not v:
+            raise ValueError("must hold at least one message")
+        if sum(len(m.text) for m in v) > MAX_TEXT_CHARS:
+            raise ValueError(f"longer than {MAX_TEXT_CHARS} characters in all")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _off(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("not supported by this server; send logprobs: false or leave it out")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        return validate_stop(v)
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> "ChatCompletionIn":
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("max_tokens and max_completion_tokens disagree; send one of them")
+        return self
+
+
+class ChatMessageOut(BaseModel):
+    role: str = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: None = None
+    finish_reason: str
+
+
+class ChatCompletionOut(BaseModel):
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str  # the weights' fingerprint: which edits answered
+
+
+def chat_prompt(engine, messages: list[ChatMessage]) -> list[int]:
+    """Token ids of ``messages`` through the model's chat template, ending where the assistant's turn starts."""
+    tokenizer = engine.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequest(f"messages: the model {engine.model_name!r} has no chat template; send the prompt "
+                             "to /v1/completions instead", 400)
+    # "developer" is OpenAI's newer name for "system"; the templates of these models know only the latter
+    turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages]
+    try:
+        text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # noqa: BLE001 - jinja's raise_exception (e.g. roles out of order) and friends
+        raise InvalidRequest(f"messages: the model's chat template refused them: {e}", 400) from None
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    limit = engine.settings.max_prompt_tokens
+    if len(ids) > limit:
+        raise InvalidRequest(f"messages: {len(ids)} tokens with the chat template, over the limit of {limit}", 400)
+    return ids
+
+
+@router.post("/chat/completions", response_model=ChatCompletionOut)
+def create_chat_completion(body: ChatCompletionIn, engine: EngineDep):
+    """The assistant's reply to ``messages``; ``finish_reason`` is "length" when the token limit ran out."""
+    check_model(engine, body.model)
+    max_tokens = body.max_completion_tokens or body.max_tokens or engine.settings.max_new_tokens
+    check_max_tokens(engine, max_tokens)
+    ids = chat_prompt(engine, body.messages)
+    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        fingerprint = engine.fingerprint()
+
+        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+            content = {"content": delta["text"]} if "text" in delta else delta
+            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": engine.model_name,
+                    "system_fingerprint": fingerprint,
+                    "choices": [{"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}]}
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return stream(engine, ids, max_tokens, body.temperature, body.seed, stop_list(body.stop), chunk,
+                      include_usage, first={"role": "assistant", "content": ""})
+    text, n, finish = complete(engine, ids, max_tokens, body.temperature, body.seed, stop_list(body.stop))
+    return ChatCompletionOut(id=cid, created=created, model=engine.model_name,
+                             choices=[ChatChoice(index=0, message=ChatMessageOut(content=text), finish_reason=finish)],
+                             usage=Usage(prompt_tokens=len(ids), completion_tokens=n, total_tokens=len(ids) + n),
+                             system_fingerprint=engine.fingerprint())
