@@ -94,7 +94,7 @@ def test_completion_follows_an_edit(tmp_path, standin_components):
 
 @pytest.mark.parametrize("body,status,param,words", [
     ({"prompt": "x", "n": 2}, 400, "n", "less than or equal to 1"),
-    ({"prompt": "x", "stream": True}, 400, "stream", "not supported"),
+    ({"prompt": "x", "echo": True}, 400, "echo", "not supported"),
     ({"prompt": "x", "best_of": 3}, 400, "best_of", "Extra inputs"),
     ({"prompt": ["a", "b"]}, 400, "prompt", "exactly one prompt"),
     ({"prompt": "   "}, 400, "prompt", "empty"),
@@ -128,8 +128,9 @@ def test_invalid_json_and_missing_key_are_openai_shaped(tmp_path, standin_compon
 
 
 def test_openai_sdk_completes_a_prompt(tmp_path, standin_components):
-    """The real OpenAI Python SDK, unchanged, pointed at the app (skipped if the package is missing)."""
-    openai = pytest.importorskip("openai")
+    """The real OpenAI Python SDK (a dev dependency), unchanged, pointed at the app."""
+    import openai
+
     with _client(tmp_path, standin_components) as c:
         model = _ready(c)
         client = openai.OpenAI(api_key=KEY, base_url="http://testserver/v1", http_client=c, max_retries=0)
@@ -140,3 +141,75 @@ def test_openai_sdk_completes_a_prompt(tmp_path, standin_components):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(api_key="wrong-key-123", base_url="http://testserver/v1", http_client=c,
                           max_retries=0).completions.create(model=model, prompt="x", max_tokens=1)
+
+
+def _events(response) -> list[str]:
+    """The data lines of a server-sent-event body."""
+    return [line.removeprefix("data: ") for line in response.text.split("\n\n") if line.startswith("data: ")]
+
+
+@pytest.mark.parametrize("stop", [None, [" t"], "e"])
+def test_stream_concatenates_to_the_plain_answer(tmp_path, standin_components, stop):
+    """Raw SSE: chunks, a finish chunk, the usage chunk when asked, [DONE]; stop sequences cut alike."""
+    import json
+
+    with _client(tmp_path, standin_components) as c:
+        _ready(c)
+        body = {"prompt": FACT1.prompt, "max_tokens": 12, "temperature": 0, "stop": stop}
+        plain = c.post("/v1/completions", headers=HEADERS, json=body).json()
+        r = c.post("/v1/completions", headers=HEADERS,
+                   json={**body, "stream": True, "stream_options": {"include_usage": True}})
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = _events(r)
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert all(ch["object"] == "text_completion" and ch["id"] == chunks[0]["id"] for ch in chunks)
+        texts = [ch["choices"][0]["text"] for ch in chunks if ch["choices"]]
+        assert "".join(texts) == plain["choices"][0]["text"]
+        finishes = [ch["choices"][0]["finish_reason"] for ch in chunks if ch["choices"]]
+        assert finishes[-1] == plain["choices"][0]["finish_reason"] and set(finishes[:-1]) == {None}
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
+        # without include_usage there is no usage chunk (what OpenAI clients expect)
+        quiet = [json.loads(e) for e in _events(c.post("/v1/completions", headers=HEADERS,
+                                                       json={**body, "stream": True}))[:-1]]
+        assert all(ch["choices"] and "usage" not in ch for ch in quiet)
+
+
+def test_stream_refusals_are_plain_errors(tmp_path, standin_components):
+    """A stream that cannot start answers a JSON error, never a 200 event stream."""
+    with _client(tmp_path, standin_components) as c:
+        _ready(c)
+        r = c.post("/v1/completions", headers=HEADERS, json={"prompt": "word " * 300, "stream": True})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "prompt"
+        r = c.post("/v1/completions", headers=HEADERS, json={"prompt": "x", "stream": True, "max_tokens": 10_000})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+@pytest.mark.parametrize("body,param,words", [
+    ({"messages": []}, "messages", "at least one message"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role", "unknown role 'wizard'"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, "messages.0.content",
+     "got type 'image_url'"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs", "not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "max_completion_tokens": 4}, None,
+     "disagree"),
+    ({}, "messages", "Field required"),
+])
+def test_bad_chat_requests_name_the_field(tmp_path, standin_components, body, param, words):
+    with _client(tmp_path, standin_components) as c:
+        _ready(c)
+        r = c.post("/v1/chat/completions", headers=HEADERS, json=body)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == param and (words is None or words in err["message"]), err
+
+
+def test_chat_on_a_model_without_a_template_names_messages(tmp_path, standin_components):
+    with _client(tmp_path, standin_components) as c:
+        _ready(c)
+        assert not getattr(c.app.state.engine.tokenizer, "chat_template", None)
+        r = c.post("/v1/chat/completions", headers=HEADERS, json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 400
+        err = r.json()["error"]
+        assert err["param"] == "messages" and "has no chat template" in err["message"] and "/v1/completions" in err[
+            "message"]
