@@ -3,6 +3,7 @@ except where the docstring says so: the caller decides what one transaction is."
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import func, select
@@ -42,6 +43,32 @@ def last_edit_id(session: Session) -> int | None:
 def applied_edit_ids(session: Session) -> list[int]:
     """Ids of every applied edit, ascending: the edits the served weights must hold."""
     return list(session.scalars(select(Edit.id).where(Edit.status == EditStatus.APPLIED).order_by(Edit.id)))
+
+
+def invalid_statuses(session: Session, limit: int = 10) -> list[tuple[int, str]]:
+    """(id, status) of rows whose status is none of EditStatus.ALL (ck_edits_status keeps them out since 0004)."""
+    return [tuple(r) for r in session.execute(select(Edit.id, Edit.status).where(Edit.status.not_in(EditStatus.ALL))
+                                              .order_by(Edit.id).limit(limit))]
+
+
+@dataclass(frozen=True)
+class LogRow:
+    """What a replica needs of one edit to know which weights the log wants and which fingerprint they have."""
+    id: int
+    status: str
+    fingerprint_after: str | None
+    fingerprint_scheme: str | None
+    active_digest: str | None
+    fingerprint_rolled_back: str | None
+    active_digest_rolled_back: str | None
+
+
+def log_rows(session: Session) -> list[LogRow]:
+    """Every edit's LogRow, ascending id, in ONE statement: the applied ids and the fingerprints a replica
+    verifies against come from the same snapshot of the log."""
+    q = select(Edit.id, Edit.status, Edit.fingerprint_after, Edit.fingerprint_scheme, Edit.active_digest,
+               Edit.fingerprint_rolled_back, Edit.active_digest_rolled_back).order_by(Edit.id)
+    return [LogRow(*r) for r in session.execute(q)]
 
 
 def applied_facts(session: Session) -> list[tuple[int, str, str]]:

@@ -57,6 +57,7 @@ from . import crud, db
 from .metrics import Metrics
 from .models import Edit, EditLayer, EditStatus, Probe, utcnow
 from .settings import Settings
+from .verify import active_digest
 from .weights import ServedWeights, base_model_fingerprint
 
 log = logging.getLogger("hiedit.engine")
@@ -508,6 +509,7 @@ class EditEngine:
         t0 = time.perf_counter()
         try:
             self.check_base_model()  # before anything is loaded or applied
+            self.check_statuses()
             with self.sessions() as session:
                 self._load_editor_snapshots(set(crud.applied_edit_ids(session)))
             n = self._sync_with_log()
@@ -519,6 +521,18 @@ class EditEngine:
             self.startup_error = f"replaying the edit log failed: {e}"
             log.exception("replay failed")
             raise
+
+    def check_statuses(self) -> None:
+        """Refuse a log with a status the replay does not know: it would leave that edit out of the weights
+        without a word. Migration 0004 refuses to upgrade such a log and its constraint keeps them out since;
+        this is for a database whose constraint was dropped or never created."""
+        with self.sessions() as session:
+            bad = crud.invalid_statuses(session)
+        if bad:
+            shown = ", ".join(f"edit {i}: {s!r}" for i, s in bad)
+            raise LogSettingsMismatch(f"the edit log has rows whose status is none of {', '.join(EditStatus.ALL)} "
+                                      f"({shown}); fix them to what they are, then start again; nothing was "
+                                      "replayed")
 
     def check_base_model(self, ids: list[int] | None = None) -> None:
         """BaseModelMismatch if the log (or its edits ``ids``) has edits made on another base model.
@@ -866,7 +880,9 @@ class EditEngine:
         latency = time.perf_counter() - t0
         record = {"efficacy": {"take": take.as_dict(),
                                **_efficacy(before, after, len(prompts), locality_before, locality_after)},
-                  "latency_ms": latency * 1000, "fingerprint_after": self.state.fingerprint()}
+                  "latency_ms": latency * 1000, "fingerprint_after": self.state.fingerprint(),
+                  "fingerprint_scheme": self.state.fingerprint_scheme,
+                  "active_digest": active_digest(self.state.active_ids)}
         m = self.metrics
         m.edits.labels(method=spec.method, status="applied").inc()
         m.edit_duration.labels(method=spec.method).observe(latency)
@@ -881,6 +897,7 @@ class EditEngine:
                 row = session.get(Edit, edit_id)
                 for name, value in record.items():
                     setattr(row, name, value)
+            self._notify("recorded", edit_id)  # replicas verify their weights against fingerprint_after
             with self.sessions() as session:
                 return crud.get_edit(session, edit_id), True
         except Exception as e:
@@ -1058,6 +1075,16 @@ class EditEngine:
                 row = session.get(Edit, edit_id)
                 row.status, row.rolled_back_at, row.rolled_back_by = EditStatus.APPLIED, None, None
             raise EngineError(f"rollback of edit {edit_id} failed, nothing changed: {e}", 500) from e
+        try:  # before the notification, so a replica that syncs on it can verify the state at once
+            with self.sessions.begin() as session:
+                row = session.get(Edit, edit_id)
+                row.fingerprint_rolled_back = self.state.fingerprint()
+                row.active_digest_rolled_back = active_digest(self.state.active_ids)
+        except Exception as e:  # noqa: BLE001 - the rollback stands; replicas only cannot verify this state
+            if not db.is_unavailable(e):
+                raise
+            log.warning("rollback of edit %s: the fingerprint after it was not stored (%s); replicas cannot "
+                        "verify this state", edit_id, db.describe(e))
         self._notify("rolled_back", edit_id)
         editor = self.editors.get(edit.method)
         if editor is not None:

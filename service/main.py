@@ -195,7 +195,11 @@ def create_app(settings: Settings | None = None, components=None, coordinator=No
         sql = db.make_engine(settings.resolved_database_url)
         try:
             if settings.role == "writer":  # replicas read the log; the writer (or the entrypoint) migrates it
-                await asyncio.to_thread(db.upgrade, sql)
+                try:
+                    await asyncio.to_thread(db.upgrade, sql)
+                except Exception as e:  # a log a migration refuses (0004: an unknown status) names its rows
+                    app.state.startup_failure = f"migrating the edit log failed: {e}"
+                    raise
             app.state.sessions = db.make_sessionmaker(sql)
             loaded = components or await asyncio.to_thread(load_all, settings)
             model, tokenizer, editors, unavailable = loaded

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text,
-                        UniqueConstraint)
+from sqlalchemy import (JSON, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, LargeBinary,
+                        String, Text, UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -36,7 +36,11 @@ class EditStatus:
 
 class Edit(Base):
     __tablename__ = "edits"
-    __table_args__ = (UniqueConstraint("idempotency_key", name="uq_edits_idempotency_key"),)
+    # The replay and the replicas read what the weights hold from status alone: any other value would be
+    # left out silently, so the database refuses it (migration 0004, which also refuses a log that has one).
+    __table_args__ = (UniqueConstraint("idempotency_key", name="uq_edits_idempotency_key"),
+                      CheckConstraint(f"status IN ({', '.join(repr(s) for s in EditStatus.ALL)})",
+                                      name="ck_edits_status"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     status: Mapped[str] = mapped_column(String(16), index=True)
@@ -62,6 +66,13 @@ class Edit(Base):
     info: Mapped[dict] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     fingerprint_after: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # how the writer summed the weights it fingerprinted (service.weights.FINGERPRINT_SCHEME); NULL before 0004
+    fingerprint_scheme: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # which edits were active in the state fingerprint_after describes (service.verify.active_digest)
+    active_digest: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # the writer's fingerprint and active edits right after this edit was rolled back
+    fingerprint_rolled_back: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    active_digest_rolled_back: Mapped[str | None] = mapped_column(String(16), nullable=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
 

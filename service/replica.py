@@ -11,6 +11,18 @@ Syncs run on the engine's writer thread, like edits on the writer: the weights c
 at a time under the write lock, and generation sees whole states only. Every state a replica
 passes through is the writer's state for some set of active edits, applied in id order, so the
 fingerprints are equal once the replica has caught up (DESIGN §3: same active edits, same bytes).
+
+That equality is checked, not assumed. After every sync the replica compares its fingerprint with the
+one the writer recorded for the log's current state (``service.verify``): ``fingerprint_after`` of the
+newest edit, or ``fingerprint_rolled_back`` of the newest rollback. A follower that applies edits as
+they are logged so checks each one; a catch-up of many edits checks the state it ends in and, if that
+differs, replays the edits one by one to find the first that differs. On a mismatch the replica goes
+back to the last state that matched (the edits before the first that differs), stops following the log
+and stops reporting ready: ``/readyz`` answers 503 naming the edit and both fingerprints, the log says
+the same at ERROR, and ``hiedit_replica_fingerprint_mismatch`` is 1 (alert HieditReplicaFingerprintMismatch).
+It keeps answering ``/generate`` from that last verified state, which is the writer's state of a moment
+ago, until it is restarted: a replica whose arithmetic differs from the writer's would differ again on
+the next edit, so retrying in place only hides it.
 """
 from __future__ import annotations
 
@@ -23,10 +35,10 @@ from sqlalchemy import select
 
 from editor_core.delta import LowRankDelta
 
-from . import crud
+from . import crud, verify
 from .coordination import Coordinator
 from .engine import Conflict, EditEngine
-from .models import EditDelta
+from .models import EditDelta, EditStatus
 
 log = logging.getLogger("hiedit.replica")
 
@@ -42,6 +54,17 @@ class ReplicaEngine(EditEngine):
         self.unappliable: dict[int, str] = {}  # edit id -> why its stored delta cannot be applied here
         self.lag_gauge = Gauge("hiedit_replica_lag_edits", "Changes of the edit log (edits applied or rolled "
                                "back by the writer) this replica has not applied yet", registry=self.metrics.registry)
+        self.mismatch_gauge = Gauge("hiedit_replica_fingerprint_mismatch", "1 when this replica's weights differed "
+                                    "from the writer's recorded fingerprint of the same state (it then serves the "
+                                    "last state that matched and is not ready); 0 otherwise",
+                                    registry=self.metrics.registry)
+        self.mismatch_gauge.set(0)
+        self.verified: verify.Expected | None = None   # the newest writer state this replica matched
+        self.mismatch: dict | None = None              # set once: the state that differed, both fingerprints
+        self._unverifiable_noted: set[tuple[str, int]] = set()
+        # edits applied on top of the last verified state since it was verified (None: that state was taken
+        # apart by a rollback or a rebuild): what a mismatch replays one by one to find the edit that differs
+        self._since_verified: list[int] | None = []
         self._wake = threading.Event()
         self._follower = threading.Thread(target=self._follow, name="hiedit-replica-follower", daemon=True)
 
@@ -92,16 +115,20 @@ class ReplicaEngine(EditEngine):
                 log.warning("sync with the edit log failed (retrying in %.1fs): %s", every, e)
 
     def _sync(self) -> int:
-        """Make the active edits here those of the log; returns the number of changes applied."""
+        """Make the active edits here those of the log, then verify them; returns the number of changes applied."""
         t0 = time.perf_counter()
         with self.sessions() as session:
-            wanted = crud.applied_edit_ids(session)
+            rows = crud.log_rows(session)  # one statement: the wanted edits and the fingerprints agree
+        wanted = [r.id for r in rows if r.status == EditStatus.APPLIED]
         self.unappliable = {i: why for i, why in self.unappliable.items() if i in set(wanted)}
         local = set(self.state.active_ids)
         drop = sorted(local - set(wanted), reverse=True)
         add = [i for i in wanted if i not in local and i not in self.unappliable]
         self._set_lag(len(drop) + len(add))
+        if self.mismatch is not None:  # frozen at the last verified state until a restart (module docstring)
+            return 0
         if not drop and not add:
+            self._verify(rows, wanted)  # the writer may have recorded the fingerprint after our last sync
             return 0
         if add:  # edits a writer on another base model logged after this replica started: not applied
             self.check_base_model(add)
@@ -124,7 +151,89 @@ class ReplicaEngine(EditEngine):
         self.metrics.active_edits.set(len(self.state.active_ids))
         log.info("applied %d changes of the log (%d rolled back%s) in %.3fs; %d edits active", changed, len(drop),
                  ", rebuilt" if rebuild else "", time.perf_counter() - t0, len(self.state.active_ids))
+        if rebuild or drop or self._since_verified is None:
+            self._since_verified = None
+        else:
+            self._since_verified.extend(add)
+        self._verify(rows, wanted)
         return changed
+
+    # ---- verifying against the writer's fingerprints -------------------------------------------------
+
+    def _verify(self, rows: list[crud.LogRow], wanted: list[int]) -> None:
+        """Compare the served weights with the writer's fingerprint of the log's current state."""
+        if self.unappliable or self.state.active_ids != wanted:
+            return  # not at a state of the writer: the lag says so already
+        expected = verify.last_state(rows, wanted, self.state.fingerprint_scheme)
+        if expected is None:
+            return  # no edit was ever applied: the base weights, which the base model check covers
+        if expected.fingerprint is None:
+            key = (expected.event, expected.edit_id)
+            if key not in self._unverifiable_noted and "not recorded" not in (expected.why_not or ""):
+                self._unverifiable_noted.add(key)
+                log.warning("%s: not verified: %s", expected.describe(), expected.why_not)
+            return  # "not recorded (yet)": the writer notifies again once it has, and the poll re-reads it
+        got = self.state.fingerprint()
+        if got == expected.fingerprint:
+            self.verified, self._since_verified = expected, []
+            return
+        first = self._first_differing_edit(rows, wanted, self._since_verified or []) or expected
+        self._diverged(first, expected, got, wanted)
+
+    def _first_differing_edit(self, rows: list[crud.LogRow], wanted: list[int],
+                              added: list[int]) -> verify.Expected | None:
+        """Replay edits one by one, checking each against the writer's state after it, and stop before the
+        first that differs; None when each matched (the difference is in a rollback).
+
+        ``added``: the edits applied on top of the last verified state since; they are taken off again
+        (a rollback rebuilds the same bytes in this process) and replayed. Otherwise every applied edit is
+        replayed from W⁰. One swap for the whole replay: readers see the state before it or the one it
+        leaves, not the intermediate ones. Runs only after a mismatch."""
+        checks = verify.edit_states(rows, wanted, self.state.fingerprint_scheme)
+        replay = added if added and self.verified is not None else wanted
+        deltas = self._load_deltas(replay)
+        with self.lock.write():
+            if replay is wanted:
+                self.state.reset()
+            else:
+                for edit_id in sorted(replay, reverse=True):
+                    self.state.rollback(edit_id)
+            for edit_id in replay:
+                self.state.apply(edit_id, deltas[edit_id].to(self.device))
+                want = checks.get(edit_id)
+                if want is None or want.fingerprint is None:
+                    continue
+                got = self.state.fingerprint()
+                if got != want.fingerprint:
+                    self.state.rollback(edit_id)  # serve the last state that matched the writer's
+                    self.metrics.active_edits.set(len(self.state.active_ids))
+                    self.mismatch = {"edit_id": edit_id, "event": "edit", "expected_fingerprint": want.fingerprint,
+                                     "fingerprint": got}
+                    return want
+                self.verified = want
+        return None
+
+    def _diverged(self, first: verify.Expected, newest: verify.Expected, got_newest: str, wanted: list[int]) -> None:
+        if self.mismatch is None:  # the difference is in the newest rollback: the state here is kept
+            self.mismatch = {"edit_id": first.edit_id, "event": first.event,
+                             "expected_fingerprint": first.fingerprint, "fingerprint": got_newest}
+        m = self.mismatch
+        self.mismatch_gauge.set(1)
+        self.applied_last_id = max(self.state.active_ids, default=None)
+        self._set_lag(len(set(wanted) ^ set(self.state.active_ids)))
+        if m["event"] == "edit":
+            served = f"serving the edits before edit {m['edit_id']}"
+            if self.verified is not None:
+                served += f" (the newest state it verified: {self.verified.describe()})"
+        else:
+            served = "serving the state the log names, unverified"
+
+        self.mismatch["detail"] = (
+            f"the weights after {first.describe()} differ from the writer's: fingerprint {m['fingerprint']}, "
+            f"the writer recorded {m['expected_fingerprint']}. This replica computes other bytes than the writer "
+            f"(see docs/operations.md#hieditreplicafingerprintmismatch); it stopped following the log and is "
+            f"{served}; restart it once the cause is fixed")
+        log.error("replica fingerprint mismatch: %s (newest state of the log: %s)", m["detail"], newest.describe())
 
     def _load_deltas(self, ids: list[int]) -> dict[int, LowRankDelta]:
         if not ids:

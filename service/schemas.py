@@ -188,3 +188,7 @@ class StateOut(BaseModel):
     editable_modules: int
     role: str = "writer"
     lag_edits: int | None = None  # replicas: changes of the log not applied here yet
+    # replicas: the newest writer state whose fingerprint this replica matched ("edit 12", "the rollback of
+    # edit 7"), and the mismatch that stopped it (edit_id, event, expected_fingerprint, fingerprint, detail)
+    verified: str | None = None
+    fingerprint_mismatch: dict | None = None

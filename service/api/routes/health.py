@@ -21,4 +21,8 @@ def readyz(request: Request) -> JSONResponse:
         return JSONResponse({"detail": engine.startup_error}, status_code=503)
     if not engine.ready:
         return JSONResponse({"detail": "replaying the edit log"}, status_code=503)
+    mismatch = getattr(engine, "mismatch", None)  # a replica whose weights differ from the writer's
+    if mismatch is not None:
+        return JSONResponse({k: mismatch[k] for k in ("detail", "edit_id", "event", "expected_fingerprint",
+                                                      "fingerprint")}, status_code=503)
     return JSONResponse({"status": "ready", "active_edits": len(engine.state.active_ids)})
