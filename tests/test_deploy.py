@@ -34,7 +34,7 @@ COUNTERS = {"hiedit_edits_total", "hiedit_rollbacks_total", "hiedit_generated_to
             "hiedit_layer_selections_total"}
 HISTOGRAMS = {"hiedit_edit_duration_seconds", "hiedit_generate_duration_seconds"}
 GAUGES = {"hiedit_active_edits", "hiedit_probe_specificity_ratio", "hiedit_edit_retention_ratio",
-          "hiedit_replica_lag_edits"}
+          "hiedit_replica_lag_edits", "hiedit_replica_fingerprint_mismatch"}
 DESIGN_METRICS = COUNTERS | HISTOGRAMS | GAUGES
 EXPOSED_NAMES = COUNTERS | GAUGES | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
 # series Prometheus itself writes for every scrape target
@@ -45,6 +45,7 @@ REQUIRED_ALERTS = {
     "HieditSpecificityDrift": "hiedit_probe_specificity_ratio",
     "HieditSpecificityDrop": "hiedit_probe_specificity_ratio",
     "HieditReplicaLag": "hiedit_replica_lag_edits",
+    "HieditReplicaFingerprintMismatch": "hiedit_replica_fingerprint_mismatch",
     "HieditEditErrorRate": "hiedit_edits_total",
 }
 
@@ -462,5 +463,5 @@ def test_service_registry_exports_the_metrics_alerts_and_dashboard_use():
             exposed.add(family.name)
     used = set(METRIC_RE.findall(ALERTS.read_text()))
     used |= {n for q in _dashboard_queries(json.loads(DASHBOARD.read_text())) for n in METRIC_RE.findall(q)}
-    missing = used - exposed - {"hiedit_replica_lag_edits"}
+    missing = used - exposed - {"hiedit_replica_lag_edits", "hiedit_replica_fingerprint_mismatch"}  # service.replica
     assert not missing, f"used by alerts/dashboard but not registered by service.metrics: {sorted(missing)}"
