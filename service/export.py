@@ -108,7 +108,8 @@ def _check_target(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise Conflict(f"out: {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise Conflict(f"out: {out} exists and is not empty; choose another path or pass overwrite")
+        raise Conflict(f"out: {out} exists and is not empty; choose another path, or replace it "
+                       "(hiedit export --overwrite; \"overwrite\": true in POST /export)")
     if not out.parent.is_dir():
         raise InvalidRequest(f"out: the parent directory {out.parent} does not exist", 400)
 

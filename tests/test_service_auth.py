@@ -3,6 +3,7 @@ limit, and the loopback rule of an open server (in-process TestClient on SQLite)
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -46,7 +47,10 @@ def _endpoints(c: TestClient) -> list[tuple[str, str, str | None, dict, int]]:
         ("GET", "/generate", "read", {"params": {"prompt": FACT1.prompt, "max_new_tokens": 2}}, 200),
         ("POST", "/generate", "read", {"json": {"prompt": FACT1.prompt, "max_new_tokens": 2}}, 200),
         ("POST", "/v1/completions", "read", {"json": {"model": model, "prompt": FACT1.prompt, "max_tokens": 2}}, 200),
+        ("POST", "/v1/chat/completions", "read",
+         {"json": {"model": model, "messages": [{"role": "user", "content": FACT1.prompt}], "max_tokens": 2}}, 200),
         ("GET", "/v1/models", "read", {}, 200),
+        ("POST", "/export", "admin", {"json": {"format": "peft"}}, 200),
         ("POST", "/probes", "admin", {"json": {"prompt": FACT1.prompt}}, 201),
         ("GET", "/probes", "admin", {}, 200),
         ("DELETE", "/probes/{new_probe}", "admin", {}, 204),
@@ -60,10 +64,16 @@ def _endpoints(c: TestClient) -> list[tuple[str, str, str | None, dict, int]]:
 
 def test_auth_matrix_every_endpoint_every_scope(tmp_path, standin_components):
     """Exactly what DESIGN §4 implies: 401 without a key, 403 below the scope, the route's own status else."""
+    standin_components[1].chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     app = create_app(app_settings(tmp_path, api_keys=API_KEYS), standin_components)
     with TestClient(app) as c:
         wait_ready(c)
         endpoints = _endpoints(c)
+        # every route of the app is in the matrix: a new endpoint cannot ship without its auth check
+        routes = {(m.upper(), path) for path, ops in app.openapi()["paths"].items() for m in ops}
+        listed = {(m, re.sub(r"/edits/(\d+|\{new_edit\})", "/edits/{edit_id}", t).replace("{new_probe}", "{probe_id}"))
+                  for m, t, *_ in endpoints}
+        assert routes <= listed, sorted(routes - listed)
         admin = _auth("admin")
         got, want = {}, {}
         for caller in (None, "read", "edit", "admin"):

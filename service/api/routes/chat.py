@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -25,18 +25,20 @@ router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute,
 ROLES = ("system", "developer", "user", "assistant")
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["text"] = Field(description="only text parts: this server serves a text model")
-    text: str
-
-
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")  # e.g. "name": accepted, not shown to the model
 
     role: str
-    content: str | list[TextPart]
+    content: str | list[dict[str, Any]] = Field(description="a string, or text parts [{type: text, text}]")
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, v: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+        for part in [] if isinstance(v, str) else v:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"only text parts {{type: text, text}} are supported by this text model; "
+                                 f"got type {part.get('type')!r}")
+        return v
 
     @field_validator("role")
     @classmethod
@@ -47,7 +49,7 @@ class ChatMessage(BaseModel):
 
     @property
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return self.content if isinstance(self.content, str) else "".join(p["text"] for p in self.content)
 
 
 class ChatCompletionIn(BaseModel):
