@@ -123,8 +123,10 @@ def main(argv: list[str] | None = None) -> dict:
     a = assets(args.model, args.editor)
     methods = args.methods.split(",")
     root = Path(args.keep or tempfile.mkdtemp(prefix="hiedit-history-"))
-    flags = ["--model", a.model, *a.editor_args, "--rlsedit", "on", "--dtype", args.dtype, "--device", args.device,
-             "--torch-threads", str(args.threads), *QUIET_SERVER]
+    # --rlsedit-overlap allow: the demo's HiEdit layers (2-5) reach RLSEdit's down[3]; each method streams into
+    # a log of its own here, so the one's edits never make the other's history stale
+    flags = ["--model", a.model, *a.editor_args, "--rlsedit", "on", "--rlsedit-overlap", "allow", "--dtype", args.dtype,
+             "--device", args.device, "--torch-threads", str(args.threads), *QUIET_SERVER]
     facts = edit_facts(args.edits)
     dense = dense_bytes(Path(a.model), args.dtype)
     result: dict = {"assets": a.label, "model": a.model, "dtype": args.dtype, "device": args.device,

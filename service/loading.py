@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -106,13 +107,64 @@ def load_all(settings: Settings):
             overrides = {"cache_dir": str(settings.home / "cache" / "rlsedit-stats")}
             if settings.rlsedit_stats_tokens:
                 overrides["stats_max_tokens"] = settings.rlsedit_stats_tokens
-            editors["rlsedit"] = rls.RLSEditor.create(model, tokenizer, layers=settings.rlsedit_layers, **overrides)
+            if settings.rlsedit_stats_corpus:
+                overrides["stats_corpus"] = settings.rlsedit_stats_corpus
+            editors["rlsedit"] = rls.RLSEditor.create(model, tokenizer, layers=settings.rlsedit_layers,
+                                                      stats=settings.rlsedit_stats, **overrides)
+            overlap = editor_overlap(editors)
+            if overlap is not None and settings.rlsedit_overlap == "refuse":
+                del editors["rlsedit"]
+                raise ConfigError(f"{overlap}; start with --rlsedit-layers below the HiEdit layers, an editor on "
+                                  "higher layers, --rlsedit-overlap allow (docs/rlsedit.md#two-editors-on-one-model) "
+                                  "or --rlsedit off")
+            if overlap is not None:
+                log.warning("--rlsedit-overlap allow: %s", overlap)
         except Exception as e:  # ImportError while it is being written, or it does not fit this model
             if settings.rlsedit == "on":
                 raise ConfigError(f"--rlsedit on: RLSEdit cannot be created for this model: {e}") from e
-            unavailable["rlsedit"] = f"RLSEdit could not be created: {type(e).__name__}: {e}"
-            log.warning("rlsedit disabled: %s", unavailable["rlsedit"])
+            unavailable["rlsedit"] = _why_rlsedit_is_off(e, settings)
+    for method, reason in unavailable.items():  # one line each, at start, so an operator sees what is off and why
+        log.warning("%s is OFF: %s", method, reason)
     return model, tokenizer, editors, unavailable
+
+
+def editor_overlap(editors: dict[str, Editor]) -> str | None:
+    """Why HiEdit's edits would make RLSEdit's history stale, or None when they cannot.
+
+    RLSEdit's keys at layer m are the inputs of down_proj m: act(gate(x)) * up(x), where x comes out of
+    every layer below m. A HiEdit edit of gate/up at a layer l <= m changes them for every past fact,
+    while C keeps the keys the facts had when they were edited (docs/rlsedit.md, "Two editors")."""
+    if "hiedit" not in editors or "rlsedit" not in editors:
+        return None
+    hi: dict[int | None, str] = {}
+    rls: dict[int | None, str] = {}
+    for layers, editor in ((hi, editors["hiedit"]), (rls, editors["rlsedit"])):
+        for name in editor.modules:
+            layers.setdefault(_layer_of(name), name)  # the first module of a layer names it
+    if None in hi or None in rls or min(hi) > max(rls):
+        return None
+    return (f"HiEdit edits {hi[min(hi)]}, at or below RLSEdit's {rls[max(rls)]}: every HiEdit edit would change "
+            "the keys RLSEdit's history (C) was built from")
+
+
+def _layer_of(module: str) -> int | None:
+    m = re.search(r"\.layers\.(\d+)\.", module)
+    return int(m.group(1)) if m else None
+
+
+def _why_rlsedit_is_off(e: Exception, settings: Settings) -> str:
+    if isinstance(e, ConfigError):
+        return str(e)
+    from editor_core.stats import DEFAULT_CORPUS, StatsError
+
+    if isinstance(e, StatsError) and settings.rlsedit_stats is None and (
+            settings.rlsedit_stats_corpus is None and not DEFAULT_CORPUS.exists()):
+        return (f"its second-moment statistics need a text corpus, and the default one ({DEFAULT_CORPUS}, in the "
+                "repository's ../shared/data) is not here, as in an installed package or the Docker image. Set "
+                "HIEDIT_RLSEDIT_STATS_CORPUS (--rlsedit-stats-corpus) to .txt/.json/.jsonl text, or "
+                "HIEDIT_RLSEDIT_STATS (--rlsedit-stats) to statistics collected elsewhere; --rlsedit off says it is "
+                "meant to be off")
+    return f"RLSEdit could not be created: {type(e).__name__}: {e}"
 
 
 __all__ = ["ConfigError", "check_assets", "load_all", "DEMO_MODEL", "DEMO_HIEDIT"]

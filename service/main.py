@@ -21,7 +21,7 @@ from . import db
 from .api.main import api_router
 from .auth import RateLimiter, parse_api_keys
 from .engine import BaseModelMismatch, EditEngine, EngineError
-from .loading import load_all
+from .loading import ConfigError, load_all
 from .metrics import Metrics
 from .settings import Settings
 
@@ -201,7 +201,11 @@ def create_app(settings: Settings | None = None, components=None, coordinator=No
                     app.state.startup_failure = f"migrating the edit log failed: {e}"
                     raise
             app.state.sessions = db.make_sessionmaker(sql)
-            loaded = components or await asyncio.to_thread(load_all, settings)
+            try:
+                loaded = components or await asyncio.to_thread(load_all, settings)
+            except ConfigError as e:  # e.g. --rlsedit on with overlapping editors: the reason, not a traceback
+                app.state.startup_failure = str(e)
+                raise
             model, tokenizer, editors, unavailable = loaded
             args = (settings, model, tokenizer, editors, unavailable, app.state.sessions, app.state.metrics)
             if settings.role == "replica":

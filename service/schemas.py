@@ -191,4 +191,6 @@ class StateOut(BaseModel):
     # replicas: the newest writer state whose fingerprint this replica matched ("edit 12", "the rollback of
     # edit 7"), and the mismatch that stopped it (edit_id, event, expected_fingerprint, fingerprint, detail)
     verified: str | None = None
+    # methods this server does not offer, and why (e.g. RLSEdit without its statistics corpus)
+    unavailable: dict[str, str] = {}
     fingerprint_mismatch: dict | None = None

@@ -27,6 +27,13 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--rlsedit", dict(choices=["auto", "on", "off"], help="RLSEdit method (HIEDIT_RLSEDIT; default auto)")),
     ("--rlsedit-layers", dict(metavar="LAYER_SPEC", help="RLSEdit modules, e.g. 'down[2-4]' (default: its own)")),
     ("--rlsedit-stats-tokens", dict(type=int, help="tokens of second-moment statistics RLSEdit collects")),
+    ("--rlsedit-stats-corpus", dict(metavar="PATH", help="text RLSEdit's statistics are collected from: a "
+                                    ".txt/.json/.jsonl file or a directory (HIEDIT_RLSEDIT_STATS_CORPUS; default: "
+                                    "the repository's ../shared/data/glue)")),
+    ("--rlsedit-stats", dict(metavar="DIR", help="RLSEdit statistics collected before, instead of a corpus "
+                             "(HIEDIT_RLSEDIT_STATS)")),
+    ("--rlsedit-overlap", dict(choices=["refuse", "allow"], help="RLSEdit next to HiEdit layers at or below its "
+                               "own: refuse (default: off under --rlsedit auto, no start under on) or allow")),
     ("--role", dict(choices=["writer", "replica"], help="writer: accepts edits (one per deployment, "
                     "holds the Redis writer lock); replica: serves the writer's log, answers writes with 409 "
                     "(HIEDIT_ROLE; default writer)")),

@@ -38,6 +38,17 @@ class Settings(BaseSettings):
     rlsedit_layers: str | None = Field(None, description="RLSEdit layer spec, e.g. 'down[4-8]' (default: its own)")
     rlsedit_stats_tokens: int | None = Field(
         None, ge=1, description="tokens of second-moment statistics RLSEdit collects (default: its own)")
+    rlsedit_stats_corpus: str | None = Field(
+        None, description="text RLSEdit's second-moment statistics are collected from: a .txt/.json/.jsonl file "
+        "or a directory of them (default: the repository's ../shared/data/glue, which an installed package or "
+        "an image does not have)")
+    rlsedit_stats: str | None = Field(
+        None, description="statistics collected before, instead of a corpus: a directory with one "
+        "<module>.*.safetensors per edited module, e.g. $HIEDIT_HOME/cache/rlsedit-stats/<model>-<fingerprint> "
+        "of a server that had the corpus (refused if collected on other weights)")
+    rlsedit_overlap: Literal["refuse", "allow"] = Field(
+        "refuse", description="HiEdit layers at or below RLSEdit's deepest layer move the keys RLSEdit's history "
+        "was built from: 'refuse' = RLSEdit off under --rlsedit auto, no start under --rlsedit on; 'allow' = both")
     dtype: str = "float32"
     device: str = "cpu"
     host: str = "127.0.0.1"

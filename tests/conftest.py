@@ -489,7 +489,8 @@ def tcp_proxy():
 def clean_replay_fingerprint(database_url: str, model_dir: Path, editor_dir: Path) -> str:
     """The fingerprint a fresh process builds from the log alone, without the service's engine:
     the base model, the HiEdit editor's modules (in model order, as the engine hashes them) and
-    every ``applied`` delta of the log in id order, through ``WeightState``."""
+    every ``applied`` delta of the log in id order, through ``WeightState`` summing the way served weights
+    are summed (``ServedWeights._accumulate``: rank-1 products, the same bytes at any thread count)."""
     from sqlalchemy import create_engine, select
 
     from editor_core.delta import LowRankDelta
@@ -497,10 +498,14 @@ def clean_replay_fingerprint(database_url: str, model_dir: Path, editor_dir: Pat
     from editor_core.model import load_model, model_id
     from editor_core.state import WeightState
     from service.models import Edit, EditDelta, EditStatus
+    from service.weights import ServedWeights
+
+    class Replay(WeightState):  # WeightState's own apply path, only the summation of the served weights
+        _accumulate = ServedWeights._accumulate
 
     model, tok = load_model(model_dir)
     wanted = set(HiEditor.load(editor_dir, model, tok).module_map)
-    state = WeightState({n: m for n, m in model.named_modules() if n in wanted}, model_id(model))
+    state = Replay({n: m for n, m in model.named_modules() if n in wanted}, model_id(model))
     engine = create_engine(database_url)
     try:
         with engine.connect() as conn:

@@ -139,7 +139,9 @@ def test_batched_replay_builds_the_bytes_of_one_by_one_and_refuses_the_same_edit
     deltas[6] = (7, poisoned)
     deltas[10] = (11, LowRankDelta({"model.layers.9.mlp.gate_proj": (torch.ones(64, 1), torch.ones(1, 32))}))
     deltas.insert(15, (3, deltas[2][1]))  # out of order
-    reference = WeightState({n: model_a.get_submodule(n) for n in names}, model_id(model_a))
+    # WeightState's apply, one by one, summing as ServedWeights does: apply_many must give the same bytes
+    reference = type("OneByOne", (WeightState,), {"_accumulate": ServedWeights._accumulate})(
+        {n: model_a.get_submodule(n) for n in names}, model_id(model_a))
     refused_one_by_one = set()
     for edit_id, delta in deltas:
         try:
@@ -359,7 +361,8 @@ def test_fuzz_every_operation_no_5xx_and_rejected_requests_change_nothing(tmp_pa
 
     app_cfg = app_settings(tmp_path, model=str(standin_model_dir), editor=str(standin_editor_dir),
                            rlsedit_stats_tokens=2000, max_new_tokens=16, max_rephrases=2, max_locality=2)
-    app_cfg = app_cfg.model_copy(update={"rlsedit": "on"})
+    # the stand-in's HiEdit layers reach RLSEdit's: allowed here, every operation is what is fuzzed
+    app_cfg = app_cfg.model_copy(update={"rlsedit": "on", "rlsedit_overlap": "allow"})
     app = create_app(app_cfg, load_all(app_cfg))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [result.ok() for result in schema.get_all_operations()]

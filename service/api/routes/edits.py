@@ -66,7 +66,17 @@ def _edit_or_404(session, edit_id: int):
     return edit
 
 
-@router.post("/{edit_id}/rollback", response_model=EditOut,
+ROLLBACK_DESCRIPTION = (
+    "Removes the edit's delta: the served weights become W⁰ plus the stored deltas of the other active edits, in "
+    "id order, bit for bit what a fresh replay of the log without this edit builds. For an RLSEdit edit it also "
+    "removes the edit's keys from RLSEdit's history C (the inverse then covers exactly the other edits' keys). "
+    "It does not recompute the later RLSEdit edits: their deltas were computed with this edit's keys in C and "
+    "its change in the weights, so the weights are not the RLS solution RLSEdit would reach for the remaining "
+    "edits made without this one (measured on 50 edits: docs/rlsedit.md, Rollback). To get that, roll back the "
+    "later RLSEdit edits too and submit them again.")
+
+
+@router.post("/{edit_id}/rollback", response_model=EditOut, description=ROLLBACK_DESCRIPTION,
              dependencies=[Depends(require_scope("edit")), Depends(writes_here)],
              responses={404: {"description": "no such edit"},
                         409: {"description": "not an applied edit, or a replica"}})

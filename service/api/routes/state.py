@@ -16,6 +16,6 @@ def get_state(engine: EngineDep, session: SessionDep) -> StateOut:
                     model=engine.model_name, active_edits=len(engine.state.active_ids),
                     last_edit_id=crud.last_edit_id(session), methods=sorted(engine.editors),
                     editable_modules=len(engine.state.modules), role=engine.settings.role,
-                    lag_edits=getattr(engine, "lag", None),
+                    lag_edits=getattr(engine, "lag", None), unavailable=dict(engine.unavailable),
                     verified=engine.verified.describe() if getattr(engine, "verified", None) else None,
                     fingerprint_mismatch=getattr(engine, "mismatch", None))
