@@ -157,13 +157,14 @@ def _why_rlsedit_is_off(e: Exception, settings: Settings) -> str:
         return str(e)
     from editor_core.stats import DEFAULT_CORPUS, StatsError
 
-    if isinstance(e, StatsError) and settings.rlsedit_stats is None and (
-            settings.rlsedit_stats_corpus is None and not DEFAULT_CORPUS.exists()):
-        return (f"its second-moment statistics need a text corpus, and the default one ({DEFAULT_CORPUS}, in the "
-                "repository's ../shared/data) is not here, as in an installed package or the Docker image. Set "
-                "HIEDIT_RLSEDIT_STATS_CORPUS (--rlsedit-stats-corpus) to .txt/.json/.jsonl text, or "
-                "HIEDIT_RLSEDIT_STATS (--rlsedit-stats) to statistics collected elsewhere; --rlsedit off says it is "
-                "meant to be off")
+    corpus = Path(settings.rlsedit_stats_corpus) if settings.rlsedit_stats_corpus else DEFAULT_CORPUS
+    if isinstance(e, StatsError) and settings.rlsedit_stats is None and not corpus.exists():
+        where = (f"HIEDIT_RLSEDIT_STATS_CORPUS={corpus} does not exist" if settings.rlsedit_stats_corpus else
+                 f"the default one ({corpus}, in the repository's ../shared/data) is not here, as in an installed "
+                 "package")
+        return (f"its second-moment statistics need a text corpus, and {where}. Put .txt/.json/.jsonl text there "
+                "or point HIEDIT_RLSEDIT_STATS_CORPUS (--rlsedit-stats-corpus) at some, or set HIEDIT_RLSEDIT_STATS "
+                "(--rlsedit-stats) to statistics collected elsewhere; --rlsedit off says it is meant to be off")
     return f"RLSEdit could not be created: {type(e).__name__}: {e}"
 
 

@@ -20,6 +20,12 @@ def test_without_its_corpus_rlsedit_is_off_and_the_start_says_why(tmp_path, stan
     assert "HIEDIT_RLSEDIT_STATS_CORPUS" in unavailable["rlsedit"] and str(tmp_path / "no-such-corpus") in unavailable["rlsedit"]
     assert f"rlsedit is OFF: {unavailable['rlsedit']}" in caplog.text
 
+    # a configured corpus that is not there (the image's default path in an empty volume): named
+    _, _, editors, unavailable = load_all(cfg.model_copy(update={"rlsedit": "auto",
+                                                                 "rlsedit_stats_corpus": str(tmp_path / "vol")}))
+    assert "rlsedit" not in editors
+    assert f"HIEDIT_RLSEDIT_STATS_CORPUS={tmp_path / 'vol'} does not exist" in unavailable["rlsedit"]
+
     # a configured corpus: collected from it
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"The river {i} flows into the sea near the old town of Varn." for i in range(300)))
