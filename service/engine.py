@@ -43,8 +43,6 @@ import torch
 from sqlalchemy import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
-from transformers import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
 
 from editor_core.capture import EditInputError, teacher_forced
 from editor_core.delta import LowRankDelta
@@ -54,6 +52,7 @@ from editor_core.model import model_id
 from editor_core.state import DeltaRejected
 
 from . import crud, db
+from .batching import Batcher, GenerationRequest
 from .metrics import Metrics
 from .models import Edit, EditLayer, EditStatus, Probe, utcnow
 from .settings import Settings
@@ -138,6 +137,11 @@ class RWLock:
                 self._readers -= 1
                 if not self._readers:
                     self._cond.notify_all()
+
+    @property
+    def writer_waiting(self) -> bool:
+        """A writer waits for the readers to leave (the decode loop then admits no new request)."""
+        return self._writers_waiting > 0
 
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
@@ -259,32 +263,6 @@ LOCALITY_TOKENS = 8
 _STOP = object()
 
 
-class _TokenCallback(BaseStreamer):
-    """transformers' streamer protocol: ``put`` gets the prompt once, then each new token ([1] tensor)."""
-
-    def __init__(self, on_token: Callable[[int], None]):
-        self.on_token = on_token
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        for token in value.reshape(-1).tolist():
-            self.on_token(int(token))
-
-    def end(self) -> None:
-        pass
-
-
-class _Cancelled(StoppingCriteria):
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
 class EditEngine:
     """Owns model weights (through WeightState), editors, the writer thread and the log.
 
@@ -325,10 +303,8 @@ class EditEngine:
         self._log_uncertain = False  # a write to the log failed in a way that may have committed
         self._seen_regained = 0      # coordinator.regained when the log was last known to match
         self._queue: queue.Queue = queue.Queue()
-        self._rng_lock = threading.Lock()  # sampling seeds torch's global RNG
-        # Generations past this many wait for a slot: more threads in one process only share the same
-        # cores and the GIL, and the writer thread would get an ever smaller share of it.
-        self._generation_slots = threading.BoundedSemaphore(settings.max_concurrent_generations)
+        # Every generation request is decoded by one loop, batched with the others (service/batching.py).
+        self.batcher = Batcher(model, tokenizer, self.lock, settings.max_concurrent_generations)
         self._edits_since_report = 0
         self._changes_since_snapshot = 0
         self._report_pending = threading.Event()
@@ -353,12 +329,14 @@ class EditEngine:
     def start(self) -> concurrent.futures.Future:
         """Start the writer with the log replay as its first job; readiness follows the replay."""
         self._writer.start()
+        self.batcher.start()
         fut = self._submit(self._replay)
         self._timer.start()
         return fut
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
+        self.batcher.stop(timeout)
         if self._writer.is_alive():
             self._submit(self._save_editor_snapshots)  # after the jobs already queued
         self._queue.put(_STOP)
@@ -443,50 +421,24 @@ class EditEngine:
                  cancel: threading.Event | None = None) -> tuple[str, int]:
         """Continuation of ``prompt`` (text, or token ids already checked: a chat template's output).
 
-        Returns (text without the prompt, number of new tokens). ``on_token`` is called with each new
-        token id as it is decoded (streaming; from this thread, under the read lock, so it must only
-        hand the id on); setting ``cancel`` stops the generation after the current token (a client
+        Returns (text without the prompt, number of new tokens). The request is decoded by the batcher
+        together with every other one (``service.batching``); this thread waits for it. ``on_token`` is
+        called with each new token id as it is decoded (streaming; from the decode thread, so it must only
+        hand the id on); setting ``cancel`` takes the request out of the batch at the next step (a client
         that went away), and what was generated so far is returned.
         """
         t0 = time.perf_counter()
         ids = self.check_prompt(prompt) if isinstance(prompt, str) else prompt
         self.check_generation(ids, max_new_tokens)
-        with self._generation_slots:
-            text, n = self._generate_ids(ids, max_new_tokens, temperature, seed, lock=True, ignore_eos=ignore_eos,
-                                         on_token=on_token, cancel=cancel)
+        request = GenerationRequest(ids, max_new_tokens, 0.0 if temperature < GREEDY_BELOW else temperature, seed,
+                                    ignore_eos, on_token, cancel)
+        try:
+            text, n = self.batcher.submit(request).result()
+        except RuntimeError as e:  # the decode loop is stopping
+            raise Unavailable(str(e)) from None
         self.metrics.generate_duration.observe(time.perf_counter() - t0)
         self.metrics.generated_tokens.inc(n)
         return text, n
-
-    def _generate_ids(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-                      seed: int | None = None, lock: bool = True, ignore_eos: bool = False,
-                      on_token: Callable[[int], None] | None = None,
-                      cancel: threading.Event | None = None) -> tuple[str, int]:
-        input_ids = torch.tensor([ids], device=self.device)
-        if temperature < GREEDY_BELOW:  # the T -> 0 limit; dividing logits by a denormal T overflows to NaN
-            temperature = 0.0
-        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                      attention_mask=torch.ones_like(input_ids))
-        if ignore_eos:  # exactly max_new_tokens tokens (benchmarks): the end-of-text token is suppressed
-            kwargs["min_new_tokens"] = max_new_tokens
-        if temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-        if on_token is not None:  # neither changes which tokens are chosen: streamed = non-streamed
-            kwargs["streamer"] = _TokenCallback(on_token)
-        if cancel is not None:
-            kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
-        sampling = self._rng_lock if temperature > 0 else contextlib.nullcontext()
-        with (self.lock.read() if lock else contextlib.nullcontext()), sampling, torch.no_grad():
-            if temperature > 0:  # under _rng_lock: no other sampler reseeds the global RNG meanwhile
-                if seed is None:
-                    torch.seed()
-                else:
-                    torch.manual_seed(seed)
-            out = self.model.generate(input_ids, **kwargs)
-        new = out[0, input_ids.shape[1]:].tolist()
-        return self.tokenizer.decode(new, skip_special_tokens=True), len(new)
 
     def add_probe(self, prompt: str, max_new_tokens: int | None) -> Probe:
         if not self.ready:

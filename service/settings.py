@@ -56,8 +56,8 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request bodies above this get 413")
     max_new_tokens: int = Field(256, ge=1, description="upper bound of max_new_tokens for /generate")
-    max_concurrent_generations: int = Field(2, ge=1, description="generations run at once; more requests wait "
-                                            "for a slot (threads beyond the cores only slow each other and the writer)")
+    max_concurrent_generations: int = Field(16, ge=1, description="generation requests decoded together in one "
+                                            "batch (continuous batching); more wait for a place in it")
     max_prompt_tokens: int = Field(256, ge=8, description="prompts longer than this (in tokens) get 422")
     max_target_tokens: int = Field(32, ge=1, le=32, description="targets longer than this (in tokens) get 422; "
                                    "32 is also the editors' own bound")

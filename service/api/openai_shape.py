@@ -177,8 +177,8 @@ def stream(engine, ids: list[int], max_tokens: int, temperature: float, seed: in
     """A server-sent-event answer: ``chunk(delta, finish_reason)`` builds each event's body.
 
     The request was checked before this is called (a refusal is a plain 4xx, never a stream). The
-    generation runs on a worker thread holding the read lock, as a non-streaming one does; a client
-    that disconnects cancels it after the current token, so its lock and slot are released at once.
+    generation is a row of the decode batch like any other (``service.batching``); a client that
+    disconnects cancels it, and the row leaves the batch at the next step.
     ``first``: a delta sent before any text (chat's ``{"role": "assistant"}``).
     """
     engine.check_generation(ids, max_tokens)
