@@ -177,8 +177,8 @@ class ReplicaEngine(EditEngine):
         if got == expected.fingerprint:
             self.verified, self._since_verified = expected, []
             return
-        first = self._first_differing_edit(rows, wanted, self._since_verified or []) or expected
-        self._diverged(first, expected, got, wanted)
+        first = self._first_differing_edit(rows, wanted, self._since_verified or [])
+        self._diverged(first or expected, expected, got, wanted, went_back=first is not None)
 
     def _first_differing_edit(self, rows: list[crud.LogRow], wanted: list[int],
                               added: list[int]) -> verify.Expected | None:
@@ -213,15 +213,16 @@ class ReplicaEngine(EditEngine):
                 self.verified = want
         return None
 
-    def _diverged(self, first: verify.Expected, newest: verify.Expected, got_newest: str, wanted: list[int]) -> None:
-        if self.mismatch is None:  # the difference is in the newest rollback: the state here is kept
+    def _diverged(self, first: verify.Expected, newest: verify.Expected, got_newest: str, wanted: list[int],
+                  went_back: bool) -> None:
+        if not went_back:  # every edit's own state matched: the difference is in the newest state, which is kept
             self.mismatch = {"edit_id": first.edit_id, "event": first.event,
                              "expected_fingerprint": first.fingerprint, "fingerprint": got_newest}
         m = self.mismatch
         self.mismatch_gauge.set(1)
         self.applied_last_id = max(self.state.active_ids, default=None)
         self._set_lag(len(set(wanted) ^ set(self.state.active_ids)))
-        if m["event"] == "edit":
+        if went_back:
             served = f"serving the edits before edit {m['edit_id']}"
             if self.verified is not None:
                 served += f" (the newest state it verified: {self.verified.describe()})"
