@@ -117,6 +117,44 @@ def test_replica_verifies_every_state_and_stops_at_the_first_edit_that_differs(
             assert r.get("/state").json()["fingerprint"] == before and r.get("/readyz").status_code == 503
 
 
+def test_a_replica_that_starts_late_checks_the_state_it_catches_up_to(
+        tmp_path, standin_model_dir, standin_editor_dir, standin_components):
+    """Catch-up at start, the newest state a rollback's: verified when the record is right; when it is not,
+    the replica reports the rollback (each edit's own state matched) and keeps the state it built."""
+    from sqlalchemy import update
+
+    from editor_core.hiedit import HiEditor
+    from editor_core.model import load_model
+    from service.models import Edit
+
+    db = f"sqlite:///{tmp_path / 'log.db'}"
+    writer_app = create_app(app_settings(tmp_path / "w", database_url=db), standin_components)
+    with TestClient(writer_app) as w:
+        wait_ready(w)
+        ids = [w.post("/edits", json={"prompt": f"{f.prompt} {i}", "target": f.target}).json()["id"]
+               for i, f in enumerate((FACT1, FACT2, FACT1))]
+        assert w.post(f"/edits/{ids[0]}/rollback").status_code == 200
+        writer_fp = w.get("/state").json()["fingerprint"]
+
+    def replica(home):
+        model, tok = load_model(standin_model_dir)
+        return create_app(app_settings(tmp_path / home, database_url=db, role="replica"),
+                          (model, tok, {"hiedit": HiEditor.load(standin_editor_dir, model, tok)}, {}))
+
+    with TestClient(replica("r1")) as r:
+        wait_ready(r)
+        state = r.get("/state").json()
+        assert state["verified"] == f"the rollback of edit {ids[0]}" and state["fingerprint"] == writer_fp
+
+    with writer_app.state.sessions.begin() as s:
+        s.execute(update(Edit).where(Edit.id == ids[0]).values(fingerprint_rolled_back="0" * 64))
+    with TestClient(replica("r2")) as r:
+        body = _wait(lambda: (x := r.get("/readyz")).status_code == 503 and x).json()
+        assert (body["event"], body["edit_id"], body["expected_fingerprint"]) == ("rollback", ids[0], "0" * 64)
+        assert body["fingerprint"] == writer_fp and "unverified" in body["detail"]
+        assert r.get("/state").json()["fingerprint"] == writer_fp
+
+
 def test_served_bytes_do_not_depend_on_the_thread_count(tmp_path):
     """The same deltas summed by ServedWeights at 1 and 2 threads, in two processes: the same sha256."""
     script = r"""
