@@ -2,6 +2,8 @@
 rows, the database refuses new ones, and a writer does not start on such a log. SQLite and Postgres."""
 from __future__ import annotations
 
+import time
+
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
@@ -53,3 +55,25 @@ def test_writer_does_not_start_on_a_log_with_an_unknown_status(tmp_path, standin
             pass
     assert "edit 1: 'pending'" in app.state.startup_failure
     assert app.state.startup_failure.startswith("migrating the edit log failed")
+
+
+def test_writer_refuses_a_migrated_log_whose_constraint_was_bypassed(tmp_path, standin_components):
+    """SQLite can be told to ignore CHECK constraints: the replay's own check names the row."""
+    from editor_core.model import model_id
+
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    engine = db.make_engine(url)
+    db.upgrade(engine)
+    with engine.begin() as conn:
+        conn.execute(text("PRAGMA ignore_check_constraints = 1"))
+        conn.execute(text(ROW.replace("'tiny'", ":model")), {"status": "pending",
+                                                              "model": model_id(standin_components[0])})
+    engine.dispose()
+    with TestClient(create_app(app_settings(tmp_path, database_url=url), standin_components)) as c:
+        for _ in range(200):  # the replay runs on the writer thread; /readyz reports how it ended
+            r = c.get("/readyz")
+            if "edit 1: 'pending'" in r.text:
+                break
+            time.sleep(0.05)
+        assert r.status_code == 503 and "replaying the edit log failed" in r.json()["detail"], r.text
+        assert "edit 1: 'pending'" in r.json()["detail"]
