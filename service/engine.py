@@ -263,6 +263,16 @@ LOCALITY_TOKENS = 8
 _STOP = object()
 
 
+def _summarise(got: list[tuple[list[int], float]], rows: list[tuple[list[int], list[int]]],
+               n_prompts: int) -> tuple[dict, float | None]:
+    """(efficacy over the first ``n_prompts`` rows, locality share over the rest) from teacher-forced results."""
+    taken = [argmax == want for (argmax, _), (_, want) in zip(got, rows)]
+    probs = [math.exp(logp) for _, logp in got[:n_prompts]]
+    score = {"prob": sum(probs) / len(probs), "top1": sum(taken[:n_prompts]) / n_prompts}
+    kept = taken[n_prompts:]
+    return score, (sum(kept) / len(kept) if kept else None)
+
+
 class EditEngine:
     """Owns model weights (through WeightState), editors, the writer thread and the log.
 
@@ -701,29 +711,15 @@ class EditEngine:
                 raise InvalidEdit(msg) from None
         return k
 
-    def _score(self, prompts: list[str], target: str) -> dict:
-        """Target probability (whole target, teacher-forced) and top-1 share over ``prompts``.
+    def _scores(self, prompts: list[str], target: str, locality: list[dict]) -> tuple[dict, float | None]:
+        """Efficacy on ``prompts`` and locality, from ONE batched teacher-forced pass over the current weights.
 
-        Runs on the writer, which is the only thread that changes weights: no lock needed.
+        Efficacy: mean probability of the whole target and the share of prompts whose greedy continuation is
+        the target (top-1 at every target token). Locality: the share of locality facts whose own target is
+        the greedy continuation (None without any). Runs on the writer, the only thread that changes weights.
         """
-        probs, top1 = [], []
-        with torch.no_grad():
-            for prompt in prompts:
-                ex = teacher_forced(self.tokenizer, prompt, target, max_prompt_tokens=self.settings.max_prompt_tokens)
-                ex = ex.to(self.device)
-                logits = self.model(input_ids=ex.input_ids).logits[0].float()
-                pos = ex.target_positions
-                labels = ex.labels[0, pos]
-                logp = torch.log_softmax(logits[pos], -1).gather(-1, labels[:, None]).squeeze(-1)
-                probs.append(float(logp.sum().exp()))
-                top1.append(bool((logits[pos].argmax(-1) == labels).all()))
-        return {"prob": sum(probs) / len(probs), "top1": sum(top1) / len(top1)}
-
-    def _locality(self, items: list[dict]) -> float | None:
-        """Share of locality facts whose own target is the greedy continuation (None without any)."""
-        if not items:
-            return None
-        return sum(self._score([i["prompt"]], i["target"])["top1"] for i in items) / len(items)
+        rows = self._token_rows([(p, target) for p in prompts] + [(i["prompt"], i["target"]) for i in locality])
+        return _summarise(self._teacher_forced(rows), rows, len(prompts))
 
     def _require_ready(self) -> None:
         # Jobs queued behind a failed replay must not change weights that do not match the log.
@@ -762,10 +758,9 @@ class EditEngine:
             self.metrics.edits.labels(method=spec.method, status="rejected").inc()
             raise
         prompts = [spec.prompt] + list(spec.rephrases)
-        before = self._score(prompts, spec.target)
-        locality_before = self._locality(spec.locality)
+        before, locality_before = self._scores(prompts, spec.target, spec.locality)
         # Check that the edit takes (and strengthen it within the budget) before anything is logged.
-        proposal, take = self._make_it_take(editor, spec, request, k, proposal)
+        proposal, take, scored_after = self._make_it_take(editor, spec, request, k, proposal)
         try:
             self._guard(proposal)
         except EngineError:
@@ -827,8 +822,7 @@ class EditEngine:
         self._notify("applied", edit_id)
         if idempotency_key is not None and self.coordinator is not None:
             self.coordinator.remember_idempotency(idempotency_key, edit_id, request_hash)
-        after = self._score(prompts, spec.target)
-        locality_after = self._locality(spec.locality)
+        after, locality_after = scored_after  # the take check's last pass ran on exactly these weights
         latency = time.perf_counter() - t0
         record = {"efficacy": {"take": take.as_dict(),
                                **_efficacy(before, after, len(prompts), locality_before, locality_after)},
@@ -862,7 +856,7 @@ class EditEngine:
             return edit, True
 
     def _make_it_take(self, editor: Editor, spec: EditSpec, request: EditRequest, k: int,
-                      proposal: Proposal) -> tuple[Proposal, TakeReport]:
+                      proposal: Proposal) -> tuple[Proposal, TakeReport, tuple[dict, float | None]]:
         """Check the proposal on the prompt, rephrases and locality prompts; strengthen it if it did not take.
 
         An edit *takes* when the greedy continuation of its prompt and of each rephrase starts with the
@@ -881,6 +875,10 @@ class EditEngine:
         The trial weights are swapped in under the write lock (``WeightState.trial``, which restores what
         was served without a rebuild): generation waits for the check (a forward pass per step, plus a
         forward and backward per strengthening step) and never sees a trial.
+
+        Returns the proposal (strengthened or not), the report, and the efficacy and locality scores of
+        the last check (``_scores``' figures on the weights the edit will be served with: the same pass
+        also scores the locality prompts on their given targets, so no forward pass is repeated).
         """
         s = self.settings
         targets = [(spec.prompt, spec.target)] + [(r, spec.target) for r in spec.rephrases]
@@ -890,20 +888,23 @@ class EditEngine:
         for prompt, target in self._token_rows([(loc["prompt"], loc["target"]) for loc in spec.locality]):
             n = max(len(target), LOCALITY_TOKENS)
             rows.append((prompt, self._greedy_ids(prompt, n)))
+        scored = self._token_rows([(loc["prompt"], loc["target"]) for loc in spec.locality])
+        n_check, n_targets = len(rows), len(targets)
         can_step = isinstance(editor, HiEditor)
         delta, steps, n_tokens = proposal.delta, 0, proposal.n_tokens
         with self.lock.write():
             while True:
                 try:
                     with self.state.trial(delta):
-                        got = self._argmax_on_targets(rows)
+                        results = self._teacher_forced(rows + scored)
+                        got = [argmax for argmax, _ in results[:n_check]]
                         report = self._take_report(spec, rows, got, delta, steps)
                         step = None if report.taken or not can_step or steps >= s.edit_max_steps \
                             else self._next_step(spec, rows, report)
                         more = None if step is None else editor.propose(step, k, selected=proposal.selected)
                 except DeltaRejected as e:  # e.g. the edited weight overflows the served dtype
                     return proposal, TakeReport(False, [False] * len(spec.rephrases), [False] * len(spec.locality),
-                                                str(e), steps, s.edit_max_steps, stopped="apply")
+                                                str(e), steps, s.edit_max_steps, stopped="apply"), ({}, None)
                 if more is None:
                     report.stopped = ("taken" if report.taken else "stateful_editor" if not can_step
                                       else "budget" if steps >= s.edit_max_steps else "locality")
@@ -917,7 +918,8 @@ class EditEngine:
         if steps:
             proposal = Proposal(proposal.modules, proposal.importances, proposal.selected, delta,
                                 proposal.loss_before, n_tokens, dict(proposal.info), proposal.state_blob)
-        return proposal, report
+        target_rows = rows[:n_targets] + scored
+        return proposal, report, _summarise(results[:n_targets] + results[n_check:], target_rows, n_targets)
 
     def _take_report(self, spec: EditSpec, rows: list[tuple[list[int], list[int]]], got: list[list[int]],
                      delta: LowRankDelta, steps: int) -> TakeReport:
@@ -957,14 +959,21 @@ class EditEngine:
                                       pad_token_id=self.tokenizer.pad_token_id)
         return out[0, input_ids.shape[1]:].tolist()
 
-    def _argmax_on_targets(self, rows: list[tuple[list[int], list[int]]], batch: int = 32) -> list[list[int]]:
+    def _argmax_on_targets(self, rows: list[tuple[list[int], list[int]]]) -> list[list[int]]:
         """For each (prompt ids, target ids): the model's argmax at each target position, teacher-forced.
 
-        It equals the target ids iff greedy decoding continues the prompt with the target. ``batch`` rows
-        per forward pass, right-padded (causal attention keeps each row's logits its own). Runs on the
-        writer, the only thread that changes weights: no lock of its own.
+        It equals the target ids iff greedy decoding continues the prompt with the target.
         """
-        out: list[list[int]] = []
+        return [argmax for argmax, _ in self._teacher_forced(rows)]
+
+    def _teacher_forced(self, rows: list[tuple[list[int], list[int]]],
+                        batch: int = 32) -> list[tuple[list[int], float]]:
+        """For each (prompt ids, target ids): (argmax at each target position, log P(target | prompt)).
+
+        ``batch`` rows per forward pass, right-padded (causal attention keeps each row's logits its own).
+        Runs on the writer, the only thread that changes weights: no lock of its own.
+        """
+        out: list[tuple[list[int], float]] = []
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         for start in range(0, len(rows), batch):
             chunk = [prompt + target[:-1] for prompt, target in rows[start:start + batch]]
@@ -973,10 +982,11 @@ class EditEngine:
             for row, seq in enumerate(chunk):
                 ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
             with torch.no_grad():
-                argmax = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.argmax(-1)
-            argmax = argmax.cpu()
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
             for row, (prompt, target) in enumerate(rows[start:start + batch]):
-                out.append(argmax[row, len(prompt) - 1:len(prompt) - 1 + len(target)].tolist())
+                at = logits[row, len(prompt) - 1:len(prompt) - 1 + len(target)].float().cpu()  # [len(target), vocab]
+                logp = torch.log_softmax(at, -1).gather(-1, torch.tensor(target)[:, None]).sum()
+                out.append((at.argmax(-1).tolist(), float(logp)))
         return out
 
     def _guard(self, proposal: Proposal) -> None:
