@@ -15,6 +15,8 @@ Every method is an ``Editor`` (propose / commit / forget / restore) whose propos
     gradnorm-k   HiEdit's low-level nets, the k modules with the largest ‖Σ_t δ_t u_tᵀ‖_F
     rlsedit      RLSEdit (editor_core.rlsedit), when that module exists
     memit-nohist RLSEdit with its history reset after every edit (MEMIT without memory)
+    alphaedit    AlphaEdit (editor_core.alphaedit): MEMIT's keys and values on RLSEdit's layers, the
+                 update projected onto the null space of the preserved keys
 """
 from __future__ import annotations
 
@@ -205,7 +207,8 @@ class MethodContext:
     seed: int = 0
     ft: FTConfig = field(default_factory=FTConfig)
     rls_layers: str | None = None
-    rls_options: dict = field(default_factory=dict)     # RLSEditConfig fields for rlsedit / memit-nohist
+    rls_options: dict = field(default_factory=dict)     # RLSEditConfig fields for rlsedit / memit-nohist / alphaedit
+    alpha_options: dict = field(default_factory=dict)   # AlphaEditParams fields for alphaedit
     train_options: dict = field(default_factory=dict)  # passed to TrainConfig for trained baselines
     progress: bool = True
     _loaded: dict = field(default_factory=dict)
@@ -224,11 +227,14 @@ class MethodContext:
         return len(self.hiedit().modules)
 
     def load_same_spec(self, directory: Path, name: str) -> HiEditor:
-        editor = HiEditor.load(directory, self.model, self.tokenizer)
+        editor = HiEditor.load(directory, self.model, self.tokenizer)  # refuses another base model, naming both
         if editor.cfg.layer_spec != self.layer_spec:
+            mine, theirs = self.hiedit().cfg, editor.cfg
             raise CheckpointMismatch(
-                f"{name} editor {directory} edits {editor.cfg.layer_spec!r}, but the HiEdit editor "
-                f"{self.hiedit_dir} edits {self.layer_spec!r}: the methods must edit the same modules")
+                f"{name} editor {directory} edits {theirs.layer_spec!r} (trained for base fingerprint "
+                f"{(theirs.base_fingerprint or '?')[:12]}), but the HiEdit editor {self.hiedit_dir} edits "
+                f"{mine.layer_spec!r} (base fingerprint {(mine.base_fingerprint or '?')[:12]}): the methods must "
+                "edit the same modules")
         return editor
 
     def base_train_options(self) -> dict:
@@ -297,6 +303,16 @@ def _rlsedit(ctx: MethodContext, reset_every_edit: bool):
     return editor, None
 
 
+def _alphaedit(ctx: MethodContext):
+    from .alphaedit import AlphaEditor, AlphaEditParams
+    from .rlsedit import RLSEditConfig
+
+    options = {"seed": ctx.seed, "cache_dir": str(Path(ctx.cache_dir) / "rlsedit-stats"), **ctx.rls_options}
+    editor = AlphaEditor.create(ctx.model, ctx.tokenizer, layers=ctx.rls_layers, cfg=RLSEditConfig(**options),
+                                params=AlphaEditParams(**ctx.alpha_options))
+    return editor, None
+
+
 def _hiedit(ctx: MethodContext):
     editor = ctx.hiedit()
     return editor, editor.cfg.k
@@ -326,8 +342,9 @@ METHODS: dict[str, Callable[[MethodContext], tuple[Editor, int | None]]] = {
     "gradnorm-k": lambda ctx: (RoutedEditor(ctx.hiedit(), "gradnorm", seed=ctx.seed), ctx.hiedit().cfg.k),
     "rlsedit": lambda ctx: _rlsedit(ctx, reset_every_edit=False),
     "memit-nohist": lambda ctx: _rlsedit(ctx, reset_every_edit=True),
+    "alphaedit": _alphaedit,
 }
-NEEDS_RLSEDIT = ("rlsedit", "memit-nohist")
+NEEDS_RLSEDIT = ("rlsedit", "memit-nohist", "alphaedit")
 
 
 def default_methods() -> list[str]:

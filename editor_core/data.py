@@ -67,6 +67,7 @@ class LoadResult:
     skipped: int = 0
     format: str = ""
     errors: list[str] = dataclass_field(default_factory=list)  # one line per skipped record
+    indices: list[int] = dataclass_field(default_factory=list)  # each kept record's index in the file
 
     def __iter__(self):  # so that ``records, skipped = load_zsre(...)`` also reads naturally
         return iter((self.records, self.skipped))
@@ -155,6 +156,7 @@ def _collect(path: str | Path, raw: list, parse, fmt: str, tokenizer, skip_bad: 
             out.errors.append(str(err))
             continue
         out.records.append(rec)
+        out.indices.append(index)
     return out
 
 

@@ -9,33 +9,37 @@ Protocol (reference §6.1, the paper's "N×1" setting), for every method on the 
         every M edits (optional): score the facts edited so far
     score every edited fact on the final weights
 
-Metrics, all in percent (reference §6.2-6.3):
+Metrics, all in percent, each in four scorings (below):
 
     Efficacy          the edit prompt now gives target_new
     Generalization    the rephrased prompt gives target_new
     Specificity       the locality (neighbourhood) prompt still gives its own answer
     Edited Retention  mean of Efficacy and Generalization over the first 10% of the stream,
                       re-scored at the end (how well early edits survive later ones)
-    General Retention 50 · min(1, PPL_0 / PPL_N) + 50 · min(1, Acc_N / Acc_0)
-                      PPL: perplexity of held-out GLUE sentences; Acc: top-1 token accuracy of
-                      known facts that are not edited (target_true of CounterFact records outside
-                      the stream). 100 = nothing measurable was lost; each half drops in
-                      proportion to the loss. Capped at 100: an edit cannot earn credit by
-                      improving an unrelated fact.
-    mean              average of the first four (the paper's summary; General Retention is
-                      reported beside it, not in it)
+    mean              average of the four above (the paper's summary)
+    General Retention 50 · min(1, F1_N / F1_0) + 50 · min(1, PPL_0 / PPL_N) (editor_core.general): the six
+                      GLUE/MMLU sets (weighted F1, 100 examples each) and held-out perplexity, relative to
+                      the unedited model; reported beside the mean, not in it. Below 80 the method is
+                      *collapsed*: marked in every table and plot, never ranked.
 
-Scoring. Every probe is one teacher-forced forward pass ``prompt ⊕ target[:-1]``:
+Scorings. Every probe is teacher-forced, ``prompt ⊕ target[:-1]``, one forward pass:
 
-    top-1 accuracy    fraction of target tokens whose argmax is the label (ZsRE's metric,
-                      and the paper's Table 2 re-scoring of CounterFact)
-    P(new) > P(true)  CounterFact (§6.3): at each of the first min(|new|, |true|) target positions,
-                      is logit[label] > logit[old label]? Efficacy/Generalization: label = new,
-                      old = true; Specificity: label = true, old = new. Read from one pass that
-                      is teacher-forced with the label's own prefix.
-
-CounterFact is scored primarily by P(new) > P(true) (the top-1 variants are kept under "top1");
-ZsRE, which has no old answer, by top-1 accuracy.
+    whole object      CounterFact, as ROME / MEMIT / AlphaEdit score it: P(target_new | prompt) against
+                      P(target_true | prompt), each the whole object's probability (the mean per-token
+                      NLL of its own teacher-forced pass, ROME's ``test_batch_prediction``). Efficacy and
+                      Generalization: NLL(new) < NLL(true); Specificity: NLL(true) < NLL(new). Primary.
+    per token         the HiEdit code's CounterFact score (reference §6.3): at each of the first
+                      min(|new|, |true|) target positions, logit[label] > logit[old label], read from the
+                      pass teacher-forced with the label's own prefix. Secondary ("per_token").
+    top-1             fraction of target tokens whose argmax is the label: ZsRE's metric (primary there)
+                      and the paper's Table 2 re-scoring of CounterFact ("top1").
+    generation        what a user sees (LocFT-BF, ICLR 2026): the greedy continuation of the prompt starts
+                      with the target (Specificity: the neighbour's continuation starts with its own answer).
+                      Read from the teacher-forced pass: greedy decoding produces the target's tokens iff
+                      the argmax at every target position is the target's token, so "every position top-1"
+                      is exactly greedy generation, without decoding (tests/test_evaluate.py checks it
+                      against model.generate). Token-exact: a continuation that spells the target with
+                      other tokens does not count ("generation").
 """
 from __future__ import annotations
 
@@ -101,11 +105,22 @@ def new_over_true(logits: torch.Tensor, labels: torch.Tensor, old_labels: torch.
     return hit.sum(-1).float() / mask.sum(-1).float()
 
 
-def general_retention(ppl_before: float, ppl_after: float, acc_before: float, acc_after: float) -> float:
-    """The single General Retention percentage (module docstring): 50·min(1, P0/P) + 50·min(1, A/A0)."""
-    ppl_part = min(1.0, ppl_before / ppl_after) if ppl_after > 0 and math.isfinite(ppl_after) else 0.0
-    acc_part = min(1.0, acc_after / acc_before) if acc_before > 0 else 1.0
-    return 50.0 * ppl_part + 50.0 * acc_part
+def mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-example mean NLL of the labelled tokens: -log of the whole object's per-token probability.
+
+    logits [B, T, V], labels [B, T] (-100 = not scored) -> [B]; NaN for an example without a label.
+    ROME / MEMIT / AlphaEdit compare these for the new and the true object (the whole-object scoring).
+    """
+    mask = labels != -100
+    logp = logits.float().log_softmax(-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return -(logp * mask).sum(-1) / mask.sum(-1).float()
+
+
+def all_top1(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-example 1.0 if the argmax is the label at every labelled position (= greedy decoding yields it)."""
+    mask = labels != -100
+    hit = (logits.argmax(-1) == labels) | ~mask
+    return hit.all(-1).float().masked_fill(mask.sum(-1) == 0, float("nan"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,6 +141,8 @@ class ProbeScores:
     top1: torch.Tensor          # [n] fraction of target tokens predicted top-1
     new_over_true: torch.Tensor  # [n] fraction of paired positions with logit[label] > logit[old]; NaN w/o old
     argmax: torch.Tensor        # [n, T] argmax at every position (for "answer unchanged")
+    nll: torch.Tensor           # [n] mean per-token NLL of the target (whole-object scoring)
+    greedy: torch.Tensor        # [n] 1.0 if greedy decoding after the prompt starts with the target
 
 
 class ProbeSet:
@@ -173,7 +190,7 @@ class ProbeSet:
         """Score the first ``limit`` probes (all by default) on the model's current weights."""
         n = len(self) if limit is None else min(limit, len(self))
         device = next(model.parameters()).device
-        top1, pnt, argmax = [], [], []
+        top1, pnt, argmax, nll, greedy = [], [], [], [], []
         for lo in range(0, n, batch_size):
             hi = min(n, lo + batch_size)
             T = int(self.lengths[lo:hi].max())
@@ -182,10 +199,12 @@ class ProbeSet:
             labels, old = self.labels[lo:hi, :T], self.old_labels[lo:hi, :T]
             top1.append(top1_accuracy(logits, labels))
             pnt.append(new_over_true(logits, labels, old))
+            nll.append(mean_nll(logits, labels))
+            greedy.append(all_top1(logits, labels))
             am = torch.full((hi - lo, self.input_ids.shape[1]), -1, dtype=torch.long)
             am[:, :T] = logits.argmax(-1)
             argmax.append(am)
-        return ProbeScores(torch.cat(top1), torch.cat(pnt), torch.cat(argmax))
+        return ProbeScores(torch.cat(top1), torch.cat(pnt), torch.cat(argmax), torch.cat(nll), torch.cat(greedy))
 
     def agreement(self, argmax: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """[n] fraction of target positions whose argmax equals ``reference`` (the pre-edit argmax)."""
@@ -238,6 +257,11 @@ class EvalConfig:
     skip_bad: bool = False            # a fact the editor cannot take (EditInputError) is counted and skipped
     progress: bool = True
     seed: int = 0
+    glue_every: bool = False          # also score the GLUE sets at every curve point (default: the end only)
+
+
+# Bumped whenever a change to the scoring changes the numbers: cached rows of an older version are rerun.
+SCORE_VERSION = 2
 
 
 @dataclass
@@ -245,8 +269,9 @@ class Bench:
     """Everything scored, tokenized once and shared by all methods.
 
     stream:      the N facts edited in order
-    known:       facts the model knew and that are never edited (General Retention)
+    known:       facts the model knew and that are never edited (known-fact accuracy, reported beside)
     ppl_texts:   held-out general text (General Retention)
+    glue:        the GLUE/MMLU examples (General Retention); None = not scored
     """
 
     model: nn.Module
@@ -255,24 +280,39 @@ class Bench:
     known: list[EditRecord]
     ppl_texts: list[str]
     counterfact: bool
+    glue: list | None = None
     edit: ProbeSet = field(init=False)
     rephrase: ProbeSet = field(init=False)
     locality: ProbeSet = field(init=False)
+    edit_true: ProbeSet | None = field(init=False)       # CounterFact: the true object after the same prompts
+    rephrase_true: ProbeSet | None = field(init=False)
+    locality_new: ProbeSet | None = field(init=False)    # the new object after the neighbour's prompt
     known_set: ProbeSet | None = field(init=False)
+    glue_set: object = field(init=False)
 
     def __post_init__(self) -> None:
         cf = self.counterfact
         if not self.stream:
             raise ValueError("the evaluation stream is empty")
-        self.edit = ProbeSet(self.tokenizer, [Probe(r.prompt, r.target_new, r.target_true if cf else None)
-                                              for r in self.stream])
-        self.rephrase = ProbeSet(self.tokenizer, [Probe(r.rephrase, r.target_new, r.target_true if cf else None)
-                                                  for r in self.stream])
+        tok, st = self.tokenizer, self.stream
+        self.edit = ProbeSet(tok, [Probe(r.prompt, r.target_new, r.target_true if cf else None) for r in st])
+        self.rephrase = ProbeSet(tok, [Probe(r.rephrase, r.target_new, r.target_true if cf else None) for r in st])
         # Specificity: the neighbour should keep its own (true) answer over the new one.
-        self.locality = ProbeSet(self.tokenizer, [Probe(r.locality_prompt, r.locality_target,
-                                                        r.target_new if cf else None) for r in self.stream])
+        self.locality = ProbeSet(tok, [Probe(r.locality_prompt, r.locality_target, r.target_new if cf else None)
+                                       for r in st])
+        if cf:  # the other object, teacher-forced with its own tokens (whole-object scoring)
+            self.edit_true = ProbeSet(tok, [Probe(r.prompt, r.target_true) for r in st])
+            self.rephrase_true = ProbeSet(tok, [Probe(r.rephrase, r.target_true) for r in st])
+            self.locality_new = ProbeSet(tok, [Probe(r.locality_prompt, r.target_new) for r in st])
+        else:
+            self.edit_true = self.rephrase_true = self.locality_new = None
         known = [known_probe(r) for r in self.known]
-        self.known_set = ProbeSet(self.tokenizer, known) if known else None
+        self.known_set = ProbeSet(tok, known) if known else None
+        if self.glue:
+            from .general import GlueSet
+            self.glue_set = GlueSet(tok, self.glue)
+        else:
+            self.glue_set = None
 
 
 def known_probe(rec: EditRecord) -> Probe:
@@ -297,13 +337,15 @@ class Baseline:
     ppl: float
     known_acc: float
     locality_argmax: torch.Tensor
+    glue_f1: dict = field(default_factory=dict)   # {task: F1 %, "mean": ...}; empty = not scored
 
 
 def measure_baseline(bench: Bench, cfg: EvalConfig) -> Baseline:
     loc = bench.locality.scores(bench.model, batch_size=cfg.batch_size)
     ppl = perplexity(bench.model, bench.tokenizer, bench.ppl_texts, cfg.ppl_max_tokens) if bench.ppl_texts else float("nan")
     acc = _known_accuracy(bench, cfg)
-    return Baseline(ppl, acc, loc.argmax)
+    glue = bench.glue_set.f1(bench.model) if bench.glue_set is not None else {}
+    return Baseline(ppl, acc, loc.argmax, glue)
 
 
 def _known_accuracy(bench: Bench, cfg: EvalConfig) -> float:
@@ -317,14 +359,21 @@ def _pct(x: torch.Tensor) -> float:
     return float(100.0 * x.mean()) if x.numel() else float("nan")
 
 
+SCORINGS = ("whole", "per_token", "top1", "generation")
+
+
 def score_edited(bench: Bench, n_edited: int, base: Baseline, cfg: EvalConfig,
-                 edited_mask: torch.Tensor | None = None) -> dict:
+                 edited_mask: torch.Tensor | None = None, general: bool = True) -> dict:
     """All metrics over the first ``n_edited`` facts of the stream at the current weights.
 
     ``edited_mask`` [n_edited] marks the facts actually edited (a skipped fact is not scored).
-    Returns the primary metrics at the top level and the other scorings under "top1" and
-    "specificity_unchanged".
+    Returns the primary scoring's metrics at the top level (whole object for CounterFact, top-1 for
+    ZsRE), every scoring under its name (SCORINGS; "whole" and "per_token" only for CounterFact),
+    "specificity_unchanged", and General Retention with its parts (GLUE F1 per task, perplexity).
+    ``general=False`` skips the GLUE sets (General Retention from perplexity alone: a cheap curve point).
     """
+    from .general import general_retention, is_collapsed
+
     model = bench.model
     keep = edited_mask[:n_edited] if edited_mask is not None else torch.ones(n_edited, dtype=torch.bool)
     eff = bench.edit.scores(model, n_edited, cfg.batch_size)
@@ -335,13 +384,11 @@ def score_edited(bench: Bench, n_edited: int, base: Baseline, cfg: EvalConfig,
     ret_keep = keep.clone()
     ret_keep[n_ret:] = False
 
-    def pick(scores: ProbeScores) -> torch.Tensor:
-        return scores.new_over_true if bench.counterfact else scores.top1
-
     ppl = perplexity(model, bench.tokenizer, bench.ppl_texts, cfg.ppl_max_tokens) if bench.ppl_texts else float("nan")
     acc = _known_accuracy(bench, cfg)
-    g_ret = general_retention(base.ppl, ppl, base.known_acc, acc) if bench.ppl_texts else \
-        (100.0 * min(1.0, acc / base.known_acc) if base.known_acc > 0 else float("nan"))
+    glue = bench.glue_set.f1(model) if (general and bench.glue_set is not None) else {}
+    f1_before = base.glue_f1.get("mean", float("nan")) if glue else float("nan")
+    g_ret = general_retention(f1_before, glue.get("mean", float("nan")), base.ppl, ppl)
 
     def block(e: torch.Tensor, g: torch.Tensor, s: torch.Tensor) -> dict:
         out = {"efficacy": _pct(e[keep]), "generalization": _pct(g[keep]), "specificity": _pct(s[keep]),
@@ -349,14 +396,35 @@ def score_edited(bench: Bench, n_edited: int, base: Baseline, cfg: EvalConfig,
         out["mean"] = float(np.mean([out[m] for m in MEAN_OF]))
         return out
 
-    result = block(pick(eff), pick(gen), pick(loc))
-    result["top1"] = block(eff.top1, gen.top1, loc.top1)
+    scorings = {"top1": block(eff.top1, gen.top1, loc.top1),
+                "generation": block(eff.greedy, gen.greedy, loc.greedy)}
+    if bench.counterfact:
+        e_true = bench.edit_true.scores(model, n_edited, cfg.batch_size)
+        g_true = bench.rephrase_true.scores(model, n_edited, cfg.batch_size)
+        l_new = bench.locality_new.scores(model, n_edited, cfg.batch_size)
+        # P(new) > P(true) on the whole objects: a lower mean NLL; Specificity the other way round.
+        scorings["whole"] = block((eff.nll < e_true.nll).float(), (gen.nll < g_true.nll).float(),
+                                  (loc.nll < l_new.nll).float())
+        scorings["per_token"] = block(eff.new_over_true, gen.new_over_true, loc.new_over_true)
+    primary = "whole" if bench.counterfact else "top1"
+    result = dict(scorings[primary])
+    result.update({name: scorings[name] for name in SCORINGS if name in scorings})
     result["specificity_unchanged"] = _pct(unchanged[keep])
     result["perplexity"] = ppl
+    result["perplexity_ratio"] = ppl / base.ppl if base.ppl == base.ppl and base.ppl > 0 else float("nan")
+    result["glue_f1"] = glue
+    result["general_retention_parts"] = "GLUE F1 and perplexity" if glue else "perplexity only"
+    result["collapsed"] = is_collapsed(g_ret)
     result["known_accuracy"] = 100.0 * acc if acc == acc else acc
     result["n_scored"] = int(keep.sum())
     result["n_retention"] = int(ret_keep.sum())
     return result
+
+
+def _curve_point(point: dict, edits: int) -> dict:
+    return {"edits": edits, **{m: point[m] for m in METRICS},
+            **{s: {m: point[s][m] for m in METRICS} for s in SCORINGS if s in point},
+            "perplexity": point["perplexity"], "collapsed": point["collapsed"]}
 
 
 def run_method(bench: Bench, name: str, editor: Editor, state: WeightState, base: Baseline, cfg: EvalConfig,
@@ -398,16 +466,17 @@ def run_method(bench: Bench, name: str, editor: Editor, state: WeightState, base
             for m in proposal.selected_modules:
                 selections[m] = selections.get(m, 0) + 1
             if cfg.every and (i + 1) % cfg.every == 0 and i + 1 < n:
-                point = score_edited(bench, i + 1, base, cfg, edited)
-                curve.append({"edits": i + 1, **{m: point[m] for m in METRICS}})
-                bar.set_postfix(eff=f"{point['efficacy']:.0f}", spe=f"{point['specificity']:.0f}")
+                point = score_edited(bench, i + 1, base, cfg, edited, general=cfg.glue_every)
+                curve.append(_curve_point(point, i + 1))
+                bar.set_postfix(eff=f"{point['efficacy']:.0f}", spe=f"{point['specificity']:.0f}",
+                                gret=f"{point['general_retention']:.0f}")
         final = score_edited(bench, n, base, cfg, edited)
     finally:
         bar.close()
         state.reset()
         if state.fingerprint() != state.base_fingerprint:
             raise RuntimeError(f"{name}: resetting the weights did not restore W^0")
-    curve.append({"edits": n, **{m: final[m] for m in METRICS}})
+    curve.append(_curve_point(final, n))
     final["edit_latency_ms_p50"] = float(np.median(latencies)) if latencies else 0.0
     final["edit_latency_ms_mean"] = float(np.mean(latencies)) if latencies else 0.0
     final["curve"] = curve
@@ -424,23 +493,61 @@ def run_method(bench: Bench, name: str, editor: Editor, state: WeightState, base
     return final
 
 
+def baseline_summary(bench: Bench, base: Baseline) -> dict:
+    return {"perplexity": base.ppl, "known_accuracy": 100.0 * base.known_acc, "n_known": len(bench.known),
+            "n_ppl_texts": len(bench.ppl_texts), "glue_f1": base.glue_f1,
+            "n_glue": len(bench.glue) if bench.glue else 0}
+
+
 def run_benchmark(bench: Bench, editors: dict[str, Callable[[], tuple[Editor, int | None]]],
-                  states: Callable[[Editor], WeightState], cfg: EvalConfig) -> dict:
+                  states: Callable[[Editor], WeightState], cfg: EvalConfig, cache_dir: Path | None = None,
+                  cache_key: Callable[[str], str] | None = None,
+                  on_method: Callable[[dict], None] | None = None) -> dict:
     """Run every method on the same stream; returns the results.json payload (without files).
 
-    editors: {name: thunk -> (editor, k)} built lazily so one failing method names itself.
+    editors: {name: thunk -> (editor, k)} built lazily so one failing method names itself, and a
+             method whose result is cached is never built (no editor trained, no statistics collected).
     states:  editor -> the WeightState over that editor's modules (one per module set).
+    cache_dir / cache_key: each finished method's row is written to ``cache_dir/<name>.json`` with
+             ``cache_key(name)`` (a digest of everything its scores depend on); a later run with the
+             same key takes the row from there instead of editing again. That makes a long table
+             resumable: a stopped run loses only the method it was in.
+    on_method: called with the results so far after every method (to write partial reports).
     """
     torch.manual_seed(cfg.seed)
     base = measure_baseline(bench, cfg)
-    out: dict = {"n": len(bench.stream), "scoring": "P(new)>P(true) per token" if bench.counterfact else "top-1",
-                 "baseline": {"perplexity": base.ppl, "known_accuracy": 100.0 * base.known_acc,
-                              "n_known": len(bench.known), "n_ppl_texts": len(bench.ppl_texts)},
+    scoring = "whole-object P(new) > P(true)" if bench.counterfact else "top-1 token accuracy"
+    out: dict = {"n": len(bench.stream), "scoring": scoring, "baseline": baseline_summary(bench, base),
                  "config": asdict(cfg), "methods": {}}
     for name, build in editors.items():
-        editor, k = build()
-        out["methods"][name] = run_method(bench, name, editor, states(editor), base, cfg, k)
+        path = Path(cache_dir) / f"{name}.json" if cache_dir is not None else None
+        key = cache_key(name) if cache_key is not None else None
+        row = _cached_row(path, key)
+        if row is None:
+            editor, k = build()
+            row = run_method(bench, name, editor, states(editor), base, cfg, k)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"cache_key": key, "row": row}, indent=1) + "\n")
+                tmp.replace(path)  # atomic: a stopped run never leaves half a row
+        else:
+            row = {**row, "from_cache": str(path)}
+        out["methods"][name] = row
+        if on_method is not None:
+            on_method(out)
     return out
+
+
+def _cached_row(path: Path | None, key: str | None) -> dict | None:
+    """The cached row at ``path`` if it was made under the same key; None otherwise."""
+    if path is None or key is None or not path.is_file():
+        return None
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return cached["row"] if cached.get("cache_key") == key and isinstance(cached.get("row"), dict) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,29 +558,82 @@ def _fmt(x: float) -> str:
     return "n/a" if x is None or x != x else f"{x:.2f}"
 
 
+SCORING_TITLES = {
+    "whole": "whole-object P(new) > P(true) (ROME / MEMIT / AlphaEdit)",
+    "per_token": "per-token P(new) > P(true) (the HiEdit code's CounterFact score)",
+    "top1": "top-1 token accuracy",
+    "generation": "greedy generation: the continuation starts with the target (what a user sees)",
+}
+
+
+def _cell(row: dict, key: str, spread: dict | None) -> str:
+    value = _fmt(row.get(key))
+    if spread and key in spread:
+        lo, hi = spread[key]
+        value += f" ({_fmt(lo)}–{_fmt(hi)})"
+    return value
+
+
 def markdown_table(results: dict) -> str:
-    """The results as markdown: the primary table, then the top-1 re-scoring (CounterFact)."""
-    head = ("| method | Efficacy | Generalization | Specificity | Edited Ret. | General Ret. | mean | "
-            "edit p50 (ms) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")
-    lines = [f"N = {results['n']} sequential edits, scored by {results.get('scoring', '')} "
-             "(all values in percent; mean = average of the first four).\n", head.rstrip("\n")]
-    for name, m in results["methods"].items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(m[k]) for k in (*METRICS, "mean"))
-                     + f" | {m['edit_latency_ms_p50']:.1f} |")
-    if results.get("scoring", "").startswith("P(new)"):
-        lines += ["", "The same runs re-scored by top-1 token accuracy:", "", head.rstrip("\n")]
-        for name, m in results["methods"].items():
-            t = m["top1"]
-            lines.append(f"| {name} | " + " | ".join(_fmt(t[k]) for k in (*METRICS, "mean"))
-                         + f" | {m['edit_latency_ms_p50']:.1f} |")
-    if results.get("replicates"):
-        lines += ["", f"Mean of {results['replicates']} runs of the same facts; the mean's range over the runs: "
-                  + ", ".join(f"{name} {_fmt(m['spread']['mean'][0])}–{_fmt(m['spread']['mean'][1])}"
-                              for name, m in results["methods"].items()) + "."]
+    """The results as markdown: the primary table, then every other scoring (secondary tables).
+
+    A collapsed method (General Retention below 80% of the unedited model) is marked in every table
+    and left out of the "highest mean" line. With replicates every cell is "mean (min–max)".
+    """
+    from .general import COLLAPSE_THRESHOLD
+
+    methods = results["methods"]
+    head = ("| method | Efficacy | Generalization | Specificity | Edited Ret. | mean | General Ret. | PPL × | "
+            "edit p50 (ms) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    metric_keys = ("efficacy", "generalization", "specificity", "edited_retention", "mean", "general_retention")
+
+    def name_of(name: str, m: dict) -> str:
+        return f"{name} **(collapsed)**" if m.get("collapsed") else name
+
+    def table(block_of) -> list[str]:
+        lines = [head]
+        for name, m in methods.items():
+            row, spread = block_of(m)
+            if row is None:
+                continue
+            cells = [_cell(row, k, spread) for k in metric_keys]
+            lines.append(f"| {name_of(name, m)} | " + " | ".join(cells)
+                         + f" | {_fmt(m.get('perplexity_ratio'))} | {m.get('edit_latency_ms_p50', 0.0):.1f} |")
+        return lines
+
+    reps = results.get("replicates")
+    primary = results.get("scoring", "")
+    lines = [f"N = {results['n']} sequential edits, primary scoring: {primary} (all values in percent; mean = "
+             "average of the first four; General Retention = 50·min(1, F1/F1₀) + 50·min(1, PPL₀/PPL) over the six "
+             f"GLUE/MMLU sets and held-out text; a method below {COLLAPSE_THRESHOLD:.0f} is **collapsed**; PPL × = "
+             "held-out perplexity relative to the unedited model)"
+             + (f"; mean of {reps} replicates, (min–max) over them" if reps else "") + ".", ""]
+    lines += table(lambda m: (m, m.get("spread")))
+    for scoring in SCORINGS:
+        if not any(isinstance(m.get(scoring), dict) for m in methods.values()):
+            continue
+        if primary.startswith("whole") and scoring == "whole" or primary.startswith("top-1") and scoring == "top1":
+            continue  # that is the primary table above
+        lines += ["", f"Secondary: {SCORING_TITLES[scoring]}.", ""]
+        lines += table(lambda m, s=scoring: (m.get(scoring) if isinstance(m.get(scoring), dict) else None,
+                                             (m.get("spread") or {}).get(s)))
+    healthy = {n: m for n, m in methods.items() if not m.get("collapsed")}
+    collapsed = [n for n, m in methods.items() if m.get("collapsed")]
+    if healthy:
+        best = max(healthy, key=lambda n: healthy[n]["mean"] if healthy[n]["mean"] == healthy[n]["mean"] else -1)
+        lines += ["", f"Highest mean among methods not collapsed: **{best}** ({_fmt(healthy[best]['mean'])})"
+                  + (f"; collapsed, so not ranked: {', '.join(collapsed)}." if collapsed else ".")]
+    elif collapsed:
+        lines += ["", f"Every method is collapsed ({', '.join(collapsed)}): none is ranked."]
     base = results.get("baseline", {})
+    f1 = base.get("glue_f1") or {}
+    glue = ", ".join(f"{k} {v:.1f}" for k, v in f1.items() if k != "mean")
     lines += ["", f"Before editing: perplexity {base.get('perplexity', float('nan')):.2f} on "
-              f"{base.get('n_ppl_texts', 0)} held-out GLUE sentences, top-1 accuracy "
-              f"{base.get('known_accuracy', float('nan')):.2f}% on {base.get('n_known', 0)} unedited known facts."]
+              f"{base.get('n_ppl_texts', 0)} held-out GLUE sentences"
+              + (f"; GLUE/MMLU weighted F1 {f1.get('mean', float('nan')):.2f} ({glue}; "
+                 f"{base.get('n_glue', 0)} examples)" if f1 else "; GLUE/MMLU sets not scored")
+              + (f"; top-1 accuracy {base.get('known_accuracy', float('nan')):.2f}% on {base.get('n_known', 0)} "
+                 "unedited known facts" if base.get("n_known") else "") + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -530,8 +690,15 @@ def average_results(parts: list[dict]) -> dict:
     methods = {}
     for name in names:
         rows = [p["methods"][name] for p in parts]
-        methods[name] = {**_mean_of(rows),
-                         "spread": {k: [min(r[k] for r in rows), max(r[k] for r in rows)] for k in (*METRICS, "mean")}}
+        spread = {k: [min(r[k] for r in rows), max(r[k] for r in rows)] for k in (*METRICS, "mean")}
+        for scoring in SCORINGS:
+            if all(isinstance(r.get(scoring), dict) for r in rows):
+                spread[scoring] = {k: [min(r[scoring][k] for r in rows), max(r[scoring][k] for r in rows)]
+                                   for k in (*METRICS, "mean")}
+        row = _mean_of(rows)
+        # Collapsed in any replicate is collapsed: a mean must not hide one destroyed model.
+        row["collapsed"] = any(r.get("collapsed") for r in rows)
+        methods[name] = {**row, "spread": spread}
     return {**{k: v for k, v in first.items() if k not in ("methods", "setup", "order_seed")},
             "methods": methods, "replicates": len(parts), "setup": {"runs": [p.get("setup", {}) for p in parts]}}
 
@@ -563,8 +730,15 @@ def _same_baseline(a: dict, b: dict, rtol: float = 1e-5) -> bool:
     """Equal keys and counts; floats (perplexity sums in another order on another run) within rtol."""
     if a.keys() != b.keys():
         return False
-    return all(math.isclose(a[k], b[k], rel_tol=rtol) if isinstance(a[k], float) or isinstance(b[k], float)
-               else a[k] == b[k] for k in a)
+
+    def same(x, y) -> bool:
+        if isinstance(x, dict) and isinstance(y, dict):
+            return _same_baseline(x, y, rtol)
+        if isinstance(x, float) or isinstance(y, float):
+            return (x != x and y != y) or math.isclose(x, y, rel_tol=rtol)
+        return x == y
+
+    return all(same(a[k], b[k]) for k in a)
 
 
 def write_reports(results: dict, out) -> str:
@@ -580,27 +754,41 @@ def write_reports(results: dict, out) -> str:
 
 
 def plot_curves(results: dict, path) -> None:
-    """Each metric against the number of edits, one line per method."""
+    """Each metric against the number of edits, one line per method (primary scoring, plus greedy generation).
+
+    The General Retention panel draws the collapse threshold; a collapsed method's lines are dashed
+    and its legend entry says "collapsed".
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, grid = plt.subplots(2, 3, figsize=(12, 6.5))
+    from .general import COLLAPSE_THRESHOLD
+
+    panels = [(m, None) for m in METRICS] + [("efficacy", "generation"), ("specificity", "generation")]
+    fig, grid = plt.subplots(2, 4, figsize=(16, 7))
     axes = grid.ravel()
     for name, m in results["methods"].items():
-        xs = [p["edits"] for p in m["curve"]]
-        for ax, metric in zip(axes, METRICS):
-            ax.plot(xs, [p[metric] for p in m["curve"]], marker="o", ms=3, label=name)
-    for ax, metric in zip(axes, METRICS):
-        ax.set_title(metric.replace("_", " "))
+        curve = m.get("curve") or []
+        xs = [p["edits"] for p in curve]
+        style = dict(marker="o", ms=3, ls="--" if m.get("collapsed") else "-",
+                     label=f"{name} (collapsed)" if m.get("collapsed") else name)
+        for ax, (metric, scoring) in zip(axes, panels):
+            ys = [(p.get(scoring) or {}).get(metric, float("nan")) if scoring else p.get(metric, float("nan"))
+                  for p in curve]
+            ax.plot(xs, ys, **style)
+    for ax, (metric, scoring) in zip(axes, panels):
+        ax.set_title(metric.replace("_", " ") + (f" ({scoring})" if scoring else ""))
         ax.set_xlabel("edits")
         ax.set_ylabel("%")
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    axes[-1].axis("off")  # the sixth panel holds the legend
+        if metric == "general_retention":
+            ax.axhline(COLLAPSE_THRESHOLD, color="red", lw=1, ls=":", label="collapse threshold")
+    handles, labels = axes[METRICS.index("general_retention")].get_legend_handles_labels()
+    axes[-1].axis("off")  # the last panel holds the legend
     axes[-1].legend(handles, labels, loc="center", fontsize=9)
-    fig.suptitle(f"Sequential editing, N = {results['n']}")
+    fig.suptitle(f"Sequential editing, N = {results['n']} (primary scoring: {results.get('scoring', '')})")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -5,7 +5,15 @@
 
 With no model options it uses the demo assets: the demo base model, its HiEdit and RLEdit
 editors, and the evaluation stream written in the demo split. Writes ``results.json``,
-``results.md`` and two PNG plots into ``--out``.
+``results.md`` and two PNG plots into ``--out``, after every method (partial until the last).
+
+Resumable: each finished method's row is cached in ``OUT/methods/<name>.json`` under a digest of
+everything it depends on (model weights, stream, editors, options, torch threads, scoring version);
+rerunning the same command takes finished rows from there and runs only the rest.
+
+ZsRE (../shared/data/zsre/zsre_mend_train_1k.json, 1,000 records of the MEND ZsRE *train* split): the
+protocol trains ZsRE editors on records 0-499 (``hiedit train --limit 500``) and evaluates on records
+500-999 (``hiedit eval --offset 500 --n 500``).
 """
 from __future__ import annotations
 
@@ -27,12 +35,13 @@ class EvalSetupError(ValueError):
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from .baselines import FTConfig, METHODS, default_methods
+    from .baselines import METHODS, default_methods
 
-    ft = FTConfig()
     parser.add_argument("--methods", default=",".join(default_methods()),
                         help=f"comma-separated, from {', '.join(METHODS)}")
     parser.add_argument("--n", type=int, default=200, help="facts edited one after another")
+    parser.add_argument("--offset", type=int, default=0,
+                        help="skip the first records of --data (ZsRE: --offset 500, the half not trained on)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--every", type=int, default=0, help="also score the edited facts every M edits (0: end only)")
     parser.add_argument("--model", help="base model directory or hub id (default: the demo model)")
@@ -51,6 +60,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="training facts for editors trained here (default: all available)")
     parser.add_argument("--n-known", type=int, default=200, help="unedited known facts for General Retention")
     parser.add_argument("--n-ppl", type=int, default=200, help="held-out GLUE sentences for General Retention")
+    parser.add_argument("--glue-n", type=int, default=100,
+                        help="examples of each GLUE/MMLU set for General Retention (0: perplexity only)")
+    parser.add_argument("--glue-every", action="store_true",
+                        help="also score the GLUE/MMLU sets at every --every point (default: at the end; "
+                             "the curve's General Retention is then from perplexity alone)")
     parser.add_argument("--cache-dir", help="where trained baseline editors are cached (default: OUT/editors)")
     parser.add_argument("--skip-bad", action="store_true", help="skip bad dataset records and count them")
     parser.add_argument("--seed", type=int, default=0)
@@ -64,13 +78,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "depend on it: another summation order flips near-tied router choices, and a "
                              "long edit stream amplifies them; results.json records the count")
     parser.add_argument("--batch-size", type=int, default=64, help="probes per scoring forward pass")
-    parser.add_argument("--ft-steps", type=int, default=ft.steps)
-    parser.add_argument("--ft-lr", type=float, default=ft.lr)
-    parser.add_argument("--ft-norm-bound", type=float, default=ft.norm_bound,
-                        help="ft: ‖ΔW_l‖_F ≤ bound · ‖W_l‖_F per module")
     parser.add_argument("--rls-layers", help="layer spec for rlsedit / memit-nohist (default: RLSEdit's own)")
     parser.add_argument("--rls-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="RLSEditConfig field for rlsedit / memit-nohist (repeatable), e.g. v_steps=10")
+                        help="RLSEditConfig field for rlsedit / memit-nohist / alphaedit (repeatable), e.g. v_steps=10")
+    parser.add_argument("--alpha-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="AlphaEditParams field for alphaedit (repeatable): null_rel, l2_rel")
+    parser.add_argument("--fresh", action="store_true", help="ignore the cached rows in OUT/methods and rerun")
     parser.add_argument("--train-option", action="append", default=[], metavar="KEY=VALUE",
                         help="TrainConfig field for editors trained here (repeatable), e.g. epochs=1")
     parser.add_argument("--no-progress", action="store_true")
@@ -86,7 +99,7 @@ def _parse_value(text: str):
 def _options(items: list[str], kind: str) -> dict:
     """``["epochs=2", "traj_len=10"]`` -> {"epochs": 2, "traj_len": 10}, checked against the config's fields.
 
-    kind: "train" (TrainConfig, for editors trained here) or "rls" (RLSEditConfig).
+    kind: "train" (TrainConfig, for editors trained here), "rls" (RLSEditConfig) or "alpha" (AlphaEditParams).
     """
     if not items:
         return {}
@@ -94,6 +107,8 @@ def _options(items: list[str], kind: str) -> dict:
 
     if kind == "train":
         from .train import TrainConfig as config
+    elif kind == "alpha":
+        from .alphaedit import AlphaEditParams as config
     else:
         from .rlsedit import RLSEditConfig as config
     known = {f.name for f in fields(config)}
@@ -203,6 +218,7 @@ def _run(args: argparse.Namespace) -> int:
     from .assets import DEMO_HIEDIT, DEMO_MODEL, DEMO_RLEDIT, DEMO_SPLIT
     from .baselines import METHODS, NEEDS_RLSEDIT, FTConfig, MethodContext, _rlsedit_available
     from .evaluate import Bench, EvalConfig, run_benchmark, write_reports
+    from .general import load_glue
     from .model import load_model, model_id
     from .state import WeightState
 
@@ -214,6 +230,10 @@ def _run(args: argparse.Namespace) -> int:
         raise EvalSetupError("rlsedit / memit-nohist need editor_core/rlsedit.py, which is not installed")
     if args.n < 1:
         raise EvalSetupError("--n must be at least 1")
+    if args.offset < 0 or args.glue_n < 0:
+        raise EvalSetupError("--offset and --glue-n must be >= 0")
+    if args.offset and not args.data:
+        raise EvalSetupError("--offset applies to --data (a dataset file), not to a split")
     if args.threads < 0:
         raise EvalSetupError("--threads must be 0 (torch's default) or a positive count")
     if args.threads:
@@ -244,10 +264,16 @@ def _run(args: argparse.Namespace) -> int:
         raise EvalSetupError("--model needs --data (an editing dataset) or --split (a demo-style split file)")
     if args.data:
         loaded = load_records(args.data, tokenizer=tokenizer, skip_bad=args.skip_bad, seed=args.seed)
+        file_index = {id(r): i for r, i in zip(loaded.records, loaded.indices)}
         records, too_long = check_scorable(loaded, args.data, tokenizer, args.skip_bad)
         loaded.skipped += too_long
         if loaded.skipped:
             print(f"skipped {loaded.skipped} bad records of {args.data}", file=sys.stderr)
+        # --offset counts records of the file (a skipped record still takes its place): ZsRE --offset 500
+        # is records 500-999 whatever the tokenizer refuses.
+        records = [r for r in records if file_index[id(r)] >= args.offset]
+        if not records:
+            raise EvalSetupError(f"--offset {args.offset}: {args.data} has no usable record from there on")
         stream = records[:args.n]
         rest = records[args.n:]
         known = rest[:args.n_known]
@@ -299,15 +325,18 @@ def _run(args: argparse.Namespace) -> int:
     ctx = MethodContext(model=model, tokenizer=tokenizer, hiedit_dir=editor_dir, rledit_dir=rledit_dir,
                         mend_dir=Path(args.mend_editor) if args.mend_editor else None, train_records=train,
                         cache_dir=Path(args.cache_dir) if args.cache_dir else out / "editors", seed=args.seed,
-                        ft=FTConfig(steps=args.ft_steps, lr=args.ft_lr, norm_bound=args.ft_norm_bound),
-                        rls_layers=args.rls_layers, progress=progress,
+                        ft=FTConfig(), rls_layers=args.rls_layers, progress=progress,
                         train_options=_options(args.train_option, "train"),
-                        rls_options=_options(args.rls_option, "rls"))
+                        rls_options=_options(args.rls_option, "rls"),
+                        alpha_options=_options(args.alpha_option, "alpha"))
     ctx.hiedit()  # refuse a mismatched checkpoint before anything runs
-    # Editors that must be trained are built before the clock starts, with their own progress bars.
-    editors = {}
-    for name in methods:
-        editors[name] = METHODS[name](ctx)
+    for name, directory in (("rledit", rledit_dir), ("mend", ctx.mend_dir)):
+        if name in methods and directory is not None:
+            ctx.load_same_spec(directory, name)  # and a baseline editor of another model or layer spec
+    try:
+        glue = load_glue(args.glue_n) if args.glue_n > 0 else []
+    except DatasetError as exc:
+        raise EvalSetupError(f"the GLUE/MMLU sets for General Retention: {exc} (or pass --glue-n 0)") from None
     states: dict[tuple[str, ...], WeightState] = {}
 
     def state_for(editor) -> WeightState:
@@ -317,24 +346,113 @@ def _run(args: argparse.Namespace) -> int:
         return states[key]
 
     cfg = EvalConfig(every=args.every, batch_size=args.batch_size, skip_bad=args.skip_bad, progress=progress,
-                     seed=args.seed)
+                     seed=args.seed, glue_every=args.glue_every)
     started = time.time()
-    bench = Bench(model, tokenizer, stream, known, ppl_texts, counterfact)
-    results = run_benchmark(bench, {n: (lambda e=e: e) for n, e in editors.items()}, state_for, cfg)
-    results["order_seed"] = args.order_seed  # eval-merge refuses to mix orders
-    results["setup"] = {
+    bench = Bench(model, tokenizer, stream, known, ppl_texts, counterfact, glue)
+    key_of = _cache_keys(args, model, ctx, stream, known, ppl_texts, glue, cfg,
+                         {"editor": editor_dir, "rledit": rledit_dir, "mend": ctx.mend_dir})
+    setup = {
         "model": str(model_path), "model_id": model_id(model), "editor": str(editor_dir),
         "rledit_editor": str(rledit_dir) if rledit_dir else None, "layer_spec": ctx.layer_spec,
         "data": str(args.data) if args.data else f"{args.split or DEMO_SPLIT} (eval stream)",
         "dtype": args.dtype, "device": args.device, "seed": args.seed, "torch_threads": torch.get_num_threads(),
         "stream": [r.case_id for r in stream],
         "skipped_records": skipped_records,
-        "n_train_for_trained_editors": len(train), "wall_s": round(time.time() - started, 1),
-        "ft": ctx.ft.__dict__, "argv": sys.argv[1:],
+        "n_train_for_trained_editors": len(train),
+        "ft": ctx.ft.__dict__, "argv": sys.argv[1:], "offset": args.offset,
+        "zsre_split": "records 0-499 train the ZsRE editors, 500-999 are evaluated" if not counterfact else None,
     }
+
+    def partial(results: dict) -> None:
+        done = {**results, "order_seed": args.order_seed,
+                "setup": {**setup, "wall_s": round(time.time() - started, 1)}}
+        if len(results["methods"]) < len(methods):
+            done["partial"] = f"{len(results['methods'])} of {len(methods)} methods: {', '.join(methods)}"
+        write_reports(done, out)
+
+    def build(name: str):
+        try:
+            return METHODS[name](ctx)
+        except (CheckpointMismatch, LayerSpecError, DatasetError, EvalSetupError):
+            raise
+        except ValueError as exc:  # a method that cannot be set up as asked (e.g. an empty null space)
+            raise EvalSetupError(f"{name}: {exc}") from None
+
+    results = run_benchmark(bench, {n: (lambda n=n: build(n)) for n in methods}, state_for, cfg,
+                            cache_dir=out / "methods", cache_key=None if args.fresh else key_of,
+                            on_method=partial)
+    results["order_seed"] = args.order_seed  # eval-merge refuses to mix orders
+    results["setup"] = {**setup, "wall_s": round(time.time() - started, 1)}
     print(write_reports(results, out))
     print(f"wrote {out / 'results.json'}, results.md, metrics_vs_edits.png, module_selection.png", file=sys.stderr)
     return 0
+
+
+def _dir_digest(directory) -> str | None:
+    """sha256 over an editor checkpoint's config and weights (None: no directory)."""
+    import hashlib
+
+    if directory is None:
+        return None
+    h = hashlib.sha256()
+    for path in sorted(Path(directory).glob("*.json")) + sorted(Path(directory).glob("*.safetensors")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _cache_keys(args, model, ctx, stream, known, ppl_texts, glue, cfg, editor_dirs: dict):
+    """name -> digest of everything the method's row depends on (evaluate.run_benchmark's cache key)."""
+    import hashlib
+    from dataclasses import asdict
+
+    import torch
+
+    from .evaluate import SCORE_VERSION
+    from .hiedit import base_weights_fingerprint
+
+    common = {
+        "score_version": SCORE_VERSION, "model": base_weights_fingerprint(model, ctx.hiedit().module_map),
+        "dtype": args.dtype, "device": args.device, "threads": torch.get_num_threads(), "seed": args.seed,
+        "stream": [r.case_id for r in stream], "stream_text": hashlib.sha256(json.dumps(
+            [[r.prompt, r.target_new, r.target_true, r.rephrase, r.locality_prompt, r.locality_target]
+             for r in stream]).encode()).hexdigest(),
+        "known": [r.case_id for r in known], "ppl": hashlib.sha256("\n".join(ppl_texts).encode()).hexdigest(),
+        "glue": len(glue), "cfg": {k: v for k, v in asdict(cfg).items() if k != "progress"},
+        "editor": _dir_digest(editor_dirs["editor"]),
+    }
+    def source(*names: str) -> str:
+        """Digest of the method's own code: a cached row of an editor whose code changed is rerun."""
+        h = hashlib.sha256()
+        for name in names:
+            h.update((Path(__file__).parent / f"{name}.py").read_bytes())
+        return h.hexdigest()
+
+    from .alphaedit import AlphaEditParams
+    from .rlsedit import RLSEditConfig
+
+    rls = {"rls": asdict(RLSEditConfig(**ctx.rls_options)), "layers": ctx.rls_layers,
+           "code": source("rlsedit", "stats", "capture")}
+    trained = {"train": ctx.train_options, "train_cases": [r.case_id for r in ctx.train_records],
+               "code": source("hiedit", "nets", "train", "capture")}
+    per_method = {
+        "hiedit": {"code": source("hiedit", "nets", "capture")},
+        "random-k": {"code": source("hiedit", "nets", "capture", "baselines")},
+        "gradnorm-k": {"code": source("hiedit", "nets", "capture", "baselines")},
+        "rledit": {"rledit": _dir_digest(editor_dirs["rledit"]), **trained},
+        "mend": {"mend": _dir_digest(editor_dirs["mend"]), **trained},
+        "ft": {"ft": asdict(ctx.ft), "code": source("baselines", "capture")},
+        "rlsedit": rls,
+        "memit-nohist": rls,
+        "alphaedit": {**rls, "alpha": asdict(AlphaEditParams(**ctx.alpha_options)),
+                      "alpha_code": source("alphaedit")},
+    }
+
+    def key(name: str) -> str:
+        blob = json.dumps({"method": name, **common, **per_method.get(name, {})}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    return key
 
 
 def resolve_modules_by_name(model, names: list[str]):

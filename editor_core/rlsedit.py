@@ -698,8 +698,7 @@ class RLSEditor:
             else:  # the public code: V = z − h, E = (V − K W_{t-1}) / (L_e − i)
                 w_now = self.module_map[name].weight.detach().float()
                 innov = (full - (key.to(self.device) @ w_now.T)[0]) / (n_layers - i)
-            C = self.C[name]
-            g, _ = rls_gain(C, key.to(self.device))                              # G = C_t Kᵀ [d_k, 1]
+            g = self._gain(name, key.to(self.device))                            # G = C_t Kᵀ [d_k, 1]
             left = innov[:, None].float().contiguous()                            # Eᵀ [d_v, u]
             right = g.T.float().contiguous()                                      # Gᵀ [u, d_k]
             if not (bool(torch.isfinite(left).all()) and bool(torch.isfinite(right).all())):
@@ -720,6 +719,10 @@ class RLSEditor:
                     mom2_weight=[self.weight[n] for n in self.modules])
         return Proposal(self.modules, torch.tensor(norms, dtype=torch.float32), list(range(n_layers)), delta,
                         loss_before, len(key_rows), info, self._keys_blob(keys, resids))
+
+    def _gain(self, name: str, key: torch.Tensor) -> torch.Tensor:
+        """G [d_k, u] with ΔW_row = G E for this layer's new keys: RLSEdit's G = C_t Kᵀ (AlphaEdit overrides it)."""
+        return rls_gain(self.C[name], key)[0]
 
     def _keys_blob(self, keys: dict[str, torch.Tensor], resids: dict[str, torch.Tensor]) -> bytes:
         tensors = {}

@@ -31,8 +31,9 @@ Departures from the published code (reference §5.3-5.4, §8), all deliberate:
    place through ``.data``, so CE and KL have no path to the mask and the router learns only from
    the L2 term (§5.4, §8.3). Here ∂L/∂m_l = ⟨G_l, ΔW_l⟩ (option (a)/(b) of §5.4) flows through the
    STE m = onehot_topk(p) + p - sg(p) into p, for selected *and* unselected modules, so the router
-   learns which modules' updates lower the rephrase CE and the locality KL. ``router_reward="l2"``
-   restores the published behaviour, as an ablation (docs/results.md).
+   learns which modules' updates lower the rephrase CE and the locality KL. (The published behaviour,
+   the router trained by the L2 term alone, was an option until the demo-bed comparison: its editors
+   ended 1,000 edits at perplexity x26 against x3.3, over five seeds; git history keeps it.)
 2. Low-level gradients accumulate over the whole trajectory. The MEND-style published code calls
    ``opt.zero_grad()`` at every step, so only the last step's gradient survives (§5.3 e, §8.2).
 3. The L2 term reaches the low-level net as well (§8.7: in both published code bases it never does).
@@ -72,7 +73,6 @@ log = logging.getLogger(__name__)
 TRAINER_STATE_FILE = "trainer_state.pt"   # optimiser state etc.: needed to resume, not to use the editor
 TRAIN_LOG_FILE = "train.json"             # small, human-readable: options, seed, progress, per-trajectory losses
 UPDATE_MODES = ("trajectory", "per_edit")
-ROUTER_REWARDS = ("task", "l2")
 
 
 class TrainConfigError(ValueError):
@@ -81,6 +81,11 @@ class TrainConfigError(ValueError):
 
 class BadRecord(ValueError):
     """A training record that cannot be tokenized for this model; names the record index and field."""
+
+
+# Experiment options of the demo-bed studies, removed once they had lost (docs/results.md before the real-model
+# rewrite; git history keeps the code), with the value that meant "off": a checkpoint trained with them off resumes.
+REMOVED_OPTIONS = {"balance_coef": 0.0, "router_reward": "task", "general_loc": 0, "general_max_tokens": 32}
 
 
 @dataclass
@@ -109,8 +114,6 @@ class TrainConfig:
     loc_coef: float = 1.0             # α
     reg_coef: float = 1e-4            # λ
     edit_coef: float = 1.0            # weight of CE(edit prompt_{t-j}) next to CE(rephrase_{t-j}); 0 = paper
-    general_loc: int = 0              # general-text sentences added to the locality KL of each step; 0 = paper
-    general_max_tokens: int = 32      # each such sentence is cut to this many tokens
     baseline: bool = True             # compute L(all layers) for the advantage (skipped when k = L)
     # optimisation
     meta_lr: float = 3e-4             # Adam lr of the low-level nets (offsets o_l; blocks unless block_lr says)
@@ -130,19 +133,6 @@ class TrainConfig:
     router_hidden: int = 256
     tokens: str = "all"               # capture positions: "all" (MEND style) | "target"
     max_delta_rel: float = 0.0        # trust region ρ of every edit: ‖ΔW_l‖_F ≤ ρ ‖W_l⁰‖_F (0 = none)
-    balance_coef: float = 0.0         # β of a load-balancing term on the router (0 = the paper: none).
-                                      # Departure, off by default: β L Σ_l f_l softmax(p)_l, f_l the share
-                                      # of this trajectory's selections that went to module l (Switch
-                                      # Transformer's auxiliary loss). The demo routers fix 4-5 modules and
-                                      # pile every edit into them; this pushes the router towards the others.
-                                      # On the demo (docs/results.md) 0.1 kept the model healthier but cost
-                                      # Specificity, and 1 collapsed it: so it stays off
-    router_reward: str = "task"       # what reaches the router: "task" = ∂L_t/∂m_l = ⟨G_l, ΔW_l⟩ + 2λ m_l ‖ΔW_l‖²
-                                      # (the paper's intent, departure 1 above); "l2" = the reg term alone,
-                                      # what the published code's router learns from (reference §5.4): an
-                                      # ablation, which pushes down the logits of the modules it selected.
-                                      # On the demo its editors end 1,000 edits at perplexity x26 (x3.3 with
-                                      # "task"), over five seeds (docs/results.md)
     method: str | None = None         # name saved with the editor; None = hiedit / rledit (k = L) / mend
     # data
     skip_bad: bool = False            # skip records the tokenizer cannot encode instead of failing
@@ -162,23 +152,17 @@ class TrainConfig:
                 bad(name, "must be an integer >= 1")
         if not math.isfinite(self.max_delta_rel) or self.max_delta_rel < 0:
             bad("max_delta_rel", "must be a finite number >= 0 (0 = no trust region)")
-        if not isinstance(self.general_loc, int) or self.general_loc < 0:
-            bad("general_loc", "must be an integer >= 0")
-        if not isinstance(self.general_max_tokens, int) or self.general_max_tokens < 2:
-            bad("general_max_tokens", "must be an integer >= 2")
         for name in ("trajectories", "stop_after"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 bad(name, "must be None or an integer >= 1")
         if self.update not in UPDATE_MODES:
             bad("update", f"must be one of {UPDATE_MODES}")
-        if self.router_reward not in ROUTER_REWARDS:
-            bad("router_reward", f"must be one of {ROUTER_REWARDS}")
         if self.tokens not in ("all", "target"):
             bad("tokens", "must be 'all' or 'target'")
         if not 0 < self.time_decay <= 1:
             bad("time_decay", "must be in (0, 1]")
-        for name in ("loc_coef", "reg_coef", "edit_coef", "balance_coef"):
+        for name in ("loc_coef", "reg_coef", "edit_coef"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 bad(name, "must be a finite number >= 0")
         for name in ("meta_lr", "max_grad_norm", "eta_lr_rel"):
@@ -264,40 +248,6 @@ def tokenize_records(tokenizer, records: Sequence[EditRecord], max_prompt_tokens
 
 
 BLOCK_PARAMS = (".A", ".B", ".bias", ".scale.weight")  # an EditorBlock's own map; its offset o_l is apart
-GENERAL_POOL = 2048  # general-text sentences kept for the locality KL (a seeded sample of the corpus)
-
-
-def tokenize_general(tokenizer, texts: Sequence[str], max_tokens: int) -> list[TeacherForced]:
-    """General text as locality inputs: every next-token position is scored (labels = the next token).
-
-    The values of the labels do not matter for the KL, only which positions carry one.
-    """
-    out = []
-    for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"] if texts else []:
-        ids = ids[:max_tokens]
-        if len(ids) < 2:
-            continue
-        out.append(TeacherForced(torch.tensor([ids]), torch.tensor([ids[1:] + [-100]]), len(ids), 0))
-    return out
-
-
-def _general_pool(tokenizer, texts: Sequence[str] | None, cfg: "TrainConfig", seed: int) -> list[TeacherForced]:
-    """The tokenized general-text locality pool (empty when cfg.general_loc = 0)."""
-    if cfg.general_loc == 0:
-        return []
-    if texts is None:
-        from .data import DatasetError, glue_sentences
-        try:
-            texts = list(glue_sentences("train"))
-        except DatasetError as exc:
-            raise TrainConfigError(f"general_loc: needs general text and the GLUE sentences cannot be read "
-                                   f"({exc}); pass general_texts or set general_loc=0") from None
-    g = torch.Generator().manual_seed(seed * 1_000_003 - 3)
-    order = torch.randperm(len(texts), generator=g)[:GENERAL_POOL].tolist()
-    pool = tokenize_general(tokenizer, [texts[i] for i in order], cfg.general_max_tokens)
-    if not pool:
-        raise TrainConfigError("general_loc: none of the general-text sentences has two tokens or more")
-    return pool
 
 
 def _pad(batch: Sequence[TeacherForced], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -324,11 +274,9 @@ class Trainer:
     ``begin_trajectory()``, ``edit_step(i)`` (accumulates), ``optimizer_step()``, ``zero_grad()``.
     """
 
-    def __init__(self, editor: HiEditor, examples: list[_Example], cfg: TrainConfig, k: int,
-                 general: list[TeacherForced] | None = None):
+    def __init__(self, editor: HiEditor, examples: list[_Example], cfg: TrainConfig, k: int):
         cfg.validate()
         self.editor, self.examples, self.cfg, self.k = editor, examples, cfg, k
-        self.general = list(general or [])
         self.model = editor.model
         self.net = editor.net
         self.modules = editor.modules
@@ -339,7 +287,6 @@ class Trainer:
         self.state = WeightState(self.module_map, "train")
         self.window: deque[int] = deque(maxlen=cfg.back_depth)
         self.t = 0
-        self.selection_counts = torch.zeros(self.L, device=self.device)  # per trajectory, for balance_coef
         self._keep_ok: bool | None = None  # does the model take logits_to_keep as a mask? (probed once)
         # Two optimisers, as the published code (opt for the low level, hi_opt for the router);
         # the learned edit lrs η_l get their own Adam lr (MEND's lr_lr).
@@ -379,7 +326,6 @@ class Trainer:
         self.state.reset()
         self.window.clear()
         self.t = 0
-        self.selection_counts.zero_()
 
     def end(self) -> None:
         self.state.reset()
@@ -422,7 +368,7 @@ class Trainer:
             sel = p.topk(self.k).indices.tolist()
             f = self.net.factors_many(sel, [cap.keys[n] for n in self.modules], [cap.grads[n] for n in self.modules],
                                       trust_region=False)  # applied below, after η scales ΔW
-            locs = ([ex.loc] if ex.loc is not None else []) + self.general_for(int(i))
+            locs = [ex.loc] if ex.loc is not None else []
             ref = self._ref_logprobs(locs)
             batch = _pad([ex.rephrase] + locs, self.pad_id, self.device)
             cases.append((f, ref, batch, len(locs)))
@@ -448,13 +394,6 @@ class Trainer:
         self.editor.cfg.lr_init = eta0
         self.opt_low.param_groups[1]["lr"] = self.cfg.eta_lr or self.cfg.eta_lr_rel * eta0
         return eta0
-
-    def general_for(self, index: int) -> list[TeacherForced]:
-        """The ``general_loc`` general-text locality inputs of fact ``index`` (a fixed, seeded choice)."""
-        n, pool = self.cfg.general_loc, self.general
-        if not pool or n == 0:
-            return []
-        return [pool[(index * n + j) % len(pool)] for j in range(n)]
 
     def optimizer_step(self) -> tuple[float, float]:
         """Clip the accumulated gradients, take one Adam step per level, zero them; (low, router) norms."""
@@ -551,12 +490,6 @@ class Trainer:
             # the prompt's own answer (demo model: 24% single-edit efficacy with edit_coef = 0).
             reph = reph + [self.examples[i].edit for i in recent]
         loc_pairs = [(j, self.examples[i].loc) for j, i in enumerate(recent) if self.examples[i].loc is not None]
-        # Departure from the paper: besides the neighbourhood prompts of the window, a few general-text
-        # sentences enter the locality KL of the current edit (as MEND's NQ locality set). A CounterFact
-        # neighbourhood prompt probes one relation; on a small model an editor trained on those alone
-        # learns edits that rewrite its fact and its neighbour but wreck everything else, and after a
-        # hundred sequential edits the model is gone (perplexity on held-out text x1000).
-        loc_pairs += [(0, tf) for tf in self.general_for(index)]
         locs = [tf for _, tf in loc_pairs]
         decay = [cfg.time_decay ** j for j in range(len(recent))]
         ce_weights = decay + ([cfg.edit_coef * d for d in decay] if cfg.edit_coef > 0 else [])
@@ -615,9 +548,7 @@ class Trainer:
         #    S = Σ_l m_l ⟨sg(G_l), ΔW_l(θ_L)⟩ + λ m_l² ‖ΔW_l(θ_L)‖²
         #    ∂S/∂θ_L = Σ_l m_l [⟨G_l, ∂ΔW_l⟩ + λ ∂‖ΔW_l‖²]     (only selected modules: m_l = 0 otherwise)
         #    ∂S/∂m_l = ⟨G_l, ΔW_l⟩ + 2λ m_l ‖ΔW_l‖²           -> through the STE into p and the router
-        #    Departure from the published code: there CE/KL never reach the mask (reference §5.4);
-        #    router_reward="l2" reproduces that by cutting the mask out of the task term.
-        task_mask = m if cfg.router_reward == "task" else m.detach()
+        #    Departure from the published code: there CE/KL never reach the mask (reference §5.4).
         with torch.enable_grad():
             surrogate = p.new_zeros(())
             reg = p.new_zeros(())
@@ -626,8 +557,8 @@ class Trainer:
                 inner = ((D[name] @ left) * (U[name] @ right.T)).sum()    # ⟨G_l, ΔW_l⟩ via [n, r] products
                 sq = frobenius_sq(left, right)
                 reg = reg + cfg.reg_coef * m[l] ** 2 * sq
-                surrogate = surrogate + task_mask[l] * inner
-            surrogate = surrogate + reg + self._balance_term(p, selected)
+                surrogate = surrogate + m[l] * inner
+            surrogate = surrogate + reg
             # Gradients accumulate into .grad over the whole trajectory (no zero_grad here).
             surrogate.backward()
 
@@ -638,18 +569,6 @@ class Trainer:
         return StepStats(ce=float(ce[0].detach()), ce_before=cap.loss, task=float(task.detach()),
                          kl=float(kl.detach().mean()) if kl.numel() else 0.0, reg=float(reg.detach()),
                          advantage=loss_sel - full if math.isfinite(full) else float("nan"), selected=selected)
-
-    def _balance_term(self, p: torch.Tensor, selected: list[int]) -> torch.Tensor:
-        """β L Σ_l f_l softmax(p)_l (0 when β = 0 or k = L); p [L] the router's logits.
-
-        f_l (no gradient) counts the selections of the trajectory so far, this edit's included; the
-        gradient L β P_l (f_l - Σ_j f_j P_j) lowers the logits of the modules chosen most often.
-        """
-        if self.cfg.balance_coef == 0 or self.k == self.L:
-            return p.new_zeros(())
-        self.selection_counts[selected] += 1
-        f = self.selection_counts / self.selection_counts.sum()
-        return self.cfg.balance_coef * self.L * (f * p.softmax(-1)).sum()
 
     def run_trajectory(self, indices: Sequence[int], step: bool = True, bar=None) -> list[StepStats]:
         """Edit ``indices`` one after another from θ_0; one optimiser step at the end (trajectory mode)."""
@@ -709,6 +628,11 @@ def _load_resume(out_dir: Path, model, tokenizer, layer_spec: str, k: int, seed:
     if state["seed"] != seed:
         raise TrainConfigError(f"seed: the checkpoint in {out_dir} was trained with seed {state['seed']}, not {seed}")
     for name, value in state["cfg"].items():
+        if not hasattr(cfg, name):  # an experiment option since removed: resumable only if it was off
+            if REMOVED_OPTIONS.get(name, object()) != value:
+                raise TrainConfigError(f"{name}: the checkpoint in {out_dir} was trained with {value!r}, an option "
+                                       "this version no longer has (git history keeps it)")
+            continue
         if name not in TrainConfig.RESUMABLE and getattr(cfg, name) != value:
             raise TrainConfigError(f"{name}: the checkpoint in {out_dir} was trained with {value!r}, "
                                    f"not {getattr(cfg, name)!r}; only {', '.join(TrainConfig.RESUMABLE)} may change")
@@ -718,8 +642,7 @@ def _load_resume(out_dir: Path, model, tokenizer, layer_spec: str, k: int, seed:
 
 def train_editor(model: nn.Module, tokenizer, layer_spec: str, k: int, records: list[EditRecord],
                  out_dir: Path | None, seed: int = 0, cfg: TrainConfig | None = None, progress: bool = True,
-                 resume: bool = False, editor: HiEditor | None = None,
-                 general_texts: Sequence[str] | None = None) -> HiEditor:
+                 resume: bool = False, editor: HiEditor | None = None) -> HiEditor:
     """Train a HiEdit editor for ``model`` on ``records`` by hierarchical RL; returns it (eval mode).
 
     layer_spec/k: the editable modules and how many each edit changes (k = L gives RLEdit).
@@ -728,8 +651,6 @@ def train_editor(model: nn.Module, tokenizer, layer_spec: str, k: int, records: 
         None trains in memory only. With ``resume`` a run found there continues where it stopped
         (a checkpoint for another model, layer spec or k is refused with CheckpointMismatch).
     editor: train this editor instead of creating one (ignored when resuming from out_dir).
-    general_texts: general-text sentences for the locality KL (``cfg.general_loc`` per step);
-        None = the GLUE training sentences of ../shared/data/glue.
 
     The model is put in eval mode with its parameters frozen; its weights are back to the base
     values, byte for byte, when this returns.
@@ -768,7 +689,7 @@ def train_editor(model: nn.Module, tokenizer, layer_spec: str, k: int, records: 
                                f"{max(n_traj, 1) * cfg.traj_len} records, only {len(examples)} are usable")
 
     editor.net.train()
-    trainer = Trainer(editor, examples, cfg, k, _general_pool(tokenizer, general_texts, cfg, seed))
+    trainer = Trainer(editor, examples, cfg, k)
     epoch0, traj0, history = 0, 0, []
     if state is not None:
         trainer.opt_low.load_state_dict(state["opt_low"])

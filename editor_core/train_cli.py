@@ -1,7 +1,9 @@
 """``hiedit train``: train a HiEdit (or RLEdit, k = L) editor for a model on an editing dataset.
 
-    hiedit train --model DIR --data counterfact-train.json --layers "gate[2-5],up[2-5]" --k 4 --out editors/x
-    hiedit train ... --out editors/x --resume            # continue a stopped run (same data and options)
+    hiedit train --model DIR --data counterfact-train.json --limit 300 --layers 'gate[21-28],up[21-28]' \
+        --epochs 2 --block-lr 1e-4 --threads 1 --seed 0 --out runs/smol          # SmolLM2's editor (docs/models.md)
+    hiedit train ... --k 16 --out runs/smol-rledit                               # RLEdit: k = L, same recipe
+    hiedit train ... --out runs/smol --resume            # continue a stopped run (same data and options)
 
 Checkpoints (the editor plus the optimiser state) are written to ``--out`` after every
 trajectory; ``--resume`` continues from them. A checkpoint made for another base model,
@@ -16,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .train import ROUTER_REWARDS, TrainConfig
+from .train import TrainConfig
 
 _FIELDS = TrainConfig()
 
@@ -31,63 +33,45 @@ def _non_negative_int(text: str) -> int:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="base model directory or hub id (default: the demo model)")
     parser.add_argument("--data", required=True, help="editing dataset: ZsRE (MEND format) or CounterFact")
-    parser.add_argument("--layers", required=True, help="editable modules, e.g. 'gate[22-30],up[22-30]'")
+    parser.add_argument("--layers", required=True,
+                        help="editable modules, e.g. 'gate[21-28],up[21-28]' (SmolLM2's, docs/models.md)")
     parser.add_argument("--k", type=int, help="modules edited per fact (default L/2; k = L trains RLEdit)")
     parser.add_argument("--out", required=True, help="output directory (editor + checkpoints)")
     parser.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
-    parser.add_argument("--limit", type=int, help="use only the first N records of --data (after --offset)")
-    parser.add_argument("--offset", type=_non_negative_int, default=0,
-                        help="skip the first N records of --data (the demo split's editor_train stream is "
-                             "counterfact-edit.json --offset 1000 --limit 300)")
+    parser.add_argument("--limit", type=int, help="use only the first N records of --data (after --offset); "
+                                                  "ZsRE: --limit 500 trains on the half hiedit eval leaves out")
+    parser.add_argument("--offset", type=_non_negative_int, default=0, help="skip the first N records of --data")
     parser.add_argument("--skip-bad", action="store_true", help="skip bad records (and count them) instead of failing")
     parser.add_argument("--seed", type=int, default=0,
-                        help="seeds the nets' initialisation, the facts that calibrate η_0 and the trajectory "
-                             "order; editors of different seeds learn different routers (docs/results.md)")
+                        help="seeds the nets' initialisation, η_0's calibration facts and the trajectory order; "
+                             "replicates are editors of several seeds (docs/results.md)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", default="float32", help="base model dtype (float32, bfloat16, float16); "
                                                            "the editor nets stay float32")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     g = parser.add_argument_group("schedule")
-    g.add_argument("--epochs", type=int, default=_FIELDS.epochs)
+    g.add_argument("--epochs", type=int, default=_FIELDS.epochs, help="passes over the records")
+    g.add_argument("--traj-len", type=int, default=_FIELDS.traj_len,
+                   help="N: edits per trajectory, kept applied along it")
     g.add_argument("--trajectories", type=int, help="trajectories per epoch (default: all records / --traj-len)")
-    g.add_argument("--traj-len", type=int, default=_FIELDS.traj_len, help="edits per trajectory (N)")
     g.add_argument("--update", choices=["trajectory", "per_edit"], default=_FIELDS.update,
-                   help="one update per trajectory (HiEdit/RLEdit) or after every edit (MEND, no RL)")
-    g.add_argument("--stop-after", type=int, help="stop after this many trajectories (resume later)")
-    g = parser.add_argument_group("loss")
-    g.add_argument("--back-depth", type=int, default=_FIELDS.back_depth, help="K: edits replayed per step")
-    g.add_argument("--time-decay", type=float, default=_FIELDS.time_decay, help="μ")
-    g.add_argument("--loc-coef", type=float, default=_FIELDS.loc_coef, help="α, the weight of the locality KL")
-    g.add_argument("--reg-coef", type=float, default=_FIELDS.reg_coef, help="λ")
-    g.add_argument("--edit-coef", type=float, default=_FIELDS.edit_coef,
-                   help="weight of the edit prompt's CE beside its rephrase's (0 = the paper: rephrase only)")
-    g.add_argument("--general-loc", type=int, default=_FIELDS.general_loc,
-                   help="general-text sentences in each step's locality KL (0 = the paper: neighbourhood prompts only)")
-    g.add_argument("--general-text", type=Path,
-                   help="general text for --general-loc, one sentence per line (default: the GLUE sentences "
-                        "of ../shared/data/glue)")
-    g.add_argument("--balance-coef", type=float, default=_FIELDS.balance_coef,
-                   help="β of a load-balancing term that spreads the router's choice over the modules "
-                        "(0 = the paper: none)")
-    g.add_argument("--router-reward", choices=ROUTER_REWARDS, default=_FIELDS.router_reward,
-                   help="what trains the router: task = the rephrase CE and locality KL through the mask "
-                        "(the paper's intent); l2 = the ‖ΔW‖² term alone, as the published code (an ablation)")
-    g.add_argument("--no-baseline", action="store_true", help="skip the full-layer baseline (advantage not logged)")
-    g = parser.add_argument_group("optimiser and editor")
-    g.add_argument("--meta-lr", type=float, default=_FIELDS.meta_lr)
-    g.add_argument("--eta-lr", type=float, help="Adam lr of the learned edit lrs (default: --meta-lr)")
-    g.add_argument("--router-lr", type=float, help="Adam lr of the router (default: --meta-lr)")
+                   help="trajectory: one update per trajectory (HiEdit, RLEdit); per_edit: after every edit, "
+                        "no RL (the MEND baseline)")
+    g.add_argument("--stop-after", type=int, help="stop after this many trajectories (continue with --resume)")
+    g = parser.add_argument_group("loss (the paper's Eq. 4)")
+    g.add_argument("--back-depth", type=int, default=_FIELDS.back_depth, help="K: earlier edits replayed per step")
+    g.add_argument("--time-decay", type=float, default=_FIELDS.time_decay, help="μ: weight μ^j of the j-th earlier edit")
+    g.add_argument("--loc-coef", type=float, default=_FIELDS.loc_coef, help="α: weight of the locality KL")
+    g.add_argument("--reg-coef", type=float, default=_FIELDS.reg_coef, help="λ: weight of ‖ΔW‖²")
+    g = parser.add_argument_group("editor")
+    g.add_argument("--meta-lr", type=float, default=_FIELDS.meta_lr, help="Adam lr of the editor nets and router")
     g.add_argument("--block-lr", type=float, default=_FIELDS.block_lr,
-                   help="Adam lr of the editor blocks (A, B, b, s); 0 keeps them at identity, which the demo "
-                        "editors do because learned blocks collapsed the demo model (docs/results.md)")
-    g.add_argument("--max-grad-norm", type=float, default=_FIELDS.max_grad_norm)
-    g.add_argument("--lr-init", type=float, default=_FIELDS.lr_init, help="initial edit lr η (paper: 1e-6 at 8B)")
-    g.add_argument("--rank", type=int, default=_FIELDS.rank)
-    g.add_argument("--n-blocks", type=int, default=_FIELDS.n_blocks)
-    g.add_argument("--router-hidden", type=int, default=_FIELDS.router_hidden)
-    g.add_argument("--tokens", choices=["all", "target"], default=_FIELDS.tokens)
-    g.add_argument("--max-delta-rel", type=float, default=_FIELDS.max_delta_rel,
-                   help="trust region ρ: no edit moves a module by more than ρ·‖W⁰‖_F (0 = none)")
+                   help="Adam lr of the MEND blocks (A, B, b, s); 0 keeps them at identity. The real-model editors "
+                        "use 1e-4 (docs/models.md)")
+    g.add_argument("--rank", type=int, default=_FIELDS.rank, help="rank of the MEND blocks")
+    g.add_argument("--tokens", choices=["all", "target"], default=_FIELDS.tokens,
+                   help="positions whose u, δ the editor sees: every token (MEND) or the target's (docs/models.md "
+                        "compares the two on SmolLM2)")
     parser.add_argument("--publish", type=Path, metavar="DIR",
                         help="after training, also write the editor to DIR with its weights in float16 (half the "
                              "size; the committed editors are published this way) and without the optimiser state")
@@ -100,13 +84,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, trajectories=args.trajectories, traj_len=args.traj_len,
                        update=args.update, stop_after=args.stop_after, back_depth=args.back_depth,
                        time_decay=args.time_decay, loc_coef=args.loc_coef, reg_coef=args.reg_coef,
-                       edit_coef=args.edit_coef, balance_coef=args.balance_coef, router_reward=args.router_reward,
-                       general_loc=args.general_loc,
-                       baseline=not args.no_baseline, meta_lr=args.meta_lr, eta_lr=args.eta_lr,
-                       router_lr=args.router_lr, block_lr=args.block_lr,
-                       max_grad_norm=args.max_grad_norm, lr_init=args.lr_init, rank=args.rank,
-                       n_blocks=args.n_blocks, router_hidden=args.router_hidden, tokens=args.tokens,
-                       max_delta_rel=args.max_delta_rel,
+                       meta_lr=args.meta_lr, block_lr=args.block_lr, rank=args.rank, tokens=args.tokens,
                        skip_bad=args.skip_bad)
 
 
@@ -135,12 +113,9 @@ def run(args: argparse.Namespace) -> int:
         records = loaded.records[args.offset:]
         if loaded.skipped:
             print(f"skipped {loaded.skipped} bad records of {args.data}", file=sys.stderr)
-        general = None
-        if args.general_text is not None:
-            general = [line.strip() for line in args.general_text.read_text().splitlines() if line.strip()]
         start = time.time()
         editor = train_editor(model, tokenizer, args.layers, k, records, Path(args.out), seed=args.seed,
-                              cfg=cfg, progress=not args.no_progress, resume=args.resume, general_texts=general)
+                              cfg=cfg, progress=not args.no_progress, resume=args.resume)
         if args.publish is not None:
             editor.save(args.publish, dtype=torch.float16)
         summary = {"out": str(args.out), "method": editor.method, "k": k, "modules": n_modules,

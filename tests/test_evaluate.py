@@ -12,8 +12,9 @@ import torch
 from editor_core.baselines import METHODS, FineTuneEditor, FTConfig, NoEdit, RoutedEditor, gradient_norms
 from editor_core.capture import Capture
 from editor_core.editor import EditRequest
-from editor_core.evaluate import (METRICS, Probe, ProbeSet, general_retention, markdown_table, new_over_true,
+from editor_core.evaluate import (METRICS, Probe, ProbeSet, all_top1, markdown_table, mean_nll, new_over_true,
                                   top1_accuracy)
+from editor_core.general import COLLAPSE_THRESHOLD, general_retention, is_collapsed, load_glue, weighted_f1
 from editor_core.hiedit import HiEditor
 from editor_core.model import load_model
 from editor_core.state import WeightState
@@ -51,10 +52,44 @@ def test_new_over_true_per_token_and_strict():
 
 
 def test_general_retention_definition():
-    assert general_retention(10.0, 10.0, 0.8, 0.8) == 100.0
-    assert general_retention(10.0, 20.0, 0.8, 0.4) == pytest.approx(50.0)  # half of each half
-    assert general_retention(10.0, 5.0, 0.8, 0.9) == 100.0                 # capped: no credit for gains
-    assert general_retention(10.0, float("inf"), 0.8, 0.0) == 0.0
+    # 50 · min(1, F1_N/F1_0) + 50 · min(1, PPL_0/PPL_N)
+    assert general_retention(60.0, 60.0, 10.0, 10.0) == 100.0
+    assert general_retention(60.0, 30.0, 10.0, 20.0) == pytest.approx(50.0)   # half of each half
+    assert general_retention(60.0, 70.0, 10.0, 5.0) == 100.0                  # capped: no credit for gains
+    assert general_retention(60.0, 60.0, 10.0, float("inf")) == 50.0          # a destroyed model at chance F1
+    assert general_retention(float("nan"), float("nan"), 10.0, 40.0) == pytest.approx(25.0)  # perplexity alone
+    assert is_collapsed(COLLAPSE_THRESHOLD - 0.01) and not is_collapsed(COLLAPSE_THRESHOLD)
+    assert not is_collapsed(float("nan"))
+
+
+def test_whole_object_and_greedy_scores_on_hand_made_logits():
+    # V = 3, one example, two target positions with labels 1, 2
+    logits = torch.tensor([[[0.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]]])
+    labels = torch.tensor([[-100, 1, 2]])
+    lp = logits.log_softmax(-1)
+    assert mean_nll(logits, labels)[0] == pytest.approx(float(-(lp[0, 1, 1] + lp[0, 2, 2]) / 2))
+    assert all_top1(logits, labels).tolist() == [1.0]
+    assert all_top1(logits, torch.tensor([[-100, 1, 0]])).tolist() == [0.0]  # one position missed = no
+    assert math.isnan(all_top1(logits, torch.full((1, 3), -100))[0])
+
+
+def test_weighted_f1_matches_its_definition():
+    gold, pred = [0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 2, 2]
+    # class 0: P 1, R 2/3, F1 0.8 (3 gold); class 1: P 1/2, R 1/2, F1 0.5 (2); class 2: P 1/2, R 1, F1 2/3 (1)
+    assert weighted_f1(pred, gold) == pytest.approx((3 * 0.8 + 2 * 0.5 + 1 * 2 / 3) / 6)
+    assert weighted_f1(gold, gold) == 1.0
+    assert weighted_f1([0] * 4, [0, 0, 1, 1]) == pytest.approx(0.5 * (2 * 2 / 6))  # constant answer: chance
+
+
+def test_glue_sets_are_the_papers_100_after_the_reserved_rows():
+    examples = load_glue()
+    assert [sum(1 for e in examples if e.task == t) for t in ("sst2", "mrpc", "cola", "rte", "nli", "mmlu")] == \
+        [100] * 6
+    sst2 = json.loads((SHARED_CF.parents[1] / "glue" / "sst2.json").read_text())
+    first = next(e for e in examples if e.task == "sst2")
+    assert sst2[10]["sentence"].strip() in first.prompt and first.label == (0 if sst2[10]["label"] == 1 else 1)
+    mmlu = next(e for e in examples if e.task == "mmlu")
+    assert len(mmlu.options) == 4 and 0 <= mmlu.label < 4
 
 
 def test_gradient_norm_from_factors_matches_dense():
@@ -145,7 +180,8 @@ def test_failed_edits_are_counted_not_fatal(tiny):
             return p
 
     records = load_records(tiny["data"], tokenizer=tok).records
-    bench = Bench(model, tok, records[:3], records[3:6], [], counterfact=True)
+    bench = Bench(model, tok, records[:3], records[3:6], ["The cat sat on the mat.", "Paris is in France."],
+                  counterfact=True)
     cfg = EvalConfig(progress=False)
     state = WeightState(hiedit.module_map, "tiny")
     res = run_method(bench, "nan", NaNEditor(), state, measure_baseline(bench, cfg), cfg)
@@ -179,7 +215,7 @@ def test_cli_end_to_end_on_tiny_model(tiny, tmp_path):
     rc = main(["eval", "--methods", ",".join(methods), "--n", "20", "--every", "10", "--out", str(out),
                "--model", str(tiny["model"]), "--editor", str(tiny["hiedit"]), "--rledit-editor",
                str(tiny["rledit"]), "--data", str(tiny["data"]), "--n-known", "20", "--n-ppl", "20",
-               "--ft-steps", "3", "--threads", "1", "--no-progress"])
+               "--threads", "1", "--no-progress", "--glue-n", "5"])
     assert rc == 0
     results = _check_results(out, methods, 20)
     assert results["setup"]["torch_threads"] == 1  # the scores depend on it, so the run records it
@@ -330,12 +366,15 @@ def test_cli_refuses_bad_inputs(tiny, tmp_path, capsys):
     HiEditor.create(model, tok, "gate[0-1]", k=1, rank=8, router_hidden=8).save(other_spec)
     assert main(base + ["--editor", str(tiny["hiedit"]), "--rledit-editor", str(other_spec), "--data",
                         str(tiny["data"]), "--methods", "rledit"]) == 2
-    assert "same modules" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "same modules" in err and "'gate[0-1]'" in err and "'gate[1-2],up[1-2]'" in err
+    assert err.count("base fingerprint") == 2  # both editors' fingerprints are named
     other_model = build_tiny_model(tmp_path / "m2", seed=7, vocab_size=400, hidden=32, layers=4, intermediate=64,
                                    heads=2, kv_heads=1)
     assert main(["eval", "--n", "5", "--out", str(tmp_path / "o2"), "--model", str(other_model), "--editor",
                  str(tiny["hiedit"]), "--data", str(tiny["data"]), "--methods", "pre", "--no-progress"]) == 2
-    assert "trained for base model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "trained for base model" in err and err.count("fingerprint") == 2  # the editor's and the model's
     assert main(base + ["--editor", str(tiny["hiedit"]), "--methods", "nonsense"]) == 2
     assert main(base + ["--editor", str(tiny["hiedit"]), "--threads", "-1"]) == 2
     assert "--threads" in capsys.readouterr().err
@@ -347,3 +386,194 @@ def test_registry_is_complete():
     md = markdown_table({"n": 1, "scoring": "top-1", "methods": {"x": {
         **{k: 50.0 for k in (*METRICS, "mean")}, "edit_latency_ms_p50": 1.0, "top1": {}}}})
     assert "| x | 50.00 |" in md
+
+
+# ---- the science issue's CI-sized run, greedy generation, AlphaEdit, resume, ZsRE split ----------
+
+ALL_METHODS = ["pre", "hiedit", "rledit", "mend", "ft", "random-k", "gradnorm-k", "rlsedit", "memit-nohist",
+               "alphaedit"]
+TINY_RLS = ["--rls-option", "v_steps=3", "--rls-option", "n_contexts=0", "--rls-option", "stats_max_tokens=2000",
+            # the tiny random model's Σ̂ (d_k = 64) has no eigenvalue below 1% of the largest: a wider null space
+            "--alpha-option", "null_rel=0.3"]
+
+
+def test_greedy_score_is_greedy_generation(tiny):
+    """"Every target position top-1" under teacher forcing is exactly "model.generate starts with the target"."""
+    model, tok = load_model(tiny["model"])
+    records = tiny["records"][:12]
+    probes = [Probe(r["prompt"], r["target_new"]) for r in records]
+    # plus each prompt's own greedy continuation, which must score 1
+    own = []
+    for r in records:
+        ids = tok(r["prompt"], return_tensors="pt")["input_ids"]
+        out = model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=tok.pad_token_id)
+        own.append(Probe(r["prompt"], tok.decode(out[0, ids.shape[1]:])))
+    ps = ProbeSet(tok, probes + own)
+    scores = ps.scores(model, batch_size=5)
+    for i, probe in enumerate(probes + own):
+        ids = tok(probe.prompt, return_tensors="pt")["input_ids"]
+        n_target = int((ps.labels[i] != -100).sum())
+        out = model.generate(ids, max_new_tokens=n_target, do_sample=False, pad_token_id=tok.pad_token_id)
+        target = ps.labels[i][ps.labels[i] != -100]
+        assert float(scores.greedy[i]) == float(torch.equal(out[0, ids.shape[1]:], target)), probe
+    # the prompts' own continuations score 1 unless they re-tokenize differently (then 0 is the honest answer)
+    assert scores.greedy[len(probes):].sum() >= 1
+
+
+def test_alphaedit_projects_onto_the_null_space():
+    from editor_core.alphaedit import alphaedit_gain, null_space_projector
+
+    torch.manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(8, 8))[0]
+    sigma = basis @ torch.diag(torch.tensor([5.0, 3.0, 2.0, 1.0, 1e-4, 1e-4, 1e-5, 1e-6])) @ basis.T
+    P, dim = null_space_projector(sigma, 1e-2)
+    assert dim == 4 and torch.allclose(P @ P, P, atol=1e-10)
+    assert float((sigma.double() @ P).norm()) < 1e-3  # preserved keys' second moment is annihilated
+    keys = torch.randn(1, 8)
+    g = alphaedit_gain(P, torch.zeros(8, 8, dtype=torch.float64), keys, 1e-3)
+    resid = torch.randn(1, 3, dtype=torch.float64)
+    delta = g @ resid                                   # Δ_row [d_k, d_v]
+    assert torch.allclose(P @ delta, delta, atol=1e-8)  # the update lives in the null space
+    preserved = basis[:, :4].T.double()                 # keys in the preserved directions: outputs unchanged
+    assert float((preserved @ delta).norm()) < 1e-8 * max(1.0, float(delta.norm()))
+    # and it fits the new key's residual on its null-space part (λ small): k P Δ ≈ r when k = P k
+    k_null = (keys.double() @ P)
+    g2 = alphaedit_gain(P, torch.zeros(8, 8, dtype=torch.float64), k_null, 1e-9)
+    assert torch.allclose(k_null @ (g2 @ resid), resid, atol=1e-5)
+    with pytest.raises(Exception, match="null space is empty"):
+        null_space_projector(torch.eye(4), 1e-2)
+
+
+def test_alphaedit_editor_commits_and_forgets(tiny):
+    from editor_core.alphaedit import AlphaEditor, AlphaEditParams
+
+    model, tok = load_model(tiny["model"])
+    editor = AlphaEditor.create(model, tok, params=AlphaEditParams(null_rel=0.3), v_steps=3, n_contexts=0,
+                                stats_max_tokens=2000, cache_dir=str(tiny["root"] / "stats"))
+    assert editor.method == "alphaedit" and all(d > 0 for d in editor.null_dim.values())
+    state = WeightState(editor.module_map, "tiny")
+    req = EditRequest("The Eiffel Tower is in", "Rome")
+    p = editor.propose(req)
+    name = editor.modules[0]
+    left, right = p.delta.factors[name]
+    # ΔW (nn.Linear layout) = Rᵀ Gᵀ; its row-layout transpose lies in the null space: P Δ_row = Δ_row
+    d_row = (left @ right).T.double()
+    assert torch.allclose(editor.P[name].cpu() @ d_row, d_row, atol=1e-5 * max(1.0, float(d_row.norm())))
+    state.apply(1, p.delta)
+    editor.commit(1, p)
+    assert float(editor.kpkp[name].norm()) > 0
+    editor.forget(1)
+    assert float(editor.kpkp[name].abs().max()) < 1e-6
+    state.reset()
+
+
+def _run_all(tiny, out: Path, extra: list[str] = ()) -> int:
+    from service.cli import main
+
+    return main(["eval", "--methods", ",".join(ALL_METHODS), "--n", "30", "--every", "15", "--out", str(out),
+                 "--model", str(tiny["model"]), "--editor", str(tiny["hiedit"]), "--rledit-editor",
+                 str(tiny["rledit"]), "--data", str(tiny["data"]), "--n-known", "10", "--n-ppl", "20",
+                 "--n-train", "8", "--train-option", "traj_len=4", "--glue-n", "20", "--threads", "1",
+                 "--cache-dir", str(out.parent / "editors"), "--no-progress", *TINY_RLS, *extra])
+
+
+def test_ci_sized_run_every_method_and_metric(tiny, tmp_path):
+    """The issue's CI-sized run: every method and every metric end to end, N = 30, on the tiny model;
+    then the same command again resumes from the cached rows."""
+    import time
+
+    out = tmp_path / "ci"
+    assert _run_all(tiny, out) == 0
+    results = _check_results(out, ALL_METHODS, 30)
+    assert results["scoring"].startswith("whole-object")
+    for name, m in results["methods"].items():
+        for scoring in ("whole", "per_token", "top1", "generation"):
+            for key in (*METRICS, "mean"):
+                assert 0.0 <= m[scoring][key] <= 100.0, (name, scoring, key)
+        assert m["efficacy"] == m["whole"]["efficacy"]  # primary = whole-object
+        assert set(m["glue_f1"]) == {"sst2", "mrpc", "cola", "rte", "nli", "mmlu", "mean"}
+        assert m["perplexity_ratio"] > 0 and isinstance(m["collapsed"], bool)
+        assert [p["edits"] for p in m["curve"]] == [15, 30]
+    assert results["methods"]["pre"]["general_retention"] == 100.0 and not results["methods"]["pre"]["collapsed"]
+    assert results["baseline"]["n_glue"] == 120
+    assert sorted(p.name for p in (out / "methods").glob("*.json")) == sorted(f"{m}.json" for m in ALL_METHODS)
+    # Resume: the same command takes every row from the cache (no editing, no training): fast and identical.
+    t0 = time.time()
+    assert _run_all(tiny, out) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert all(m.get("from_cache") for m in again["methods"].values()) and time.time() - t0 < 60
+    for name in ALL_METHODS:
+        a, b = dict(results["methods"][name]), dict(again["methods"][name])
+        b.pop("from_cache")
+        assert a == b
+    # Another option of one method reruns that method only.
+    assert _run_all(tiny, out, ["--alpha-option", "l2_rel=2.0"]) == 0
+    third = json.loads((out / "results.json").read_text())
+    assert not third["methods"]["alphaedit"].get("from_cache") and third["methods"]["ft"].get("from_cache")
+
+
+def test_a_collapsed_model_is_marked_collapsed(tmp_path):
+    """A "method" that multiplies every editable weight of the demo model by 10: General Retention falls
+    below 80, the row is marked collapsed in results.json, in every markdown table and in the plot, and it
+    is not ranked. (The demo memoriser, not the random tiny model: a randomly initialised model has a
+    perplexity of about its vocabulary size and chance F1 already, so it has nothing left to lose.)"""
+    from itertools import islice
+
+    from editor_core.assets import DEMO_HIEDIT, DEMO_MODEL, DEMO_SPLIT
+    from editor_core.data import glue_sentences, load_records
+    from editor_core.delta import LowRankDelta
+    from editor_core.editor import Proposal
+    from editor_core.evaluate import Bench, EvalConfig, run_benchmark, write_reports
+
+    model, tok = load_model(DEMO_MODEL)
+    hiedit = HiEditor.load(DEMO_HIEDIT, model, tok)
+
+    class TimesTen(NoEdit):
+        method = "x10"
+
+        def __init__(self):
+            self.modules = list(hiedit.modules)
+
+        def propose(self, request, k=None):  # ΔW = 9 W: W + ΔW = 10 W (a full-rank "low-rank" pair W·I)
+            factors = {n: (9.0 * m.weight.detach().float().clone(), torch.eye(m.in_features))
+                       for n, m in hiedit.module_map.items()}
+            return Proposal(self.modules, torch.ones(len(self.modules)), list(range(len(self.modules))),
+                            LowRankDelta(factors), 0.0, 1)
+
+    split = json.loads(DEMO_SPLIT.read_text())
+    data = SHARED_CF.parent / Path(split["data"]).name
+    records = load_records(data, tokenizer=tok, limit=3).records
+    bench = Bench(model, tok, records[:1], [], list(islice(glue_sentences("heldout"), 30)), True, load_glue(8))
+    state = WeightState(hiedit.module_map, "demo")
+    results = run_benchmark(bench, {"pre": lambda: (NoEdit(), None), "x10": lambda: (TimesTen(), None)},
+                            lambda e: state, EvalConfig(progress=False))
+    x10, pre = results["methods"]["x10"], results["methods"]["pre"]
+    assert x10["general_retention"] < COLLAPSE_THRESHOLD and x10["collapsed"], x10["general_retention"]
+    assert x10["perplexity_ratio"] > 1.5
+    assert not pre["collapsed"] and pre["general_retention"] == 100.0
+    table = write_reports(results, tmp_path / "rep")
+    assert table.count("| x10 **(collapsed)** |") == 4  # the primary table and the three secondary ones
+    assert "Highest mean among methods not collapsed: **pre**" in table and "not ranked: x10" in table
+    assert state.fingerprint() == state.base_fingerprint
+
+
+def test_zsre_half_split_offset(tiny, tmp_path):
+    """ZsRE: the evaluation stream is records 500-999 (--offset 500), the half the editors are not trained on."""
+    from service.cli import main
+
+    zsre = SHARED_CF.parents[1] / "zsre" / "zsre_mend_train_1k.json"
+    out = tmp_path / "zsre"
+    assert main(["eval", "--methods", "pre", "--n", "5", "--offset", "500", "--out", str(out), "--model",
+                 str(tiny["model"]), "--editor", str(tiny["hiedit"]), "--data", str(zsre), "--n-ppl", "5",
+                 "--glue-n", "2", "--no-progress"]) == 2  # record 534 has an empty 'alt': named, refused
+    # With --skip-bad the two bad records (both in the evaluation half) are skipped and counted; records
+    # 0-499 are all usable, so the stream starts at record 500 of the file.
+    assert main(["eval", "--methods", "pre", "--n", "40", "--offset", "500", "--out", str(out), "--model",
+                 str(tiny["model"]), "--editor", str(tiny["hiedit"]), "--data", str(zsre), "--n-ppl", "5",
+                 "--glue-n", "2", "--skip-bad", "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["scoring"] == "top-1 token accuracy" and "generation" in results["methods"]["pre"]
+    stream = results["setup"]["stream"]
+    assert stream[0] == "zsre-500" and "zsre-534" not in stream and len(stream) == 40
+    assert results["setup"]["skipped_records"] >= 2  # the tiny tokenizer refuses more than the two bad ones
+    assert "500-999 are evaluated" in results["setup"]["zsre_split"]

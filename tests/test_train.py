@@ -140,50 +140,42 @@ def _trajectory_grads(model, tok, cfg: TrainConfig, indices=(0, 1, 2)):
 
 
 def test_router_learns_from_task_losses_not_only_the_l2_term(tiny):
-    """With λ = 0 the router still gets gradient (the published code would give it none), and
-    unselected modules get gradient too, which the L2 term can never give them. router_reward="l2"
-    (the published code's router, reference §5.4) cuts the task losses off: with λ = 0 its gradient is
-    exactly 0, while the choices and the low-level gradients stay those of router_reward="task"."""
+    """With λ = 0 the router still gets gradient (the published code would give it none: its router learns
+    from the L2 term alone, reference §5.4), and unselected modules get gradient too, which the L2 term can
+    never give them."""
     model, tok = tiny
-    runs = {(reward, reg): _trajectory_grads(model, tok, TrainConfig(router_reward=reward, reg_coef=reg, **SMALL))
-            for reward, reg in (("task", 0.0), ("task", 1.0), ("l2", 0.0))}
-    picks, router, low = runs["task", 0.0]
+    runs = {reg: _trajectory_grads(model, tok, TrainConfig(reg_coef=reg, **SMALL)) for reg in (0.0, 1.0)}
+    picks, router, low = runs[0.0]
     bias = router["router.gate.bias"]
     unselected = [l for l in range(len(bias)) if l not in picks[-1]]
     assert bias.abs().sum() > 0
-    assert not torch.allclose(bias, runs["task", 1.0][1]["router.gate.bias"])
+    assert not torch.allclose(bias, runs[1.0][1]["router.gate.bias"])
     assert all(bias[l] != 0 for l in unselected)
     assert any(g.abs().sum() > 0 for n, g in router.items() if n.startswith("router.encoders."))
-    l2_picks, l2_router, l2_low = runs["l2", 0.0]
-    assert l2_picks == picks
-    assert all(float(g.abs().sum()) == 0 for g in l2_router.values())
     assert any(g.abs().sum() > 0 for g in low.values())
-    assert all(torch.equal(low[n], l2_low[n]) for n in low)
-    with pytest.raises(TrainConfigError, match="router_reward"):
-        TrainConfig(router_reward="reinforce").validate()
 
 
-def test_balance_term_lowers_the_logits_of_the_modules_chosen_most_and_touches_nothing_else(tiny):
-    """balance_coef β adds β L Σ f_l softmax(p)_l: its gradient raises the router's bias gradient of
-    the modules every edit chose and lowers that of the modules no edit chose (descent moves the
-    logits the other way); the low-level nets' gradients do not change; with k = L it is 0."""
+def test_a_checkpoint_with_a_removed_option_resumes_only_if_it_was_off(tiny, tmp_path):
+    """Checkpoints written before the experiment options were removed: off (their default) resumes, on is
+    refused with the option named."""
+    from editor_core.train import REMOVED_OPTIONS, train_editor
+
     model, tok = tiny
-    picks, bias, low = {}, {}, {}
-    for beta in (0.0, 1.0):
-        picks[beta], router, low[beta] = _trajectory_grads(model, tok, TrainConfig(balance_coef=beta, **SMALL),
-                                                           (0, 1, 2, 3))
-        bias[beta] = router["router.gate.bias"]
-    assert picks[0.0] == picks[1.0]  # the term changes gradients, not the forward pass
-    diff = bias[1.0] - bias[0.0]
-    always = [l for l in range(4) if all(l in sel for sel in picks[0.0])]
-    never = [l for l in range(4) if not any(l in sel for sel in picks[0.0])]
-    assert always or never
-    assert all(diff[l] > 0 for l in always) and all(diff[l] < 0 for l in never)
-    assert any(g.abs().sum() > 0 for g in low[0.0].values())
-    assert all(torch.equal(low[0.0][n], low[1.0][n]) for n in low[0.0])
-    all_k = _trainer(model, tok, TrainConfig(balance_coef=1.0, **SMALL), k=4)
-    all_k.begin_trajectory()
-    assert float(all_k._balance_term(torch.randn(4), [0, 1, 2, 3])) == 0.0
+    cfg = TrainConfig(traj_len=2, trajectories=1, epochs=1, lr_init=1e-2, **SMALL)
+    records = _records()[:4]
+    train_editor(model, tok, SPEC, 2, records, tmp_path / "ed", cfg=cfg, progress=False)
+    state_path = tmp_path / "ed" / TRAINER_STATE_FILE
+    state = torch.load(state_path, weights_only=False)
+    state["cfg"].update(REMOVED_OPTIONS)
+    torch.save(state, state_path)
+    again = TrainConfig(traj_len=2, trajectories=1, epochs=2, lr_init=1e-2, **SMALL)
+    train_editor(model, tok, SPEC, 2, records, tmp_path / "ed", cfg=again, progress=False, resume=True)
+    state = torch.load(state_path, weights_only=False)
+    state["cfg"]["balance_coef"] = 0.1
+    torch.save(state, state_path)
+    with pytest.raises(TrainConfigError, match="balance_coef"):
+        train_editor(model, tok, SPEC, 2, records, tmp_path / "ed", cfg=TrainConfig(
+            traj_len=2, trajectories=1, epochs=3, lr_init=1e-2, **SMALL), progress=False, resume=True)
 
 
 def test_low_level_gradients_accumulate_over_the_trajectory(tiny):
@@ -375,7 +367,7 @@ def test_cli_trains_resumes_and_refuses(tmp_path, capsys):
 
     data = _write_counterfact(tmp_path / "cf.json", _records())
     base = ["train", "--model", str(_model_dir()), "--data", str(data), "--layers", SPEC, "--out",
-            str(tmp_path / "ed"), "--traj-len", "3", "--trajectories", "2", "--rank", "16", "--router-hidden", "16",
+            str(tmp_path / "ed"), "--traj-len", "3", "--trajectories", "2", "--rank", "16",
             "--no-progress", "--threads", "1", "--epochs", "1"]
     assert main(base + ["--stop-after", "1"]) == 0
     state = torch.load(tmp_path / "ed" / TRAINER_STATE_FILE, weights_only=False)
@@ -466,25 +458,19 @@ def test_trust_region_bounds_every_edit_and_passes_gradients(tiny):
         HiEditNet(HiEditConfig(layer_spec=SPEC, k=2, shapes=editor.cfg.shapes, max_delta_rel=0.1, **SMALL))
 
 
-def test_general_text_enters_the_locality_kl(tiny):
-    """With general_loc > 0 each step's KL covers that many general sentences, chosen by the fact, seeded."""
-    model, tok = tiny
-    texts = [f"{s} and {o} are words of a sentence." for s, o in zip(SUBJECTS, OBJECTS)]
-    from editor_core.train import _general_pool
-    cfg = TrainConfig(general_loc=3, **SMALL)
-    pool = _general_pool(tok, texts, cfg, seed=0)
-    assert len(pool) == len(texts) and all(int((g.labels != -100).sum()) == g.input_ids.shape[1] - 1 for g in pool)
-    assert _general_pool(tok, texts, TrainConfig(general_loc=0, **SMALL), seed=0) == []
-    tr = _trainer(model, tok, cfg)
-    tr.general = pool
-    ids = lambda i: [g.input_ids.tolist() for g in tr.general_for(i)]  # noqa: E731
-    assert len(ids(5)) == 3 and ids(5) == ids(5) and ids(5) != ids(6)
-    # the same step with and without the general rows: only the KL (and so the task loss) differs
-    with_general = tr.run_trajectory([0], step=False)[0]
-    tr.general, tr.cfg.general_loc = [], 0
-    tr.zero_grad()
-    without = tr.run_trajectory([0], step=False)[0]
-    assert with_general.ce == pytest.approx(without.ce, rel=1e-3)  # same step, other padding
-    assert with_general.kl != pytest.approx(without.kl)
-    with pytest.raises(TrainConfigError, match="general_loc"):
-        TrainConfig(general_loc=-1).validate()
+def test_train_help_reads_as_a_recipe():
+    """The experiment options that lost on the demo bed are gone from `hiedit train` (git history keeps them);
+    what is left is the recipe: data, layers, schedule, the paper's loss weights, the editor's few settings."""
+    from editor_core import train_cli
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    train_cli.configure(parser)
+    flags = {a for action in parser._actions for a in action.option_strings}
+    for gone in ("--balance-coef", "--router-reward", "--general-loc", "--general-text", "--no-baseline",
+                 "--max-delta-rel", "--edit-coef", "--eta-lr", "--router-lr", "--max-grad-norm", "--lr-init",
+                 "--n-blocks", "--router-hidden"):
+        assert gone not in flags, gone
+    for kept in ("--layers", "--k", "--epochs", "--traj-len", "--back-depth", "--time-decay", "--loc-coef",
+                 "--reg-coef", "--block-lr", "--tokens", "--seed", "--resume", "--publish"):
+        assert kept in flags, kept
