@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,7 @@ def llama_request(url: str, prompt: str, tokens: int, eos: list[int]) -> tuple[s
 
 def measure(ask, prompts: list[str], rounds: int) -> dict:
     """1 client (each prompt alone, one after another), then len(prompts) clients at once, ``rounds`` times."""
+    ask(prompts[0])  # warm-up: first-call allocations and lazy initialisation are not throughput
     t0 = time.perf_counter()
     alone = [ask(p) for p in prompts]
     one_s = time.perf_counter() - t0
@@ -76,7 +78,8 @@ def measure(ask, prompts: list[str], rounds: int) -> dict:
     return {"one_client_tokens_per_s": round(one_tokens / one_s, 2),
             f"{len(prompts)}_clients_tokens_per_s": round(many_tokens / many_s, 2),
             "ratio": round((many_tokens / many_s) / (one_tokens / one_s), 2),
-            "requests": len(prompts) * (1 + rounds), "answers_differing_from_alone": differ}
+            "requests": len(prompts) * (1 + rounds), "answers_differing_from_alone": differ,
+            "load_average": round(os.getloadavg()[0], 2)}
 
 
 def run_llama(python: str, gguf: Path, threads: int, prompts: list[str], tokens: int, rounds: int) -> dict:
