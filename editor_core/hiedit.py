@@ -192,10 +192,12 @@ class HiEditor(StatelessEditor):
         except ValueError as e:
             raise CheckpointMismatch(f"editor {directory} does not fit this model: {e}") from e
         shapes = [[m.in_features, m.out_features] for m in modules.values()]
-        if shapes != cfg.shapes:
-            raise CheckpointMismatch(f"editor {directory} was built for module shapes {cfg.shapes[:2]}..., "
-                                     f"this model has {shapes[:2]}...")
         fp = base_weights_fingerprint(model, modules)
+        if shapes != cfg.shapes:
+            raise CheckpointMismatch(f"editor {directory} was built for module shapes {cfg.shapes[:2]}... of base model "
+                                     f"{cfg.base_model!r} (editable-weight fingerprint {(cfg.base_fingerprint or '?')[:12]}), "
+                                     f"but {cfg.layer_spec!r} of the loaded model {model_id(model)!r} has shapes "
+                                     f"{shapes[:2]}... (fingerprint {fp[:12]}): load the model it was trained for")
         if cfg.base_fingerprint and fp != cfg.base_fingerprint:
             raise CheckpointMismatch(
                 f"editor {directory} was trained for base model {cfg.base_model!r} "

@@ -375,6 +375,15 @@ def test_cli_refuses_bad_inputs(tiny, tmp_path, capsys):
                  str(tiny["hiedit"]), "--data", str(tiny["data"]), "--methods", "pre", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "trained for base model" in err and err.count("fingerprint") == 2  # the editor's and the model's
+    # an editor of a model of another width (same layer spec, other shapes): both fingerprints named too
+    wide = build_tiny_model(tmp_path / "wide", seed=3, vocab_size=400, hidden=48, layers=4, intermediate=96,
+                            heads=2, kv_heads=1)
+    wide_model, wide_tok = load_model(wide)
+    HiEditor.create(wide_model, wide_tok, SPEC, k=2, rank=8, router_hidden=8).save(tmp_path / "wide-ed")
+    assert main(["eval", "--n", "5", "--out", str(tmp_path / "o3"), "--model", str(tiny["model"]), "--editor",
+                 str(tmp_path / "wide-ed"), "--data", str(tiny["data"]), "--methods", "pre", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "module shapes" in err and err.count("fingerprint") == 2
     assert main(base + ["--editor", str(tiny["hiedit"]), "--methods", "nonsense"]) == 2
     assert main(base + ["--editor", str(tiny["hiedit"]), "--threads", "-1"]) == 2
     assert "--threads" in capsys.readouterr().err
