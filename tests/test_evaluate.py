@@ -274,6 +274,10 @@ def _check_merge(results: dict, tmp_path: Path, methods: list[str]) -> None:
     assert main(["eval-merge", "--mean", one, two, "--out", str(tmp_path / "mean")]) == 0
     mean = json.loads((tmp_path / "mean" / "results.json").read_text())
     assert mean["replicates"] == 2 and list(mean["methods"]) == methods
+    md = (tmp_path / "mean" / "results.md").read_text()  # every cell: mean (min–max)
+    hi = mean["methods"]["hiedit"]
+    assert "mean of 2 replicates" in md
+    assert f"{hi['mean']:.2f} ({hi['spread']['mean'][0]:.2f}–{hi['spread']['mean'][1]:.2f})" in md
     assert [r["editor"] for r in mean["setup"]["runs"]] == [results["setup"]["editor"], "/seed1/hiedit"]
     for name, row in mean["methods"].items():
         orig = results["methods"][name]
