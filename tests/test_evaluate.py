@@ -137,6 +137,29 @@ def test_probe_set_aligns_old_labels(tiny):
     assert 0 <= float(s.new_over_true[0]) <= 1 and math.isnan(float(s.new_over_true[1]))
 
 
+def test_probe_scores_match_the_full_logit_definitions(tiny):
+    """ProbeSet.scores (length-sorted batches, vocabulary projection at the target positions only) gives what
+    the metric functions give on the full logits of each probe alone."""
+    model, tok = load_model(tiny["model"])
+    recs = tiny["records"][:9]
+    probes = [Probe(r["prompt"], r["target_new"], r["ground_truth"]) for r in recs] + \
+        [Probe(r["locality_prompt"], r["locality_ground_truth"]) for r in recs[:3]]
+    ps = ProbeSet(tok, probes)
+    got = ps.scores(model, batch_size=4)
+    for i in range(len(probes)):
+        T = int(ps.lengths[i])
+        with torch.no_grad():
+            logits = model(input_ids=ps.input_ids[i:i + 1, :T]).logits.float()
+        labels, old = ps.labels[i:i + 1, :T], ps.old_labels[i:i + 1, :T]
+        assert float(got.top1[i]) == pytest.approx(float(top1_accuracy(logits, labels)[0]))
+        assert float(got.nll[i]) == pytest.approx(float(mean_nll(logits, labels)[0]), rel=1e-4)
+        assert float(got.greedy[i]) == float(all_top1(logits, labels)[0])
+        ref = float(new_over_true(logits, labels, old)[0])
+        assert (math.isnan(ref) and math.isnan(float(got.new_over_true[i]))) or float(got.new_over_true[i]) == ref
+        keep = labels[0] != -100
+        assert torch.equal(got.argmax[i, :T][keep], logits[0].argmax(-1)[keep])
+
+
 def test_baseline_editors_go_through_weight_state(tiny):
     model, tok = load_model(tiny["model"])
     hiedit = HiEditor.load(tiny["hiedit"], model, tok)
