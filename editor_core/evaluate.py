@@ -299,7 +299,7 @@ class EvalConfig:
 
 
 # Bumped whenever a change to the scoring changes the numbers: cached rows of an older version are rerun.
-SCORE_VERSION = 3
+SCORE_VERSION = 4
 
 
 @dataclass

@@ -148,7 +148,7 @@ class GlueSet:
     @torch.no_grad()
     def predictions(self, model: nn.Module, batch_size: int = 16) -> list[int]:
         """argmax over options of Σ log p(option token | prompt, earlier option tokens), per example."""
-        device = next(model.parameters()).device
+        from .evaluate import logits_at
         scores = torch.full((len(self.examples), max(len(x.options) for x in self.examples)), -math.inf)
         order = sorted(range(len(self.rows)), key=lambda i: len(self.rows[i][0]))  # similar lengths together
         for lo in range(0, len(order), batch_size):
@@ -159,13 +159,22 @@ class GlueSet:
             for j, (row, *_rest) in enumerate(batch):
                 ids[j, :len(row)] = torch.tensor(row)
                 att[j, :len(row)] = 1
-            logp = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits.float().log_softmax(-1).cpu()
-            for j, (row, e, o, n_prompt, opt) in enumerate(batch):
-                if o < 0:  # one row: every option is one token, read at the prompt's last position
-                    scores[e, :len(opt)] = logp[j, n_prompt - 1, torch.tensor(opt)]
+            keep = torch.zeros((len(batch), T), dtype=torch.bool)  # the positions that predict an option token
+            for j, (row, _e, o, n_prompt, _opt) in enumerate(batch):
+                if o < 0:
+                    keep[j, n_prompt - 1] = True
                 else:
-                    positions = torch.arange(n_prompt - 1, len(row) - 1)
-                    scores[e, o] = float(logp[j, positions, torch.tensor(opt)].sum())
+                    keep[j, n_prompt - 1:len(row) - 1] = True
+            logp = logits_at(model, ids, att, keep).log_softmax(-1)  # [P, V], rows of keep in row-major order
+            at = 0
+            for row, e, o, n_prompt, opt in batch:
+                if o < 0:  # one row: every option is one token, read at the prompt's last position
+                    scores[e, :len(opt)] = logp[at, torch.tensor(opt)]
+                    at += 1
+                else:
+                    n = len(row) - n_prompt
+                    scores[e, o] = float(logp[torch.arange(at, at + n), torch.tensor(opt)].sum())
+                    at += n
         return scores.argmax(-1).tolist()
 
     def f1(self, model: nn.Module, batch_size: int = 16) -> dict[str, float]:

@@ -160,6 +160,27 @@ def test_probe_scores_match_the_full_logit_definitions(tiny):
         assert torch.equal(got.argmax[i, :T][keep], logits[0].argmax(-1)[keep])
 
 
+def test_glue_predictions_are_the_most_probable_option(tiny):
+    """GlueSet.predictions: the option with the highest summed log-probability after the prompt, as one full
+    forward pass per option computes it (single-token options read at the prompt's last position)."""
+    from editor_core.general import GlueSet
+
+    model, tok = load_model(tiny["model"])
+    examples = load_glue(3)
+    got = GlueSet(tok, examples).predictions(model, batch_size=5)
+    for ex, pred in zip(examples, got):
+        prompt = tok(ex.prompt, add_special_tokens=True)["input_ids"]
+        if len(prompt) > 320:
+            prompt = prompt[:1] + prompt[-319:]
+        totals = []
+        for option in ex.options:
+            opt = tok(option, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = model(input_ids=torch.tensor([prompt + opt])).logits[0].float().log_softmax(-1)
+            totals.append(float(sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(opt))))
+        assert totals[pred] == pytest.approx(max(totals), abs=1e-4), (ex.task, totals, pred)
+
+
 def test_baseline_editors_go_through_weight_state(tiny):
     model, tok = load_model(tiny["model"])
     hiedit = HiEditor.load(tiny["hiedit"], model, tok)
