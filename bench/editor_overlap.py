@@ -7,6 +7,8 @@ the served model (SmolLM2-135M-Instruct by default) with its committed HiEdit ed
 
   alone        N RLSEdit edits, one after another (facts 0..N-1 of known_facts.json)
   interleaved  the same N RLSEdit edits, each followed by one HiEdit edit (facts N..2N-1)
+  rlsedit-only (the control, ``--runs``) the same, each followed by one more RLSEdit edit of facts N..2N-1:
+               whether N more edits of RLSEdit itself cost its first N as much as N HiEdit edits do
 
 and, for each: RLSEdit's Edited Retention (share of its N facts whose target is still the greedy
 continuation after the whole stream) and, for the interleaved run, the relative drift of the RLSEdit keys
@@ -17,6 +19,7 @@ overlapping layers to see what the server's start-time refusal prevents.
 
     python bench/editor_overlap.py                       # the served defaults, N = 20
     python bench/editor_overlap.py --n 10 --rls-layers 'down[22-26]'
+    python bench/editor_overlap.py --n 40 --runs rlsedit-only
 
 The LAST line printed is JSON with the figures.
 """
@@ -42,6 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--hiedit-layers", default=None,
                    help="an untrained HiEdit editor on this spec instead of the committed one")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--runs", default="alone,interleaved", help="comma-separated: alone, interleaved, rlsedit-only")
     args = p.parse_args(argv)
 
     import torch
@@ -74,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         out = model.generate(ids, max_new_tokens=len(want), do_sample=False, pad_token_id=tok.eos_token_id)
         return out[0, ids.shape[1]:].tolist() == want
 
-    def run(interleave: bool) -> dict:
+    def run(interleave: bool, second: str = "hiedit") -> dict:
         rls = RLSEditor.create(model, tok, layers=args.rls_layers,
                                cache_dir=str(home / "cache" / "rlsedit-stats"))
         state = WeightState({**{n: rls.module_map[n] for n in rls.modules},
@@ -89,17 +93,20 @@ def main(argv: list[str] | None = None) -> dict:
             taken += holds(f)
             if interleave:
                 eid += 1
-                hprop = hiedit.propose(request(hi_facts[i]))
+                editor = hiedit if second == "hiedit" else rls
+                hprop = editor.propose(request(hi_facts[i]))
                 state.apply(eid, hprop.delta)
+                editor.commit(eid, hprop)
                 hi_ids.append(eid)
-            print(f"{'interleaved' if interleave else 'alone'}: {i + 1}/{len(rls_facts)}", file=sys.stderr)
+            print(f"{'interleaved ' + second if interleave else 'alone'}: {i + 1}/{len(rls_facts)}", file=sys.stderr)
         kept = [holds(f) for f in rls_facts]
         out = {"rlsedit_layers": rls.cfg.layers, "rlsedit_taken_when_made": taken,
                "rlsedit_edited_retention": sum(kept) / len(kept), "rlsedit_kept": sum(kept), "n": len(kept),
                "seconds": round(time.perf_counter() - t0, 1)}
         if interleave:
-            out["hiedit_kept"] = sum(holds(f) for f in hi_facts)
-            out["key_drift"] = key_drift(rls, state, hi_ids)
+            out["hiedit_kept" if second == "hiedit" else "rlsedit_second_facts_kept"] = sum(holds(f) for f in hi_facts)
+            if second == "hiedit":
+                out["key_drift"] = key_drift(rls, state, hi_ids)
         state.reset()
         return out
 
@@ -125,12 +132,19 @@ def main(argv: list[str] | None = None) -> dict:
         without = keys()
         return max(float((a - b).norm() / b.norm()) for a, b in zip(with_hi, without))
 
-    alone = run(False)
-    inter = run(True)
-    drop = alone["rlsedit_edited_retention"] - inter["rlsedit_edited_retention"]
-    return emit({"model": args.model, "hiedit_layers": args.hiedit_layers or "committed editor",
-                 "hiedit_modules": f"{hiedit.modules[0]} .. {hiedit.modules[-1]}", "alone": alone,
-                 "interleaved": inter, "retention_drop": round(drop, 4), "threads": args.threads})
+    runs = args.runs.split(",")
+    out = {"model": args.model, "hiedit_layers": args.hiedit_layers or "committed editor",
+           "hiedit_modules": f"{hiedit.modules[0]} .. {hiedit.modules[-1]}", "threads": args.threads}
+    if "alone" in runs:
+        out["alone"] = run(False)
+    if "interleaved" in runs:
+        out["interleaved"] = run(True)
+    if "rlsedit-only" in runs:
+        out["rlsedit_only"] = run(True, "rlsedit")
+    if "alone" in out and "interleaved" in out:
+        out["retention_drop"] = round(out["alone"]["rlsedit_edited_retention"]
+                                      - out["interleaved"]["rlsedit_edited_retention"], 4)
+    return emit(out)
 
 
 if __name__ == "__main__":
