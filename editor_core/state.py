@@ -123,7 +123,9 @@ class WeightState:
                 else:
                     self.acc[name] = acc
                 self._digests[name] = digest
-                if not dirty:
+                if dirty:  # its saved digest predates the weight: a fingerprint() inside the block cleared it
+                    self._dirty.add(name)
+                else:
                     self._dirty.discard(name)
 
     def rollback(self, edit_id: int, swap_lock: ContextManager | None = None) -> None:

@@ -262,3 +262,21 @@ def test_replicas_at_one_and_two_threads_match_the_writer_on_each_of_50_edits(
     finally:
         for s in servers:
             s.stop()
+
+
+def test_a_fingerprint_taken_inside_a_trial_leaves_the_fingerprint_after_it_right():
+    """WeightState.trial restores each module's digest; one swapped but not yet hashed before the trial must
+    stay marked for hashing, or the fingerprint after the trial hashes nothing and is stale."""
+    from torch import nn
+
+    from service.weights import ServedWeights
+
+    g = torch.Generator().manual_seed(0)
+    mods = {"m": nn.Linear(8, 4, bias=False)}
+    state = ServedWeights(mods, "x")
+    state.apply(1, LowRankDelta({"m": (torch.randn(4, 2, generator=g), torch.randn(2, 8, generator=g))}))
+    with state.trial(LowRankDelta({"m": (torch.randn(4, 1, generator=g), torch.randn(1, 8, generator=g))})):
+        state.fingerprint()
+    after = state.fingerprint()
+    state._dirty.add("m")  # hash from the weight itself
+    assert after == state.fingerprint()
