@@ -816,7 +816,9 @@ def plot_curves(results: dict, path) -> None:
                   for p in curve]
             ax.plot(xs, ys, **style)
     for ax, (metric, scoring) in zip(axes, panels):
-        ax.set_title(metric.replace("_", " ") + (f" ({scoring})" if scoring else ""))
+        ax.set_title(metric.replace("_", " ") + (f" ({scoring})" if scoring else ""), fontsize=10)
+        if metric == "general_retention" and not scoring and not results.get("config", {}).get("glue_every"):
+            ax.set_title("general retention\n(last point: F1 + PPL; earlier: PPL only)", fontsize=9)
         ax.set_xlabel("edits")
         ax.set_ylabel("%")
         ax.set_ylim(-2, 102)
