@@ -149,7 +149,8 @@ def test_a_replica_that_starts_late_checks_the_state_it_catches_up_to(
     with writer_app.state.sessions.begin() as s:
         s.execute(update(Edit).where(Edit.id == ids[0]).values(fingerprint_rolled_back="0" * 64))
     with TestClient(replica("r2")) as r:
-        body = _wait(lambda: (x := r.get("/readyz")).status_code == 503 and x).json()
+        # a 503 while the replica still replays is not the answer: wait for the one that names the mismatch
+        body = _wait(lambda: (x := r.get("/readyz")).status_code == 503 and "event" in x.json() and x).json()
         assert (body["event"], body["edit_id"], body["expected_fingerprint"]) == ("rollback", ids[0], "0" * 64)
         assert body["fingerprint"] == writer_fp and "unverified" in body["detail"]
         assert r.get("/state").json()["fingerprint"] == writer_fp
