@@ -23,7 +23,7 @@ from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import EngineError, InvalidRequest
@@ -83,6 +83,41 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class OpenAIRequest(BaseModel):
+    """The fields both completions endpoints share; options this server cannot honour are refused by name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default; 0 is greedy
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    stream: bool = Field(False, description="server-sent events, one chunk per piece of text, then [DONE]")
+    stream_options: StreamOptions | None = None
+    # accepted at their neutral values only, so a client that sends them explicitly still works
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    top_p: float = Field(1.0, ge=1.0, le=1.0, description="nucleus sampling is not supported")
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        items = stop_list(v)
+        if len(items) > 4 or any(not s for s in items):
+            raise ValueError("up to 4 non-empty stop sequences")
+        return v
+
+    @property
+    def stops(self) -> list[str]:
+        return stop_list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
 def check_model(engine, model: str | None) -> None:
     if model is not None and model != engine.model_name:
         raise StarletteHTTPException(404, f"model: {model!r} is not served here; this server serves "
@@ -97,13 +132,6 @@ def check_max_tokens(engine, max_tokens: int) -> None:
 
 def stop_list(stop: str | list[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop or [])
-
-
-def validate_stop(stop: str | list[str] | None) -> str | list[str] | None:
-    items = stop_list(stop)
-    if len(items) > 4 or any(not s for s in items):
-        raise ValueError("up to 4 non-empty stop sequences")
-    return stop
 
 
 def _cut(text: str, stops: list[str]) -> tuple[str, bool]:

@@ -16,8 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ...engine import InvalidRequest
 from ...schemas import MAX_TEXT_CHARS
 from ..deps import EngineDep, require_scope
-from ..openai_shape import (OpenAIRoute, StreamOptions, Usage, check_max_tokens, check_model, complete, stop_list,
-                            stream, validate_stop)
+from ..openai_shape import OpenAIRequest, OpenAIRoute, Usage, check_max_tokens, check_model, complete, stream
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute,
                    dependencies=[Depends(require_scope("read"))])
@@ -52,27 +51,13 @@ class ChatMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p["text"] for p in self.content)
 
 
-class ChatCompletionIn(BaseModel):
-    """What an OpenAI SDK sends for a chat completion; options this server cannot honour are refused by name."""
+class ChatCompletionIn(OpenAIRequest):
+    """What an OpenAI SDK sends for a chat completion."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = None
     messages: list[ChatMessage]
     max_tokens: int | None = Field(None, ge=1, description="default: HIEDIT_MAX_NEW_TOKENS")
     max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
-    temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default; 0 is greedy
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    # accepted at their neutral values only, so a client that sends them explicitly still works
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
     logprobs: bool = Field(False, description="log-probabilities are not returned")
-    top_p: float = Field(1.0, ge=1.0, le=1.0, description="nucleus sampling is not supported")
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
-    user: str | None = None
 
     @field_validator("messages")
     @classmethod
@@ -89,11 +74,6 @@ class ChatCompletionIn(BaseModel):
         if v:
             raise ValueError("not supported by this server; send logprobs: false or leave it out")
         return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        return validate_stop(v)
 
     @model_validator(mode="after")
     def _one_limit(self) -> "ChatCompletionIn":
@@ -160,10 +140,9 @@ def create_chat_completion(body: ChatCompletionIn, engine: EngineDep):
             return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": engine.model_name,
                     "system_fingerprint": fingerprint,
                     "choices": [{"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}]}
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return stream(engine, ids, max_tokens, body.temperature, body.seed, stop_list(body.stop), chunk,
-                      include_usage, first={"role": "assistant", "content": ""})
-    text, n, finish = complete(engine, ids, max_tokens, body.temperature, body.seed, stop_list(body.stop))
+        return stream(engine, ids, max_tokens, body.temperature, body.seed, body.stops, chunk,
+                      body.include_usage, first={"role": "assistant", "content": ""})
+    text, n, finish = complete(engine, ids, max_tokens, body.temperature, body.seed, body.stops)
     return ChatCompletionOut(id=cid, created=created, model=engine.model_name,
                              choices=[ChatChoice(index=0, message=ChatMessageOut(content=text), finish_reason=finish)],
                              usage=Usage(prompt_tokens=len(ids), completion_tokens=n, total_tokens=len(ids) + n),

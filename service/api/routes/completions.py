@@ -7,38 +7,24 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from ...schemas import MAX_TEXT_CHARS
 from ..deps import EngineDep, require_scope
-from ..openai_shape import (OpenAIRoute, StreamOptions, Usage, check_max_tokens, check_model, complete, stop_list,
-                            stream, validate_stop)
+from ..openai_shape import OpenAIRequest, OpenAIRoute, Usage, check_max_tokens, check_model, complete, stream
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute,
                    dependencies=[Depends(require_scope("read"))])
 
 
-class CompletionIn(BaseModel):
-    """What an OpenAI SDK sends for a completion; options this server cannot honour are refused by name."""
+class CompletionIn(OpenAIRequest):
+    """What an OpenAI SDK sends for a completion."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = None
     prompt: str | list[str]
     max_tokens: int = Field(16, ge=1)  # OpenAI's default
-    temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default; 0 is greedy
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = None
-    # accepted at their neutral values only, so a client that sends them explicitly still works
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
-    stream: bool = Field(False, description="server-sent events, one chunk per piece of text, then [DONE]")
-    stream_options: StreamOptions | None = None
+    # accepted at their neutral values only
     echo: bool = Field(False, description="the prompt is never echoed")
     logprobs: int | None = Field(None, le=0, description="log-probabilities are not returned")
-    top_p: float = Field(1.0, ge=1.0, le=1.0, description="nucleus sampling is not supported")
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
-    user: str | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -58,11 +44,6 @@ class CompletionIn(BaseModel):
         if v:
             raise ValueError(f"not supported by this server; send {info.field_name}: false or leave it out")
         return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        return validate_stop(v)
 
     @property
     def text(self) -> str:
@@ -102,10 +83,9 @@ def create_completion(body: CompletionIn, engine: EngineDep):
                     "system_fingerprint": fingerprint,
                     "choices": [{"index": 0, "text": delta.get("text", ""), "logprobs": None,
                                  "finish_reason": finish}]}
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return stream(engine, ids, body.max_tokens, body.temperature, body.seed, stop_list(body.stop), chunk,
-                      include_usage)
-    text, n, finish = complete(engine, ids, body.max_tokens, body.temperature, body.seed, stop_list(body.stop))
+        return stream(engine, ids, body.max_tokens, body.temperature, body.seed, body.stops, chunk,
+                      body.include_usage)
+    text, n, finish = complete(engine, ids, body.max_tokens, body.temperature, body.seed, body.stops)
     return CompletionOut(id=cid, created=created, model=engine.model_name,
                          choices=[CompletionChoice(index=0, text=text, finish_reason=finish)],
                          usage=Usage(prompt_tokens=len(ids), completion_tokens=n, total_tokens=len(ids) + n),
