@@ -151,20 +151,21 @@ def _write_merged(engine: EditEngine, served: dict[str, torch.Tensor], out: Path
 
 def _write_peft(engine: EditEngine, chosen: list[tuple[int, LowRankDelta]], rank: int | None, out: Path,
                 result: ExportResult) -> None:
-    factors: dict[str, LowRankDelta] = {}
-    for _, delta in chosen:  # per module: [L_1 | L_2 | ...] [R_1; R_2; ...], id order
+    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for _, delta in chosen:
         for name, pair in delta.factors.items():
-            one = LowRankDelta({name: pair})
-            factors[name] = factors[name].plus(one) if name in factors else one
-    order = [n for n in engine.state.modules if n in factors]  # the model's module order
-    exact = max((factors[n].rank_bound(n) for n in order), default=0)
+            parts.setdefault(name, []).append(pair)
+    order = [n for n in engine.state.modules if n in parts]  # the model's module order
+    # per module, one concatenation: [L_1 | L_2 | ...] [R_1; R_2; ...], id order (rank = the sum of the ranks)
+    factors = {n: (torch.cat([l for l, _ in parts[n]], 1), torch.cat([r for _, r in parts[n]], 0)) for n in order}
+    exact = max((factors[n][0].shape[1] for n in order), default=0)
     result.exact_rank = exact
     if rank is not None and rank > exact:
         raise InvalidRequest(f"rank: {rank} is above the exact rank of these edits ({exact}); leave it out for "
                              "the exact adapter", 400)
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name in order:
-        left, right = (t.detach().to("cpu", torch.float64) for t in factors[name].factors[name])
+        left, right = (t.detach().to("cpu", torch.float64) for t in factors[name])
         if rank is not None:
             dense = left @ right
             left, right = (t.to(torch.float32).double() for t in truncate(left, right, rank))  # as stored
