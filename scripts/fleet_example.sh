@@ -6,17 +6,10 @@
 #   bash scripts/fleet_example.sh > /tmp/fleet.md
 set -euo pipefail
 PORT=${PORT:-8766}
-HOME_DIR=$(mktemp -d)
 OUT=$(mktemp -d)
-# A first start converts the model's GGUF and collects RLSEdit's statistics (minutes): MODELS_DIR=<a home>/models
-# and STATS_DIR=<a home>/cache reuse those of an earlier start.
-[ -n "${MODELS_DIR:-}" ] && ln -s "$MODELS_DIR" "$HOME_DIR/models"
-[ -n "${STATS_DIR:-}" ] && ln -s "$STATS_DIR" "$HOME_DIR/cache"
-URL=http://127.0.0.1:$PORT
-hiedit serve --port "$PORT" --home "$HOME_DIR" --probe-every-seconds 0 >"$HOME_DIR/server.log" 2>&1 &
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true; rm -rf "$HOME_DIR" "$OUT"; exit 0' EXIT
-for _ in $(seq 1 1200); do curl -sf "$URL/readyz" >/dev/null 2>&1 && break; sleep 0.5; done
+CLEANUP=$OUT
+# shellcheck source=scripts/throwaway_server.sh
+source "$(dirname "$0")/throwaway_server.sh"
 
 J=(-H 'Content-Type: application/json')
 short() { sed -e "s#$URL#http://127.0.0.1:8000#g" -e "s#$OUT#/srv/export#g" -e "s#$HOME_DIR#\$HIEDIT_HOME#g"; }

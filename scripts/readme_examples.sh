@@ -4,16 +4,8 @@
 #   bash scripts/readme_examples.sh > /tmp/examples.md
 set -euo pipefail
 PORT=${PORT:-8765}
-HOME_DIR=$(mktemp -d)
-# A first start converts the model's GGUF and collects RLSEdit's statistics (minutes): MODELS_DIR=<a home>/models
-# and STATS_DIR=<a home>/cache reuse those of an earlier start.
-[ -n "${MODELS_DIR:-}" ] && ln -s "$MODELS_DIR" "$HOME_DIR/models"
-[ -n "${STATS_DIR:-}" ] && ln -s "$STATS_DIR" "$HOME_DIR/cache"
-URL=http://127.0.0.1:$PORT
-hiedit serve --port "$PORT" --home "$HOME_DIR" --probe-every-seconds 0 >"$HOME_DIR/server.log" 2>&1 &
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true; rm -rf "$HOME_DIR"; exit 0' EXIT
-for _ in $(seq 1 1200); do curl -sf "$URL/readyz" >/dev/null 2>&1 && break; sleep 0.5; done
+# shellcheck source=scripts/throwaway_server.sh
+source "$(dirname "$0")/throwaway_server.sh"
 
 show() {  # show "title" curl-args...
   local title=$1; shift
