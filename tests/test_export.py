@@ -44,7 +44,7 @@ HEADERS = {"Authorization": f"Bearer {ADMIN}"}
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, smollm2_dir):
-    """A stopped-then-reopened SmolLM2 server with 10 edits, 2 rolled back; yields (client, home, prompts)."""
+    """A SmolLM2 server (in-process) with 10 edits, 2 rolled back; yields (client, home, prompts)."""
     home = tmp_path_factory.mktemp("export-home")
     model, tok = load_model(smollm2_dir)
     editor = HiEditor.load(KNOWN_MODELS["smollm2-135m-instruct"].editor, model, tok)
