@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rlsedit import RLSEditConfig, RLSEditor, SingularSystemError
+from .rlsedit import RLSEditConfig, RLSEditor, SingularSystemError, keys_digest
 
 
 @dataclass(frozen=True)
@@ -128,25 +128,28 @@ class AlphaEditor(RLSEditor):
         for name, k in keys.items():
             k64 = k.to(self.device, torch.float64)
             self.kpkp[name] += k64.T @ k64
-        self.history[edit_id] = {n: k.detach().float().cpu() for n, k in keys.items()}
+        self.history[edit_id] = keys_digest(keys)
 
-    def forget(self, edit_id: int) -> None:
-        """After a rollback: K_pᵀ K_p −= Kᵀ K (the edit's keys leave the protected set)."""
+    def forget(self, edit_id: int, state_blob: bytes | None) -> None:
+        """After a rollback: K_pᵀ K_p −= Kᵀ K (the edit's keys, from its logged ``state_blob``, leave the
+        protected set)."""
         if edit_id not in self.history:
             return
-        for name, k in self.history.pop(edit_id).items():
+        for name, k in self._logged_keys(edit_id, state_blob).items():
             k64 = k.to(self.device, torch.float64)
             self.kpkp[name] -= k64.T @ k64
+        del self.history[edit_id]
 
-    def rebuild(self) -> None:
-        """Recompute every K_pᵀ K_p from the committed keys (removes summation drift)."""
-        for name in self.modules:
-            acc = torch.zeros_like(self.P[name])
-            for keys in self.history.values():
-                if name in keys:
-                    k64 = keys[name].to(self.device, torch.float64)
-                    acc += k64.T @ k64
-            self.kpkp[name] = acc
+    def rebuild(self, committed) -> None:
+        """Recompute every K_pᵀ K_p from the committed edits' keys (``committed``: one {module: K} per edit);
+        removes summation drift."""
+        acc = {name: torch.zeros_like(self.P[name]) for name in self.modules}
+        for keys in committed:
+            for name, k in keys.items():
+                if name in acc:
+                    k64 = k.to(self.device, torch.float64)
+                    acc[name] += k64.T @ k64
+        self.kpkp.update(acc)
 
     def save_state(self, path):
         raise TypeError("AlphaEdit is a benchmark method (hiedit eval); it has no served state to save")

@@ -76,7 +76,9 @@ class Editor(Protocol):
 
     def commit(self, edit_id: int, proposal: Proposal) -> None: ...
 
-    def forget(self, edit_id: int) -> None: ...
+    def forget(self, edit_id: int, state_blob: bytes | None) -> None:
+        """Undo ``commit``/``restore`` of a rolled-back edit; ``state_blob`` is the one its proposal carried
+        (read back from the log: an editor keeps no per-edit data, so its memory does not grow with edits)."""
 
     def restore(self, edit_id: int, state_blob: bytes | None) -> None: ...
 
@@ -95,7 +97,7 @@ class StatelessEditor:
     def commit(self, edit_id: int, proposal: Proposal) -> None:
         pass
 
-    def forget(self, edit_id: int) -> None:
+    def forget(self, edit_id: int, state_blob: bytes | None) -> None:
         pass
 
     def restore(self, edit_id: int, state_blob: bytes | None) -> None:

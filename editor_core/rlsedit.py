@@ -32,11 +32,13 @@ that edit; ``restore`` replays ``commit`` from the log. ``reset_every_edit=True`
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
 import re
 from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -55,7 +57,7 @@ from .state import tensor_digest
 from .stats import SecondMoment, cached_second_moments, load_second_moments, stats_fingerprint
 
 KEYS_FORMAT = "hiedit-rlsedit-keys-v1"
-STATE_FORMAT = "hiedit-rlsedit-state-v1"
+STATE_FORMAT = "hiedit-rlsedit-state-v2"  # v1 also held every committed key
 C_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 FACT_TOKENS = ("auto", "subject_last", "last")
 
@@ -238,6 +240,15 @@ def _check_keys(keys: torch.Tensor, d_k: int, what: str) -> None:
         raise SingularSystemError(f"{what}: keys must be [u, {d_k}], got {tuple(keys.shape)}")
     if not bool(torch.isfinite(keys).all()):
         raise SingularSystemError(f"{what}: keys contain NaN or inf")
+
+
+def keys_digest(keys: dict[str, torch.Tensor]) -> str:
+    """sha256 over the module names and float32 bytes of one edit's keys {module: K [u, d_k]}."""
+    h = hashlib.sha256()
+    for name in sorted(keys):
+        h.update(name.encode())
+        h.update(tensor_digest(keys[name].detach().float().cpu()).encode())
+    return h.hexdigest()
 
 
 def rls_gain(C: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -428,7 +439,8 @@ class RLSEditor:
     Attributes:
         modules: down_proj names of the layer spec, ascending layer order
         C:       {module: C_t [d_k, d_k]} on the model's device, in cfg.c_dtype
-        history: {edit_id: {module: K [u, d_k] float32 CPU}} of committed edits (rlsedit only)
+        history: {edit_id: digest of its keys} of committed edits (rlsedit only); the keys themselves are
+                 in the log (the proposal's state_blob), read back by ``forget``
     """
 
     def __init__(self, model: nn.Module, tokenizer, cfg: RLSEditConfig, stats: dict[str, SecondMoment]):
@@ -468,7 +480,7 @@ class RLSEditor:
         self.stats_digest = {n: tensor_digest(self.sigma[n]) for n in self.modules}
         self.fingerprints = {n: stats[n].meta.get("fingerprint") or stats_fingerprint(model, self.layer_of[n])
                              for n in self.modules}
-        self.history: dict[int, dict[str, torch.Tensor]] = {}
+        self.history: dict[int, str] = {}
         self.contexts = self._make_contexts()
 
     # ---- construction ------------------------------------------------------------------------------
@@ -783,15 +795,26 @@ class RLSEditor:
         if edit_id in self.history:
             raise ValueError(f"edit {edit_id} is already committed to the RLS state")
         self._update_all(keys, -1.0)
-        self.history[edit_id] = {n: k.detach().float().cpu() for n, k in keys.items()}
+        self.history[edit_id] = keys_digest(keys)
 
-    def forget(self, edit_id: int) -> None:
+    def _logged_keys(self, edit_id: int, state_blob: bytes | None) -> dict[str, torch.Tensor]:
+        """The keys edit ``edit_id`` committed, from its logged ``state_blob``, checked against the digest kept."""
+        if state_blob is None:
+            raise RLSStateMismatch(f"edit {edit_id}: its keys are needed to forget it, and the log has none")
+        keys = self.keys_from_blob(state_blob, exact=False)
+        if keys_digest(keys) != self.history[edit_id]:
+            raise RLSStateMismatch(f"edit {edit_id}: the logged keys are not the ones committed")
+        return keys
+
+    def forget(self, edit_id: int, state_blob: bytes | None) -> None:
         """After a rollback: A ← A − KᵀK, so C equals never having seen the edit's keys.
 
-        Edits this editor never committed (other methods, memit-nohist) leave C unchanged."""
+        The keys come from the edit's logged ``state_blob`` (the editor keeps only their digest, so its
+        memory does not grow with the number of edits). Edits this editor never committed (other
+        methods, memit-nohist) leave C unchanged."""
         if self.cfg.reset_every_edit or edit_id not in self.history:
             return
-        self._update_all(self.history[edit_id], +1.0)
+        self._update_all(self._logged_keys(edit_id, state_blob), +1.0)
         del self.history[edit_id]
 
     def restore(self, edit_id: int, state_blob: bytes | None) -> None:
@@ -807,24 +830,26 @@ class RLSEditor:
         if not keys:
             return  # the edit wrote none of this editor's layers
         if edit_id in self.history:
-            mine = self.history[edit_id]
-            same = mine.keys() == keys.keys() and all(torch.equal(mine[n], keys[n].float()) for n in keys)
-            if not same:
+            if keys_digest(keys) != self.history[edit_id]:
                 raise RLSStateMismatch(f"edit {edit_id}: the logged keys differ from the loaded state snapshot")
             return
         self._commit_keys(edit_id, keys)
 
-    def rebuild(self) -> None:
-        """Recompute every C = (A_0 + Σ_i K_iᵀ K_i)⁻¹ from the committed keys (removes recursion drift; O(d_k³))."""
+    def rebuild(self, committed: Iterable[dict[str, torch.Tensor]]) -> None:
+        """Recompute every C = (A_0 + Σ_i K_iᵀ K_i)⁻¹ from the keys of the committed edits (``committed``:
+        one {module: K} per edit, e.g. read from the log); removes recursion drift; O(d_k³)."""
+        a = {}
+        for name in self.modules:
+            a[name] = self.cfg.beta * self.weight[name] * self.sigma[name].double().to(self.device)
+            a[name].diagonal().add_(self.alpha[name])
+        for keys in committed:
+            for name, k in keys.items():
+                if name in a:
+                    k = k.double().to(self.device)
+                    a[name] += k.T @ k
         new = {}
         for name in self.modules:
-            a = self.cfg.beta * self.weight[name] * self.sigma[name].double().to(self.device)
-            a.diagonal().add_(self.alpha[name])
-            for keys in self.history.values():
-                if name in keys:
-                    k = keys[name].double().to(self.device)
-                    a += k.T @ k
-            chol, info = torch.linalg.cholesky_ex((a + a.T) / 2)
+            chol, info = torch.linalg.cholesky_ex((a[name] + a[name].T) / 2)
             if int(info) != 0:
                 raise SingularSystemError(f"{name}: A_t is not positive definite")
             c = torch.cholesky_inverse(chol)
@@ -843,16 +868,13 @@ class RLSEditor:
                 "stats_digest": [self.stats_digest[n] for n in self.modules]}
 
     def save_state(self, path: str | Path) -> Path:
-        """Snapshot C and the committed keys (safetensors) so a restart need not replay the recursion."""
+        """Snapshot C and the committed edits' ids and key digests (safetensors; fixed size but for the ids)
+        so a restart need not replay the recursion."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"C.{i}": self.C[n].detach().cpu().contiguous() for i, n in enumerate(self.modules)}
-        for eid, keys in self.history.items():
-            for i, n in enumerate(self.modules):
-                if n in keys:
-                    tensors[f"K.{eid}.{i}"] = keys[n].contiguous()
         meta = {"format": STATE_FORMAT, "signature": json.dumps(self._signature()),
-                "edit_ids": json.dumps(list(self.history)), "model": model_id(self.model)}
+                "history": json.dumps(self.history), "model": model_id(self.model)}
         tmp = path.with_suffix(path.suffix + ".tmp")
         save_file(tensors, tmp, metadata=meta)
         tmp.replace(path)
@@ -875,7 +897,6 @@ class RLSEditor:
                                    f"(model {meta.get('model')!r})")
         tensors = load_file(path)
         new_c = {n: tensors[f"C.{i}"].to(self.device, self.c_dtype).contiguous() for i, n in enumerate(self.modules)}
-        history = {int(e): {n: tensors[f"K.{e}.{i}"] for i, n in enumerate(self.modules) if f"K.{e}.{i}" in tensors}
-                   for e in json.loads(meta["edit_ids"])}
+        history = {int(e): str(d) for e, d in json.loads(meta["history"]).items()}
         self.C, self.history = new_c, history
         return list(history)

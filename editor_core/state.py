@@ -7,6 +7,11 @@ module it touched from zero, adding the remaining deltas in id order. Replaying 
 active edits in a fresh process performs the same float operations in the same order, so
 the served bytes, and the fingerprint, are bit-identical.
 
+The deltas themselves are kept by a ``DeltaStore``: in memory by default (the trainer and the
+evaluation harness), or read back from the edit log (the service: ``service.weights.LogDeltas``),
+so that what a served state holds in memory does not grow with the number of edits. The state itself
+only remembers which modules each active edit touched, to know what a rollback must rebuild.
+
 Every change is computed into new tensors first and swapped in at the end, under the
 caller's ``swap_lock``: a failure leaves weights, accumulators and the fingerprint as they were,
 and a reader holding that lock never sees a half-applied edit.
@@ -16,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Iterable, Iterator
-from typing import ContextManager
+from typing import ContextManager, Protocol
 
 import torch
 from torch import nn
@@ -42,20 +47,51 @@ def weights_fingerprint(model_name: str, weights: Iterable[tuple[str, torch.Tens
     return h.hexdigest()
 
 
+class DeltaStore(Protocol):
+    """Where the deltas of the active edits live while they are active."""
+
+    def put(self, edit_id: int, delta: LowRankDelta) -> None:
+        """Edit ``edit_id`` became active with ``delta``."""
+
+    def drop(self, edit_id: int) -> None:
+        """Edit ``edit_id`` is no longer active."""
+
+    def load(self, ids: list[int]) -> Iterator[tuple[int, LowRankDelta]]:
+        """(id, delta) of ``ids`` (active edits, ascending), in that order, on the weights' device."""
+
+
+class MemoryDeltas:
+    """The deltas in a dict: O(active edits) memory, for the trainer and the evaluation harness."""
+
+    def __init__(self) -> None:
+        self.deltas: dict[int, LowRankDelta] = {}
+
+    def put(self, edit_id: int, delta: LowRankDelta) -> None:
+        self.deltas[edit_id] = delta
+
+    def drop(self, edit_id: int) -> None:
+        self.deltas.pop(edit_id, None)
+
+    def load(self, ids: list[int]) -> Iterator[tuple[int, LowRankDelta]]:
+        return ((i, self.deltas[i]) for i in ids)
+
+
 class WeightState:
-    """Owns the editable weights of a model: base copies, accumulators, active deltas.
+    """Owns the editable weights of a model: base copies, accumulators, which edits are active.
 
     Args:
         modules: {dotted name: nn.Linear} for every module any editor may change.
         model_name: mixed into the fingerprint so different bases never collide.
+        store: keeps the active edits' deltas (default: in memory).
     """
 
-    def __init__(self, modules: dict[str, nn.Linear], model_name: str):
+    def __init__(self, modules: dict[str, nn.Linear], model_name: str, store: DeltaStore | None = None):
         self.modules = dict(modules)
         self.model_name = model_name
         self.base = {n: m.weight.detach().clone() for n, m in self.modules.items()}
         self.acc: dict[str, torch.Tensor] = {}  # allocated on first touch: float32, same shape as W^0
-        self.deltas: dict[int, LowRankDelta] = {}  # active edits, ascending id
+        self.store: DeltaStore = store if store is not None else MemoryDeltas()
+        self.touched: dict[int, tuple[str, ...]] = {}  # active edit id -> the modules its delta changes
         self._digests = {n: tensor_digest(w) for n, w in self.base.items()}
         self._dirty: set[str] = set()  # modules swapped since their digest was taken
         self.base_fingerprint = self.fingerprint()
@@ -64,7 +100,7 @@ class WeightState:
 
     @property
     def active_ids(self) -> list[int]:
-        return sorted(self.deltas)
+        return sorted(self.touched)
 
     def fingerprint(self) -> str:
         """sha256 over the model name and the served bytes of every editable module."""
@@ -93,13 +129,13 @@ class WeightState:
 
     def apply(self, edit_id: int, delta: LowRankDelta, swap_lock: ContextManager | None = None) -> None:
         """Add edit ``edit_id``. Ids must grow; anything else is a replay error."""
-        if edit_id in self.deltas:
+        if edit_id in self.touched:
             raise ValueError(f"edit {edit_id} is already applied")
-        if self.deltas and edit_id < max(self.deltas):
-            raise ValueError(f"edit {edit_id} is older than the newest active edit {max(self.deltas)}: "
+        if self.touched and edit_id < max(self.touched):
+            raise ValueError(f"edit {edit_id} is older than the newest active edit {max(self.touched)}: "
                              "apply edits in id order")
         self._swap(self._added(delta), swap_lock)
-        self.deltas[edit_id] = delta
+        self._activate(edit_id, delta)
 
     @contextlib.contextmanager
     def trial(self, delta: LowRankDelta) -> Iterator[None]:
@@ -130,27 +166,36 @@ class WeightState:
 
     def rollback(self, edit_id: int, swap_lock: ContextManager | None = None) -> None:
         """Remove edit ``edit_id``, rebuilding the modules it touched from W^0 and the rest."""
-        if edit_id not in self.deltas:
+        if edit_id not in self.touched:
             raise KeyError(f"edit {edit_id} is not active")
-        remaining = {i: d for i, d in self.deltas.items() if i != edit_id}
-        new_acc = self._rebuild(self.deltas[edit_id].modules, remaining)
+        names = self.touched[edit_id]
+        new_acc = self._rebuild(names, self.store.load(self._touching(names, exclude=edit_id)))
         self._swap(new_acc, swap_lock)
-        del self.deltas[edit_id]
+        self._deactivate(edit_id)
 
-    def served_with(self, deltas: dict[int, LowRankDelta]) -> dict[str, torch.Tensor]:
-        """The served weight of every editable module if exactly ``deltas`` were the active edits.
+    def served_with(self, deltas: Iterable[tuple[int, LowRankDelta]]) -> dict[str, torch.Tensor]:
+        """The served weight of every editable module if exactly ``deltas`` ((id, delta), ascending ids)
+        were the active edits.
 
         The same float operations a replay of them performs (from W^0, in id order), so with the active
-        edits it is the served bytes; nothing here changes. For exports: {name: [d_out, d_in] tensor}.
+        edits it is the served bytes; nothing here changes. ``deltas`` is consumed one at a time (a log of
+        any length fits). For exports: {name: [d_out, d_in] tensor}.
         """
-        for delta in deltas.values():
-            self.validate(delta)
-        return {name: self._served(name, acc) for name, acc in self._rebuild(self.modules, deltas).items()}
+        def checked() -> Iterator[tuple[int, LowRankDelta]]:
+            last = None
+            for edit_id, delta in deltas:
+                if last is not None and edit_id <= last:
+                    raise ValueError(f"served_with: edit {edit_id} after edit {last}: give the edits in id order")
+                self.validate(delta)
+                last = edit_id
+                yield edit_id, delta
+        return {name: self._served(name, acc) for name, acc in self._rebuild(self.modules, checked()).items()}
 
     def reset(self, swap_lock: ContextManager | None = None) -> None:
         """Drop every edit: the served weights become W^0 again, byte for byte."""
         self._swap({n: None for n in self.acc}, swap_lock)
-        self.deltas.clear()
+        for edit_id in list(self.touched):
+            self._deactivate(edit_id)
 
     # ---- internals ----------------------------------------------------------------------------
 
@@ -171,18 +216,37 @@ class WeightState:
         changes how the product is summed (service.weights.ServedWeights) changes it everywhere at once."""
         acc.addmm_(left.to(acc.device, torch.float32), right.to(acc.device, torch.float32))
 
-    def _rebuild(self, names: Iterable[str], deltas: dict[int, LowRankDelta]) -> dict[str, torch.Tensor | None]:
-        out: dict[str, torch.Tensor | None] = {}
-        for name in names:
-            acc = None
-            for i in sorted(deltas):
-                factors = deltas[i].factors.get(name)
-                if factors is None:
+    def _activate(self, edit_id: int, delta: LowRankDelta) -> None:
+        self.store.put(edit_id, delta)
+        self.touched[edit_id] = tuple(delta.modules)
+
+    def _deactivate(self, edit_id: int) -> None:
+        self.store.drop(edit_id)
+        del self.touched[edit_id]
+
+    def _touching(self, names: Iterable[str], exclude: int | None = None, after: int | None = None) -> list[int]:
+        """Active ids (ascending) whose deltas change any of ``names``, without ``exclude``, above ``after``."""
+        names = set(names)
+        return [i for i in sorted(self.touched)
+                if i != exclude and (after is None or i > after) and not names.isdisjoint(self.touched[i])]
+
+    def _rebuild(self, names: Iterable[str], deltas: Iterable[tuple[int, LowRankDelta]],
+                 start: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor | None]:
+        """Accumulators of ``names`` from ``start`` (default: zero) plus ``deltas`` in the order given.
+
+        Each module receives its deltas in id order whatever the loop nesting, so this is the float
+        sequence of a replay; ``deltas`` is read once, one delta at a time."""
+        out: dict[str, torch.Tensor | None] = {n: (start[n].clone() if start and start.get(n) is not None else None)
+                                               for n in names}
+        for _, delta in deltas:
+            for name, (left, right) in delta.factors.items():
+                if name not in out:
                     continue
+                acc = out[name]
                 if acc is None:
-                    acc = torch.zeros(self.base[name].shape, dtype=torch.float32, device=self.base[name].device)
-                self._accumulate(acc, factors[0], factors[1])
-            out[name] = acc
+                    acc = out[name] = torch.zeros(self.base[name].shape, dtype=torch.float32,
+                                                  device=self.base[name].device)
+                self._accumulate(acc, left, right)
         return out
 
     def _served(self, name: str, acc: torch.Tensor | None) -> torch.Tensor:

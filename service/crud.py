@@ -91,6 +91,19 @@ def edit_methods(session: Session, ids: list[int]) -> dict[int, str]:
     return dict(session.execute(select(Edit.id, Edit.method).where(Edit.id.in_(ids))).all())
 
 
+def delta_blobs(session: Session, ids: list[int]) -> list[tuple[int, bytes]]:
+    """(id, stored delta) of the edits ``ids``, in id order (what a rollback re-adds)."""
+    return [tuple(r) for r in session.execute(select(EditDelta.edit_id, EditDelta.blob)
+                                              .where(EditDelta.edit_id.in_(ids)).order_by(EditDelta.edit_id))]
+
+
+def state_blobs(session: Session, ids: list[int]) -> dict[int, tuple[str, bytes | None]]:
+    """{id: (method, editor state blob)} of the edits ``ids`` (RLSEdit's keys; None for stateless editors)."""
+    rows = session.execute(select(Edit.id, Edit.method, EditDelta.state_blob)
+                           .join(EditDelta, EditDelta.edit_id == Edit.id).where(Edit.id.in_(ids)))
+    return {i: (m, b) for i, m, b in rows}
+
+
 def active_edits_with_deltas(session: Session) -> list[tuple[Edit, EditDelta]]:
     """Every applied edit with its stored delta, in id order: what a restart replays."""
     return edits_with_deltas(session, applied_edit_ids(session))

@@ -57,7 +57,7 @@ from .metrics import Metrics
 from .models import Edit, EditLayer, EditStatus, Probe, utcnow
 from .settings import Settings
 from .verify import active_digest
-from .weights import ServedWeights, base_model_fingerprint
+from .weights import LogDeltas, ServedWeights, base_model_fingerprint
 
 log = logging.getLogger("hiedit.engine")
 
@@ -297,7 +297,11 @@ class EditEngine:
         self.model_name = model_id(model)
         self.device = next(model.parameters()).device
         self.lock = RWLock()
-        self.state = ServedWeights(self._editable_modules(), self.model_name)
+        # The active deltas stay in the log (LogDeltas reads them back for a rollback); checkpoints of the
+        # accumulators make starts and rollbacks replay only the edits since the newest one (service/weights.py).
+        self.state = ServedWeights(self._editable_modules(), self.model_name,
+                                   store=LogDeltas(self._delta_blobs, self.device),
+                                   checkpoint_dir=settings.home / "state" / "weights")
         # ‖W⁰_l‖_F of every editable module: the take check's norm bound, relative to it
         self._base_norms = {name: float(w.float().norm()) for name, w in self.state.base.items()}
         # W⁰'s identity, taken before any edit is applied: every edit row records it, and a start on a log
@@ -473,7 +477,9 @@ class EditEngine:
             self.check_base_model()  # before anything is loaded or applied
             self.check_statuses()
             with self.sessions() as session:
-                self._load_editor_snapshots(set(crud.applied_edit_ids(session)))
+                applied = crud.applied_edit_ids(session)
+            held = self._load_editor_snapshots(set(applied))
+            self._load_weights_checkpoint(applied, held)
             n = self._sync_with_log()
             self.ready = True
             log.info("replayed %d edits in %.2fs; fingerprint %s", n, time.perf_counter() - t0,
@@ -531,9 +537,11 @@ class EditEngine:
     def _snapshot_path(self, method: str) -> Path:
         return self.settings.home / "state" / f"{method}.safetensors"
 
-    def _load_editor_snapshots(self, applied: set[int]) -> None:
+    def _load_editor_snapshots(self, applied: set[int]) -> dict[str, set[int]]:
         """Editors that snapshot their state start from their last snapshot; ``restore`` then skips the
-        edits it holds, and edits it holds that the log no longer has applied are forgotten."""
+        edits it holds, and edits it holds that the log no longer has applied are forgotten. Returns
+        {method: ids of applied edits its snapshot holds}."""
+        held_by: dict[str, set[int]] = {}
         for method, editor in self.editors.items():
             path = self._snapshot_path(method)
             if not path.is_file():
@@ -544,9 +552,39 @@ class EditEngine:
                 log.warning("%s snapshot %s not used (%s); replaying the whole log", method, path, e)
                 continue
             stale = sorted((i for i in held if i not in applied), reverse=True)
+            blobs = self._state_blobs(stale)
             for edit_id in stale:
-                editor.forget(edit_id)
+                editor.forget(edit_id, blobs.get(edit_id, ("", None))[1])
+            held_by[method] = set(held) - set(stale)
             log.info("%s state from %s (%d edits in it, %d since rolled back)", method, path, len(held), len(stale))
+        return held_by
+
+    def _load_weights_checkpoint(self, applied: list[int], held: dict[str, set[int]]) -> None:
+        """Start the served weights from their newest checkpoint that fits the log, then restore into the
+        editors the edits it holds that their own snapshots do not (a missing or older editor snapshot)."""
+        covered = self.state.load_checkpoint(applied)
+        if not covered:
+            return
+        blobs = self._state_blobs([i for i in covered])
+        for edit_id in covered:
+            method, blob = blobs.get(edit_id, ("", None))
+            editor = self.editors.get(method)
+            if editor is not None and blob is not None and edit_id not in held.get(method, ()):
+                editor.restore(edit_id, blob)
+        log.info("served weights from a checkpoint of %d edits (%s)", len(covered), self.state.checkpoints[-1].path)
+
+    def _delta_blobs(self, ids: list[int], batch: int = 200) -> Iterator[tuple[int, bytes]]:
+        """(id, delta blob) of ``ids`` from the log, in id order, ``batch`` rows at a time (LogDeltas' reader)."""
+        for i in range(0, len(ids), batch):
+            with self.sessions() as session:
+                yield from crud.delta_blobs(session, ids[i:i + batch])
+
+    def _state_blobs(self, ids: list[int], batch: int = 500) -> dict[int, tuple[str, bytes | None]]:
+        out: dict[int, tuple[str, bytes | None]] = {}
+        for i in range(0, len(ids), batch):
+            with self.sessions() as session:
+                out.update(crud.state_blobs(session, ids[i:i + batch]))
+        return out
 
     def _save_editor_snapshots(self) -> None:
         """Snapshot the editors' state while it matches the log (on the writer, between jobs)."""
@@ -558,6 +596,10 @@ class EditEngine:
                 editor.save_state(self._snapshot_path(method))
             except Exception as e:  # noqa: BLE001 - only a slower next start
                 log.warning("%s state not snapshotted: %s", method, e)
+        try:
+            self.state.save_checkpoint()
+        except Exception as e:  # noqa: BLE001 - only a slower next start or rollback
+            log.warning("served weights not checkpointed: %s", e)
 
     def _sync_with_log(self) -> int:
         """Make the active edits in memory exactly the log's ``applied`` edits, in id order.
@@ -576,13 +618,13 @@ class EditEngine:
         drop = [i for i in reversed(local) if i not in set(wanted) or (first_new is not None and i > first_new)]
         add = [i for i in wanted if i in missing or i in set(drop)]
         if drop:
-            with self.sessions() as session:
-                methods = crud.edit_methods(session, drop)
+            blobs = self._state_blobs(drop)
             for edit_id in drop:
                 self.state.rollback(edit_id, swap_lock=self.lock.write())
-                editor = self.editors.get(methods.get(edit_id, ""))
+                method, blob = blobs.get(edit_id, ("", None))
+                editor = self.editors.get(method)
                 if editor is not None:
-                    editor.forget(edit_id)
+                    editor.forget(edit_id, blob)
         applied = 0
         for rows in self.stored_edits(add):
             refused: dict[int, str] = {}
@@ -758,16 +800,18 @@ class EditEngine:
             self.metrics.edits.labels(method=spec.method, status="rejected").inc()
             raise
         prompts = [spec.prompt] + list(spec.rephrases)
-        before, locality_before = self._scores(prompts, spec.target, spec.locality)
-        # Check that the edit takes (and strengthen it within the budget) before anything is logged.
-        proposal, take, scored_after = self._make_it_take(editor, spec, request, k, proposal)
-        try:
-            self._guard(proposal)
-        except EngineError:
-            self.metrics.edits.labels(method=spec.method, status="rejected").inc()
-            raise
-        keep = take.acceptable or (self.settings.edit_check == "report" and take.stopped != "apply")
-        refusal = None if keep else take.refusal(spec)
+        take, refusal = None, None
+        if self.settings.edit_check != "off":
+            before, locality_before = self._scores(prompts, spec.target, spec.locality)
+            # Check that the edit takes (and strengthen it within the budget) before anything is logged.
+            proposal, take, scored_after = self._make_it_take(editor, spec, request, k, proposal)
+            try:
+                self._guard(proposal)
+            except EngineError:
+                self.metrics.edits.labels(method=spec.method, status="rejected").inc()
+                raise
+            keep = take.acceptable or (self.settings.edit_check == "report" and take.stopped != "apply")
+            refusal = None if keep else take.refusal(spec)
 
         # Log first: an edit exists only once it is in the database.
         delta = proposal.delta
@@ -822,10 +866,13 @@ class EditEngine:
         self._notify("applied", edit_id)
         if idempotency_key is not None and self.coordinator is not None:
             self.coordinator.remember_idempotency(idempotency_key, edit_id, request_hash)
-        after, locality_after = scored_after  # the take check's last pass ran on exactly these weights
+        efficacy = None  # HIEDIT_EDIT_CHECK=off: nothing was scored
+        if take is not None:
+            after, locality_after = scored_after  # the take check's last pass ran on exactly these weights
+            efficacy = {"take": take.as_dict(), **_efficacy(before, after, len(prompts), locality_before,
+                                                            locality_after)}
         latency = time.perf_counter() - t0
-        record = {"efficacy": {"take": take.as_dict(),
-                               **_efficacy(before, after, len(prompts), locality_before, locality_after)},
+        record = {"efficacy": efficacy,
                   "latency_ms": latency * 1000, "fingerprint_after": self.state.fingerprint(),
                   "fingerprint_scheme": self.state.fingerprint_scheme,
                   "active_digest": active_digest(self.state.active_ids)}
@@ -1017,6 +1064,8 @@ class EditEngine:
         with self._writing_log(f"edit {edit_id} could not be read", None, uncertain=False), \
                 self.sessions() as session:
             edit = crud.get_edit(session, edit_id)
+            # read now: the editor forgets the edit's keys after the rollback, when the log may be unreachable
+            state_blob = crud.state_blobs(session, [edit_id]).get(edit_id, ("", None))[1]
         if edit is None:
             raise NotFound(f"edit_id: no edit {edit_id}")
         if edit.status == EditStatus.ROLLED_BACK:
@@ -1050,7 +1099,7 @@ class EditEngine:
         self._notify("rolled_back", edit_id)
         editor = self.editors.get(edit.method)
         if editor is not None:
-            editor.forget(edit_id)
+            editor.forget(edit_id, state_blob)
         self.metrics.rollbacks.inc()
         self.metrics.edits.labels(method=edit.method, status="rolled_back").inc()
         self.metrics.active_edits.set(len(self.state.active_ids))

@@ -79,9 +79,8 @@ def export(engine: EditEngine, fmt: str, out: str | Path, edits: list[int] | Non
     if fmt == "peft" and not chosen:
         raise InvalidRequest("edits: there are no edits to export; an adapter of no edits is the base model "
                              "(export that with format merged and no edits)", 400)
-    deltas = dict(chosen)
     try:
-        served = engine.state.served_with(deltas)
+        served = engine.state.served_with(chosen)
     except DeltaRejected as e:
         raise InvalidRequest(f"edits: {e}", 400) from None
     fingerprint = weights_fingerprint(engine.model_name, ((n, served[n]) for n in engine.state.modules))

@@ -519,7 +519,7 @@ def test_alphaedit_editor_commits_and_forgets(tiny):
     state.apply(1, p.delta)
     editor.commit(1, p)
     assert float(editor.kpkp[name].norm()) > 0
-    editor.forget(1)
+    editor.forget(1, p.state_blob)
     assert float(editor.kpkp[name].abs().max()) < 1e-6
     state.reset()
 

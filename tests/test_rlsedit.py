@@ -326,20 +326,22 @@ def test_commit_forget_restore_and_snapshots(llama, tmp_path):
     with pytest.raises(RLSStateMismatch, match="modules"):   # a fresh proposal must be for this editor
         narrow.commit(4, Proposal(ed.modules, torch.zeros(2), [0, 1], p.delta, 0.0, 1, state_blob=blobs[1]))
     path = ed.save_state(tmp_path / "rls.safetensors")
-    ed.forget(2)                                           # rollback of edit 2
-    ed.forget(99)                                          # never committed here: no-op
+    with pytest.raises(RLSStateMismatch, match="not the ones committed"):
+        ed.forget(2, blobs[3])                             # the log's keys are checked against the digest
+    ed.forget(2, blobs[2])                                 # rollback of edit 2, its keys read from the log
+    ed.forget(99, None)                                    # never committed here: no-op
     for eid in (1, 3):
         fresh.restore(eid, blobs[eid])
     for n in ed.modules:
         assert (ed.C[n] - fresh.C[n]).abs().max() < 1e-8 * fresh.C[n].abs().max()
     assert sorted(ed.history) == [1, 3]
     recursed = {n: c.clone() for n, c in ed.C.items()}
-    ed.rebuild()                                           # (A_0 + Σ KᵢᵀKᵢ)⁻¹ from scratch
+    ed.rebuild(ed.keys_from_blob(blobs[e]) for e in (1, 3))  # (A_0 + Σ KᵢᵀKᵢ)⁻¹ from scratch
     assert all((ed.C[n] - recursed[n]).abs().max() < 1e-8 * recursed[n].abs().max() for n in ed.modules)
     replay.load_state(path)                                # snapshot + replay of the log is idempotent
     replay.restore(1, blobs[1])
     assert sorted(replay.history) == [1, 2, 3]
-    replay.forget(2)
+    replay.forget(2, blobs[2])
     assert all((replay.C[n] - fresh.C[n]).abs().max() < 1e-8 * fresh.C[n].abs().max() for n in ed.modules)
     other = make(alpha=0.5)
     c_other = {n: c.clone() for n, c in other.C.items()}

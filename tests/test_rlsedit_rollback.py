@@ -36,13 +36,13 @@ def _requests(n: int) -> list[EditRequest]:
 def _run(model, tok, cache, requests: list[tuple[int, EditRequest]]):
     editor = RLSEditor.create(model, tok, cfg=RLSEditConfig(cache_dir=str(cache), **FAST))
     state = WeightState(dict(editor.module_map), "tiny")
-    deltas = {}
+    deltas, blobs = {}, {}
     for edit_id, request in requests:
         proposal = editor.propose(request)
         state.apply(edit_id, proposal.delta)
         editor.commit(edit_id, proposal)
-        deltas[edit_id] = proposal.delta
-    return editor, state, deltas
+        deltas[edit_id], blobs[edit_id] = proposal.delta, proposal.state_blob
+    return editor, state, deltas, blobs
 
 
 def test_rollback_of_edit_10_of_50_restores_the_log_and_c_but_not_the_rls_solution(tmp_path):
@@ -50,10 +50,10 @@ def test_rollback_of_edit_10_of_50_restores_the_log_and_c_but_not_the_rls_soluti
     requests = list(enumerate(_requests(N), 1))
     assert len(requests) == N
 
-    editor, state, deltas = _run(model, tok, tmp_path, requests)
+    editor, state, deltas, blobs = _run(model, tok, tmp_path, requests)
     (name,) = editor.modules
     state.rollback(GONE)
-    editor.forget(GONE)
+    editor.forget(GONE, blobs[GONE])
     w_rolled_back = editor.module_map[name].weight.detach().clone()
     c_rolled_back = editor.C[name].clone()
 
@@ -67,7 +67,7 @@ def test_rollback_of_edit_10_of_50_restores_the_log_and_c_but_not_the_rls_soluti
     w0 = replay.base[name]
     replay.reset()
 
-    fresh, fresh_state, _ = _run(model, tok, tmp_path, [(i, r) for i, r in requests if i != GONE])
+    fresh, fresh_state, _, _ = _run(model, tok, tmp_path, [(i, r) for i, r in requests if i != GONE])
     w_fresh = fresh.module_map[name].weight.detach().clone()
     c_fresh = fresh.C[name]
     fresh_state.reset()

@@ -99,7 +99,7 @@ class _OverflowEditor:
     def commit(self, edit_id, proposal):
         self.committed.append(edit_id)
 
-    def forget(self, edit_id):
+    def forget(self, edit_id, state_blob):
         pass
 
     def restore(self, edit_id, blob):
@@ -376,7 +376,7 @@ class _SlowEditor:
     def commit(self, edit_id, proposal):
         pass
 
-    def forget(self, edit_id):
+    def forget(self, edit_id, state_blob):
         pass
 
     def restore(self, edit_id, blob):
