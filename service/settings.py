@@ -64,9 +64,11 @@ class Settings(BaseSettings):
     max_rephrases: int = Field(16, ge=0)
     max_locality: int = Field(16, ge=0)
     delta_norm_bound: float = Field(1e4, gt=0, description="a proposal whose per-module ‖ΔW‖_F exceeds this is refused (422)")
-    edit_check: Literal["refuse", "report"] = Field("refuse", description="an edit that does not take (after "
-                                                    "strengthening): 'refuse' = 422, nothing kept; 'report' = kept, "
-                                                    "its efficacy.take says how it fell short")
+    edit_check: Literal["refuse", "report", "off"] = Field(
+        "refuse", description="an edit that does not take (after strengthening): 'refuse' = 422, nothing kept; "
+        "'report' = kept, its efficacy.take says how it fell short; 'off' = no take check, no strengthening and no "
+        "scoring (efficacy null): the proposal is logged and applied as it is, for bulk loads of facts checked "
+        "elsewhere")
     edit_max_steps: int = Field(10, ge=0, le=64, description="strengthening budget of an edit that did not take: "
                                 "further editor steps at the edited weights (0: the proposal alone, checked)")
     edit_max_delta_rel: float = Field(0.15, gt=0, description="strengthening stops before any module's update "
