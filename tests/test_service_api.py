@@ -163,6 +163,20 @@ def test_listing_filters_and_pages_newest_first(tmp_path, standin_components):
         assert c.get("/edits", params={"status": "applied"}).json()["total"] == 2
 
 
+def test_edit_check_off_applies_the_proposal_unscored(tmp_path, standin_components):
+    """HIEDIT_EDIT_CHECK=off: no take check, no scoring; the edit is applied and replays like any other."""
+    with _client(tmp_path, standin_components, edit_check="off") as c:
+        wait_ready(c)
+        base = c.get("/state").json()["fingerprint"]
+        r = _edit(c)
+        assert r.status_code == 201, r.text
+        edit = r.json()
+        assert edit["status"] == "applied" and edit["efficacy"] is None
+        state = c.get("/state").json()
+        assert state["active_edits"] == 1 and state["fingerprint"] != base
+        assert c.get(f"/edits/{edit['id']}").json()["fingerprint_after"] == state["fingerprint"]
+
+
 def test_probe_report_specificity_retention_and_gauges(tmp_path, standin_components):
     with _client(tmp_path, standin_components, probe_every_edits=1) as c:
         wait_ready(c)
