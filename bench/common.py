@@ -29,6 +29,11 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages, for the JSON of a run on a shared machine."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def emit(result: dict) -> dict:
     """Print the figures as the JSON object on the script's last line."""
     print(json.dumps(result), flush=True)
@@ -72,6 +77,36 @@ def assets(model: str | None = None, editor: str | None = None) -> Assets:
                             layers=4, intermediate=128)
     return Assets("tiny stand-in (demo assets not built)", str(tiny),
                   ("--untrained-editor", "gate[0-3],up[0-3]", "--untrained-lr", "1.0"))
+
+
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+def hiedit_home() -> Path:
+    """``$HIEDIT_HOME``, else ``hiedit serve``'s default data directory: where a real model is converted once
+    per machine (``models/``), so a benchmark on it does not convert it again."""
+    from service.settings import default_home
+
+    return Path(os.environ.get("HIEDIT_HOME") or default_home())
+
+
+def real_model(name: str = SMOLLM2) -> Assets:
+    """A model of the catalog (converted under :func:`hiedit_home` on first use) with its committed HiEdit
+    editor: what ``hiedit serve --model <name>`` serves."""
+    from editor_core.catalog import KNOWN_MODELS, resolve_model
+
+    known = KNOWN_MODELS[name]
+    return Assets(name, resolve_model(name, hiedit_home()), ("--editor", str(known.editor)))
+
+
+def known_facts(name: str) -> list[dict]:
+    """Edit requests of the facts the catalog model ``name`` states (its ``known_facts.json``), each to its
+    CounterFact target, in file order."""
+    from editor_core.catalog import KNOWN_MODELS
+
+    facts = json.loads((KNOWN_MODELS[name].assets / "known_facts.json").read_text())["facts"]
+    return [{"prompt": f["prompt"], "target": f["target_new"], **({"subject": f["subject"]} if f.get("subject") else {})}
+            for f in facts]
 
 
 def edit_facts(n: int) -> list[dict]:
