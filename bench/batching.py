@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import QUIET_SERVER, Server, emit, free_port  # noqa: E402
+from common import QUIET_SERVER, Server, emit, free_port, hiedit_home  # noqa: E402
 
 PROMPTS = ["The capital of France is", "The mother tongue of Danielle Darrieux is", "Apple A5 was created by",
            "Toko Yasuda, the", "The Eiffel Tower is located in", "Once upon a time", "Python is a",
@@ -119,16 +119,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokens", type=int, default=32, help="greedy tokens per request")
     parser.add_argument("--rounds", type=int, default=2, help="requests per client in the concurrent phase")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of hiedit, n_threads of llama.cpp")
-    parser.add_argument("--home", default=None, help="HIEDIT_HOME whose models/ holds the conversion "
-                                                     "(default: a fresh one; the first start converts the GGUF)")
+    parser.add_argument("--home", default=None, help="where the model is converted once, under models/ (default: "
+                                                     "$HIEDIT_HOME, else hiedit serve's default home)")
     parser.add_argument("--llama-python", default=None, help="a python with llama-cpp-python[server]: adds the peer")
     args = parser.parse_args(argv)
     if not 1 <= args.clients <= len(PROMPTS):
         parser.error(f"--clients: 1 to {len(PROMPTS)}")
     prompts = PROMPTS[:args.clients]
-    home = Path(args.home or tempfile.mkdtemp(prefix="hiedit-batching-"))
-    server = Server(["--model", args.model, "--editor", "none", "--rlsedit", "off", "--torch-threads",
-                     str(args.threads), *QUIET_SERVER], home,
+    from editor_core.catalog import resolve_model
+
+    model_dir = resolve_model(args.model, Path(args.home) if args.home else hiedit_home())
+    server = Server(["--model", model_dir, "--editor", "none", "--rlsedit", "off", "--torch-threads",
+                     str(args.threads), *QUIET_SERVER], Path(tempfile.mkdtemp(prefix="hiedit-batching-")),
                     env={"HIEDIT_MAX_CONCURRENT_GENERATIONS": str(args.clients)})
     server.start()
     try:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import emit, percentile  # noqa: E402
+from bench.common import emit, hiedit_home, load_average, percentile  # noqa: E402
 
 
 def floor_seconds(model, tokenizer, modules: list[str], prompt: str, target: str) -> float:
@@ -64,13 +64,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default="smollm2-135m-instruct", choices=sorted(KNOWN_MODELS))
     ap.add_argument("--n", type=int, default=20, help="facts edited (all stay applied)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
-    ap.add_argument("--home", default=None, help="HIEDIT_HOME whose models/ holds the conversion (default: a fresh "
-                                                 "one; the first run converts the GGUF)")
+    ap.add_argument("--home", default=None, help="where the model is converted once, under models/ (default: "
+                                                 "$HIEDIT_HOME, else hiedit serve's default home)")
     ap.add_argument("--profile", action="store_true", help="cProfile of the writer's edit jobs on stderr")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     known = KNOWN_MODELS[args.model]
-    home = Path(args.home or tempfile.mkdtemp(prefix="hiedit-edit-cost-"))
+    home = Path(args.home) if args.home else hiedit_home()
     model, tok = load_model(resolve_model(args.model, home))
     editor = HiEditor.load(known.editor, model, tok)
     facts = json.loads((known.assets / "known_facts.json").read_text())["facts"][:args.n]
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
                  "threads": args.threads, "edit_ms_p50": round(p50_edit * 1000, 1),
                  "edit_ms_p90": round(percentile(edits, 0.9) * 1000, 1), "floor_ms_p50": round(p50_floor * 1000, 1),
                  "edit_over_floor_p50": round(p50_edit / p50_floor, 2),
-                 "floor": "forward of prompt + target, backward of the target loss to the editable modules' weights"})
+                 "floor": "forward of prompt + target, backward of the target loss to the editable modules' weights",
+                 "load_average": load_average()})
 
 
 if __name__ == "__main__":

@@ -27,19 +27,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import emit  # noqa: E402
+from bench.common import edit_facts, emit, hiedit_home, load_average  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--home", default=os.environ.get("HIEDIT_HOME", str(Path.home() / ".cache" / "hiedit-test")))
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="a catalog model (its committed editor and known_facts.json), or a model directory (then "
+                        "--hiedit-layers, and the demo split's facts)")
+    p.add_argument("--home", default=None, help="where the model is converted and RLSEdit's statistics are cached "
+                                                "(default: $HIEDIT_HOME, else hiedit serve's default home)")
     p.add_argument("--n", type=int, default=20, help="RLSEdit edits (and as many HiEdit edits interleaved)")
     p.add_argument("--rls-layers", default=None, help="RLSEdit layer spec (default: its own)")
     p.add_argument("--hiedit-layers", default=None,
@@ -58,14 +60,20 @@ def main(argv: list[str] | None = None) -> dict:
     from editor_core.state import WeightState
 
     torch.set_num_threads(args.threads)
-    home = Path(args.home)
+    home = Path(args.home) if args.home else hiedit_home()
+    known = KNOWN_MODELS.get(args.model)
+    if known is None and not args.hiedit_layers:
+        p.error("--hiedit-layers: needed for a model outside the catalog (it has no committed editor)")
     model, tok = load_model(resolve_model(args.model, home), "float32", "cpu")
     model.eval()
     if args.hiedit_layers:
         hiedit = HiEditor.create(model, tok, args.hiedit_layers)
     else:
-        hiedit = HiEditor.load(KNOWN_MODELS[args.model].editor, model, tok)
-    facts = json.loads((KNOWN_MODELS[args.model].assets / "known_facts.json").read_text())["facts"]
+        hiedit = HiEditor.load(known.editor, model, tok)
+    if known is not None:
+        facts = json.loads((known.assets / "known_facts.json").read_text())["facts"]
+    else:
+        facts = [{**f, "target_new": f["target"]} for f in edit_facts(2 * args.n)]
     rls_facts, hi_facts = facts[:args.n], facts[args.n:2 * args.n]
 
     def request(f: dict) -> EditRequest:
@@ -134,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     runs = args.runs.split(",")
     out = {"model": args.model, "hiedit_layers": args.hiedit_layers or "committed editor",
-           "hiedit_modules": f"{hiedit.modules[0]} .. {hiedit.modules[-1]}", "threads": args.threads}
+           "hiedit_modules": f"{hiedit.modules[0]} .. {hiedit.modules[-1]}", "threads": args.threads,
+           "load_average_start": load_average()}
     if "alone" in runs:
         out["alone"] = run(False)
     if "interleaved" in runs:

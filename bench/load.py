@@ -1,18 +1,24 @@
 """Load on a running server: N generation clients and an edit stream at the same time, and every error counted.
 
 Each generation client sends ``GET /generate`` back to back; one edit client sends ``POST /edits``
-(CounterFact facts of the demo split, each with its own Idempotency-Key) at ``--edit-rate`` per
-second on a fixed schedule (``0``: back to back, as fast as the writer takes them; a negative rate:
-no edits). Every answer that is not the documented success (200 / 201) and every transport error
-or timeout is an error. The LAST line printed is JSON::
+(each with its own Idempotency-Key) at ``--edit-rate`` per second on a fixed schedule, one edit in
+flight at a time: an edit that takes longer than 1 / rate delays the next, so ``edits.rate_per_s`` is
+the rate the server took, which is below ``edit_rate`` when its single writer is slower (``0``: back to
+back, as fast as the writer takes them; a negative rate: no edits). The facts are those the model states
+(its ``known_facts.json``, each to its CounterFact target) for a catalog model, else the demo split's.
+Every answer that is not the documented success (200 / 201, or a 422 refusal of an edit that did not
+take, counted as ``refused``) and every transport error or timeout is an error. The LAST line printed
+is JSON::
 
     {"duration_s", "generate": {"requests", "errors", "p50_ms", "p99_ms", "tokens_per_s"},
-     "edits": {"sent", "acknowledged", "errors", "p50_ms", "p99_ms", "rate_per_s"}, "errors": [first 20]}
+     "edits": {"sent", "acknowledged", "refused", "errors", "p50_ms", "p99_ms", "rate_per_s"},
+     "errors": [first 20], "total_errors", "load_average", ...}
 
+    python bench/load.py                     # starts `hiedit serve` on SmolLM2-135M-Instruct and its editor
     python bench/load.py --url http://127.0.0.1:8000 --duration 120 --clients 16 --edit-rate 2
-    python bench/load.py --duration 120                 # starts `hiedit serve` on the demo assets itself
+    python bench/load.py --model editor_core/assets/demo/model --editor editor_core/assets/demo/hiedit
 
-``run_load`` is what ``bench/serve_overhead.py`` and ``tests/test_reliability.py`` call.
+``run_load`` is what ``tests/test_reliability_faults.py`` calls.
 """
 from __future__ import annotations
 
@@ -26,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import QUIET_SERVER, Server, assets, edit_facts, emit, percentile  # noqa: E402
+from bench.common import (QUIET_SERVER, SMOLLM2, Assets, Server, assets, edit_facts, emit, known_facts,  # noqa: E402
+                          load_average, percentile, real_model)
 
 PROMPTS = ("The Eiffel Tower is located in the city of", "The mother tongue of Danielle Darrieux is",
            "Toko Yasuda plays the", "The headquarters of the BBC are in")
@@ -39,6 +46,7 @@ class _Log:
     requests: int = 0
     errors: list[str] = field(default_factory=list)
     acknowledged: list[int] = field(default_factory=list)
+    refused: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def summary(self, duration: float, kind: str) -> dict:
@@ -50,6 +58,7 @@ class _Log:
             out["tokens_per_s"] = round(self.tokens / duration, 2)
         else:
             out["acknowledged"] = len(self.acknowledged)
+            out["refused"] = self.refused
             out["rate_per_s"] = round(self.requests / duration, 3)
         return out
 
@@ -115,6 +124,9 @@ def run_load(url: str, duration: float, clients: int = 16, edit_rate: float = 2.
                 if ok:
                     edits.latencies.append(dt)
                     edits.acknowledged.append(r.json()["id"])
+                elif why.startswith("POST /edits 422"):  # refused: did not take, nothing applied (docs/api.md)
+                    edits.latencies.append(dt)
+                    edits.refused += 1
                 else:
                     edits.errors.append(why)
 
@@ -135,28 +147,43 @@ def run_load(url: str, duration: float, clients: int = 16, edit_rate: float = 2.
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--url", help="a running server (default: start `hiedit serve` on the demo assets)")
+    ap.add_argument("--url", help="a running server (default: start `hiedit serve` on --model)")
     ap.add_argument("--duration", type=float, default=120.0)
     ap.add_argument("--clients", type=int, default=16, help="concurrent generation clients")
     ap.add_argument("--edit-rate", type=float, default=2.0, help="edits per second (0: back to back, <0: none)")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server it starts")
-    ap.add_argument("--model", help="model of the server it starts (default: the demo model)")
-    ap.add_argument("--editor", help="HiEdit checkpoint of the server it starts")
+    ap.add_argument("--model", help=f"model of the server it starts (default: {SMOLLM2}, converted once under "
+                                    "$HIEDIT_HOME or hiedit serve's default home)")
+    ap.add_argument("--editor", help="HiEdit checkpoint of the server it starts (default: the model's committed one)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     server = None
     url = args.url
+    facts = None
+    load_at_start = load_average()
     if url is None:
-        a = assets(args.model, args.editor)
+        a = real_model() if args.model is None else assets(args.model, args.editor)
+        if args.model is None and args.editor:
+            a = Assets(a.label, a.model, ("--editor", args.editor))
         server = Server(["--model", a.model, *a.editor_args, "--rlsedit", "off", "--torch-threads",
                          str(args.threads), "--dtype", args.dtype, "--device", args.device, *QUIET_SERVER],
                         Path(tempfile.mkdtemp(prefix="hiedit-load-")))
         server.start()
         url = server.url
     try:
-        result = run_load(url, args.duration, args.clients, args.edit_rate, args.max_new_tokens)
+        if facts is None:  # a running server: the facts its model states, when it is a catalog model
+            import httpx
+
+            from editor_core.catalog import KNOWN_MODELS
+
+            try:
+                name = httpx.get(url + "/state", timeout=30).json().get("model")
+            except (httpx.HTTPError, ValueError):
+                name = None
+            facts = known_facts(name) if name in KNOWN_MODELS else None
+        result = run_load(url, args.duration, args.clients, args.edit_rate, args.max_new_tokens, facts=facts)
         if server is not None:
             result["server_peak_rss_bytes"] = server.peak_rss_bytes()
     finally:
@@ -165,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     result.pop("acknowledged_ids")
     result.pop("generate_latencies_s")
     result["total_errors"] = result["generate"]["errors"] + result["edits"]["errors"]
+    result["load_average_start"], result["load_average_end"] = load_at_start, load_average()
     return emit(result)
 
 

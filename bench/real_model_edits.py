@@ -1,5 +1,8 @@
 """Real-model edits through the HTTP API: N facts the served model states, each edited to its
-CounterFact counterfactual, then every edit rolled back -- against a RUNNING ``hiedit serve``.
+CounterFact counterfactual, then every edit rolled back -- against a running ``hiedit serve`` (``--url``),
+or, without ``--url``, against one it starts on SmolLM2-135M-Instruct with its committed editor and the
+serving defaults (``--edit-check refuse``; RLSEdit off and no background probe reports, which HiEdit edits
+do not use; the model converted once under ``$HIEDIT_HOME`` or ``hiedit serve``'s default home).
 
 The facts come from the model's ``known_facts.json`` (``scripts/known_facts.py``: the CounterFact
 facts whose greedy continuation starts with the true object). N are taken in file order, those whose
@@ -30,8 +33,9 @@ server's own figure; ``attempt_latency_ms_p50`` counts refused attempts too). Ex
 connection error (unreachable server, missing facts file, bad API key), after rolling back what it
 applied where it still can.
 
-    hiedit serve --model smollm2-135m-instruct ... &                   # the server to measure
-    python bench/real_model_edits.py                                   # http://127.0.0.1:8000, 50 facts
+    python bench/real_model_edits.py                                   # starts hiedit serve on SmolLM2, 50 facts
+    hiedit serve --model gemma-3-270m --rlsedit off &                  # a server of your own
+    python bench/real_model_edits.py --url http://127.0.0.1:8000 --n 20
     python bench/real_model_edits.py --url http://127.0.0.1:8765 --n 3 --timeout 120
     HIEDIT_API_KEY=alice-key-0002 python bench/real_model_edits.py --facts editor_core/assets/gemma-3-270m/known_facts.json
 """
@@ -47,7 +51,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import REPO, emit, percentile  # noqa: E402
+from bench.common import REPO, emit, load_average, percentile  # noqa: E402
 
 MAX_NEW_TOKENS = 8
 SELECTION = ("first N facts of known_facts.json in file order, those with neighbour_stated true first (the "
@@ -268,7 +272,8 @@ def load_facts(path: Path, n: int) -> tuple[list[dict], dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--url", default="http://127.0.0.1:8000", help="base URL of the running server (%(default)s)")
+    ap.add_argument("--url", default=None, help="base URL of a running server (default: start hiedit serve on "
+                                                "SmolLM2-135M-Instruct, see above)")
     ap.add_argument("--api-key", default=os.environ.get("HIEDIT_API_KEY"),
                     help="sent as 'Authorization: Bearer <key>' (default: $HIEDIT_API_KEY); needs the 'edit' scope")
     ap.add_argument("--n", type=int, default=50, help="facts to edit (default %(default)s)")
@@ -283,6 +288,19 @@ def main(argv: list[str] | None = None) -> int:
     import httpx
 
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    server = None
+    if args.url is None:
+        import tempfile
+
+        from bench.common import QUIET_SERVER, Server, real_model
+
+        a = real_model()
+        server = Server(["--model", a.model, *a.editor_args, "--rlsedit", "off", *QUIET_SERVER],
+                        Path(tempfile.mkdtemp(prefix="hiedit-real-edits-")))
+        log(f"starting hiedit serve on {a.model} ...")
+        server.start()
+        args.url = server.url
+    load_at_start = load_average()
     try:
         with httpx.Client(base_url=args.url.rstrip("/"), timeout=args.timeout,
                           headers=auth_headers(args.api_key)) as client:
@@ -300,8 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as e:
         print(f"real_model_edits.py: {e}", file=sys.stderr)
         return 2
+    finally:
+        if server is not None:
+            server.stop()
     result.update(n_requested=args.n, facts_file=str(path), selection=SELECTION,
-                  neighbour_stated_chosen=chosen_stated, url=args.url)
+                  neighbour_stated_chosen=chosen_stated, url=args.url, load_average_start=load_at_start,
+                  load_average_end=load_average())
     emit({**{k: v for k, v in result.items() if k != "per_fact"}, "per_fact": result["per_fact"]})
     return 0
 

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import load_average  # noqa: E402
 from editor_core.rlsedit import apply_correction, check_correction, initial_inverse, rls_gain  # noqa: E402
 
 
@@ -178,6 +179,7 @@ def main(argv=None) -> dict:
         result["w_max_rel_err_vs_batch"] = float((w - w_batch).abs().max() / w_batch.abs().max())
     if args.demo_edits > 0:
         result.update(demo_latency(args.demo_edits, args.seed))
+    result["load_average"] = load_average()
     print(json.dumps(result))
     return result
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import emit  # noqa: E402
+from bench.common import emit, load_average  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
                  "edits": args.edits, "rounds": args.rounds, "replay_s_addmm": round(best["addmm"], 3),
                  "replay_s_rank1": round(best["rank1"], 3),
                  "extra_ms_per_edit": round((best["rank1"] - best["addmm"]) / args.edits * 1000, 3),
-                 "rank1_same_bytes_at_1_and_2_threads": prints["rank1"] == rank1_two_threads})
+                 "rank1_same_bytes_at_1_and_2_threads": prints["rank1"] == rank1_two_threads,
+                 "load_average": load_average()})
 
 
 if __name__ == "__main__":

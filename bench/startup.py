@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Server, emit  # noqa: E402
+from common import Server, emit, load_average  # noqa: E402
 
 
 def main() -> int:
@@ -37,7 +37,8 @@ def main() -> int:
     later = sorted(times[1:])
     return 0 if emit({"model": args.model, "rlsedit": args.rlsedit, "first_start_s": round(times[0], 1),
                       "later_start_s_median": round(later[len(later) // 2], 1) if later else None,
-                      "later_starts_s": [round(t, 1) for t in times[1:]], "home": str(home)}) else 1
+                      "later_starts_s": [round(t, 1) for t in times[1:]], "home": str(home),
+                      "load_average": load_average()}) else 1
 
 
 if __name__ == "__main__":

@@ -165,11 +165,12 @@ def test_main_exit_codes(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(httpx, "Client",
                         lambda **kw: real_client(transport=httpx.MockTransport(server), **kw))
     monkeypatch.delenv("HIEDIT_API_KEY", raising=False)
-    assert bench.main(["--facts", str(path), "--quiet"]) == 2  # no key: 401 is a usage error
+    url = ["--url", "http://fake"]
+    assert bench.main([*url, "--facts", str(path), "--quiet"]) == 2  # no key: 401 is a usage error
     assert "api-key" in capsys.readouterr().err
-    assert bench.main(["--facts", str(tmp_path / "missing.json"), "--api-key", "alice-key-0002"]) == 2
+    assert bench.main([*url, "--facts", str(tmp_path / "missing.json"), "--api-key", "alice-key-0002"]) == 2
     assert "no facts file" in capsys.readouterr().err
-    assert bench.main(["--facts", str(path), "--api-key", "alice-key-0002", "--n", "2", "--quiet"]) == 0
+    assert bench.main([*url, "--facts", str(path), "--api-key", "alice-key-0002", "--n", "2", "--quiet"]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["n"] == 2 and last["model"] == "fake-model" and last["rollback_restores_fingerprint"] is True
     assert "neighbour_stated" in last["selection"]
