@@ -140,17 +140,6 @@ class AlphaEditor(RLSEditor):
             self.kpkp[name] -= k64.T @ k64
         del self.history[edit_id]
 
-    def rebuild(self, committed) -> None:
-        """Recompute every K_pᵀ K_p from the committed edits' keys (``committed``: one {module: K} per edit);
-        removes summation drift."""
-        acc = {name: torch.zeros_like(self.P[name]) for name in self.modules}
-        for keys in committed:
-            for name, k in keys.items():
-                if name in acc:
-                    k64 = k.to(self.device, torch.float64)
-                    acc[name] += k64.T @ k64
-        self.kpkp.update(acc)
-
     def save_state(self, path):
         raise TypeError("AlphaEdit is a benchmark method (hiedit eval); it has no served state to save")
 

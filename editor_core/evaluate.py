@@ -58,18 +58,12 @@ from tqdm.auto import tqdm
 from .capture import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TARGET_TOKENS, EditInputError, teacher_forced
 from .data import EditRecord
 from .editor import EditRequest, Editor, LocalityPrompt
+from .rlsedit import SingularSystemError
 from .state import DeltaRejected, WeightState
 
-
-def _edit_failures() -> tuple[type[Exception], ...]:
-    """Exceptions that mean "this method could not make this edit" (not a harness or input error)."""
-    failures: list[type[Exception]] = [DeltaRejected]
-    try:  # RLSEdit is optional; its numerical failure is a failed edit like a rejected delta
-        from .rlsedit import SingularSystemError
-        failures.append(SingularSystemError)
-    except ImportError:
-        pass
-    return tuple(failures)
+# Exceptions that mean "this method could not make this edit" (not a harness or input error): a delta the
+# weight state rejects, or an RLS / AlphaEdit system that is singular.
+EDIT_FAILURES = (DeltaRejected, SingularSystemError)
 
 METRICS = ("efficacy", "generalization", "specificity", "edited_retention", "general_retention")
 MEAN_OF = ("efficacy", "generalization", "specificity", "edited_retention")
@@ -472,7 +466,6 @@ def run_method(bench: Bench, name: str, editor: Editor, state: WeightState, base
     The weights are reset to W^0 before and after, so methods never see each other's edits.
     """
     state.reset()
-    failures = _edit_failures()
     n = len(bench.stream)
     latencies: list[float] = []
     selections: dict[str, int] = {m: 0 for m in getattr(editor, "modules", [])}
@@ -494,7 +487,7 @@ def run_method(bench: Bench, name: str, editor: Editor, state: WeightState, base
                     raise EditInputError(f"stream record {i} (case {rec.case_id}): {exc}") from None
                 skipped.append(f"record {i} (case {rec.case_id}): {exc}")
                 continue
-            except failures as exc:
+            except EDIT_FAILURES as exc:
                 # The method tried and failed (e.g. a non-finite delta): the fact stays in the
                 # scores unedited, so the failure costs the method, and the stream goes on.
                 rejected.append(f"record {i} (case {rec.case_id}): {exc}")

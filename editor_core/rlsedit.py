@@ -38,7 +38,6 @@ import math
 import random
 import re
 from dataclasses import asdict, dataclass, replace
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -834,27 +833,6 @@ class RLSEditor:
                 raise RLSStateMismatch(f"edit {edit_id}: the logged keys differ from the loaded state snapshot")
             return
         self._commit_keys(edit_id, keys)
-
-    def rebuild(self, committed: Iterable[dict[str, torch.Tensor]]) -> None:
-        """Recompute every C = (A_0 + Σ_i K_iᵀ K_i)⁻¹ from the keys of the committed edits (``committed``:
-        one {module: K} per edit, e.g. read from the log); removes recursion drift; O(d_k³)."""
-        a = {}
-        for name in self.modules:
-            a[name] = self.cfg.beta * self.weight[name] * self.sigma[name].double().to(self.device)
-            a[name].diagonal().add_(self.alpha[name])
-        for keys in committed:
-            for name, k in keys.items():
-                if name in a:
-                    k = k.double().to(self.device)
-                    a[name] += k.T @ k
-        new = {}
-        for name in self.modules:
-            chol, info = torch.linalg.cholesky_ex((a[name] + a[name].T) / 2)
-            if int(info) != 0:
-                raise SingularSystemError(f"{name}: A_t is not positive definite")
-            c = torch.cholesky_inverse(chol)
-            new[name] = ((c + c.T) / 2).to(self.c_dtype).contiguous()
-        self.C.update(new)
 
     # ---- snapshots ------------------------------------------------------------------------------------
 
