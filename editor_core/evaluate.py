@@ -60,6 +60,7 @@ from .data import EditRecord
 from .editor import EditRequest, Editor, LocalityPrompt
 from .rlsedit import SingularSystemError
 from .state import DeltaRejected, WeightState
+from .tensors import right_pad
 
 # Exceptions that mean "this method could not make this edit" (not a harness or input error): a delta the
 # weight state rejects, or an RLS / AlphaEdit system that is singular.
@@ -163,18 +164,10 @@ class ProbeSet:
                 n = min(tf.n_target_tokens, tf_old.n_target_tokens)
                 old[start:start + n] = tf_old.labels[0, start:start + n]
             rows.append((ids, labels, old))
-        T = max(len(r[0]) for r in rows)
-        n = len(rows)
-        self.input_ids = torch.full((n, T), pad, dtype=torch.long)
-        self.attention = torch.zeros((n, T), dtype=torch.long)
-        self.labels = torch.full((n, T), -100, dtype=torch.long)
-        self.old_labels = torch.full((n, T), -100, dtype=torch.long)
+        self.input_ids, self.attention = right_pad([r[0] for r in rows], pad)
+        self.labels, _ = right_pad([r[1] for r in rows], -100)
+        self.old_labels, _ = right_pad([r[2] for r in rows], -100)
         self.lengths = torch.tensor([len(r[0]) for r in rows])
-        for i, (ids, labels, old) in enumerate(rows):  # right padding: causal logits of real tokens are unchanged
-            self.input_ids[i, :len(ids)] = ids
-            self.attention[i, :len(ids)] = 1
-            self.labels[i, :len(ids)] = labels
-            self.old_labels[i, :len(ids)] = old
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -257,12 +250,7 @@ def perplexity(model: nn.Module, tokenizer, texts: Sequence[str], max_tokens: in
         enc = [e for e in enc if len(e) >= 2]
         if not enc:
             continue
-        T = max(len(e) for e in enc)
-        ids = torch.full((len(enc), T), pad, dtype=torch.long)
-        att = torch.zeros((len(enc), T), dtype=torch.long)
-        for i, e in enumerate(enc):
-            ids[i, :len(e)] = torch.tensor(e)
-            att[i, :len(e)] = 1
+        ids, att = right_pad(enc, pad)
         logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits.float().cpu()
         target = ids[:, 1:].masked_fill(att[:, 1:] == 0, -100)
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),

@@ -54,6 +54,7 @@ from .editor import EditRequest, Proposal
 from .model import decoder_layers, model_id, module_refs, resolve_modules
 from .state import tensor_digest
 from .stats import SecondMoment, cached_second_moments, load_second_moments, stats_fingerprint
+from .tensors import right_pad
 
 KEYS_FORMAT = "hiedit-rlsedit-keys-v1"
 STATE_FORMAT = "hiedit-rlsedit-state-v2"  # v1 also held every committed key
@@ -405,17 +406,6 @@ def _token_index(tokenizer, text: str, char_end: int) -> tuple[list[int], int]:
     return list(ids), len(tokenizer(text[:char_end], add_special_tokens=True)["input_ids"]) - 1
 
 
-def _pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token rows: (input_ids [B, T], attention_mask [B, T])."""
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return ids.to(device), mask.to(device)
-
-
 class _Stop(Exception):
     """Ends a forward pass once the deepest needed layer has run."""
 
@@ -565,7 +555,7 @@ class RLSEditor:
         Returns (K [1, d_k] float32: ½ k_plain + ½ mean k_ctx, h [d_v]: z-layer block output of the
         plain prompt at the subject's last token, y [d_v]: down_proj output there; both float32).
         """
-        ids, mask = _pad(rows, self._pad_id, self.device)
+        ids, mask = (t.to(self.device) for t in right_pad(rows, self._pad_id))
         pos = torch.tensor(idx, device=self.device)
         box: dict[str, torch.Tensor] = {}
         b = torch.arange(len(rows), device=self.device)
@@ -608,7 +598,7 @@ class RLSEditor:
         kl_ids, kl_i = self._fact_index(kl_text, kl_text.find(subject.text) + len(subject.text))
         rows.append(kl_ids)
         idx.append(kl_i)
-        ids, mask = _pad(rows, self._pad_id, self.device)
+        ids, mask = (t.to(self.device) for t in right_pad(rows, self._pad_id))
         n_rw = len(self.contexts)
         b = torch.arange(len(rows), device=self.device)
         pos = torch.tensor(idx, device=self.device)

@@ -66,7 +66,9 @@ from .capture import EditInputError, TeacherForced, _grad_only_for, capture, tea
 from .data import EditRecord
 from .delta import LowRankDelta, frobenius_sq
 from .hiedit import CheckpointMismatch, HiEditor
+from .evaluate import all_top1, top1_accuracy
 from .state import WeightState
+from .tensors import right_pad
 
 log = logging.getLogger(__name__)
 
@@ -255,15 +257,8 @@ def _pad(batch: Sequence[TeacherForced], pad_id: int, device) -> tuple[torch.Ten
 
     Right padding keeps every real token's position and causal context unchanged.
     """
-    width = max(ex.input_ids.shape[1] for ex in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    for b, ex in enumerate(batch):
-        n = ex.input_ids.shape[1]
-        ids[b, :n] = ex.input_ids[0]
-        mask[b, :n] = 1
-        labels[b, :n] = ex.labels[0]
+    ids, mask = right_pad([ex.input_ids[0] for ex in batch], pad_id)
+    labels, _ = right_pad([ex.labels[0] for ex in batch], -100)
     return ids.to(device), mask.to(device), labels.to(device)
 
 
@@ -753,21 +748,15 @@ def train_editor(model: nn.Module, tokenizer, layer_spec: str, k: int, records: 
 
 @torch.no_grad()
 def _greedy_match(model, ex: TeacherForced) -> tuple[bool, float]:
-    """(greedy decoding of the prompt reproduces the whole target, teacher-forced top-1 token accuracy)."""
+    """(greedy decoding of the prompt reproduces the whole target, teacher-forced top-1 token accuracy).
+
+    Both from one teacher-forced pass: greedy decoding yields the target iff the argmax at every target
+    position is the target's token (``all_top1``).
+    """
     device = next(model.parameters()).device
-    ids, labels = ex.input_ids.to(device), ex.labels.to(device)
-    pos = labels[0] != -100
-    logits = model(input_ids=ids).logits[0]
-    acc = float((logits[pos].argmax(-1) == labels[0, pos]).float().mean())
-    # Greedy: feed the model's own choices instead of the target (no early stop at a mismatch).
-    target = labels[0, pos].tolist()
-    seq = ids[:, :ex.n_prompt_tokens]
-    for tok in target:
-        nxt = int(model(input_ids=seq).logits[0, -1].argmax())
-        if nxt != tok:
-            return False, acc
-        seq = torch.cat([seq, torch.tensor([[nxt]], device=device)], 1)
-    return True, acc
+    labels = ex.labels.to(device)
+    logits = model(input_ids=ex.input_ids.to(device)).logits
+    return bool(all_top1(logits, labels)[0]), float(top1_accuracy(logits, labels)[0])
 
 
 def single_edit_efficacy(editor: HiEditor, records: Sequence[EditRecord], k: int | None = None,
