@@ -1,10 +1,10 @@
 """AlphaEdit (Fang et al., ICLR 2025): MEMIT's keys and values, the update projected onto the null space
 of the preserved knowledge's keys.
 
-Keys, the target value z and the residual spread over the edited layers are MEMIT's, and come from
-``editor_core.rlsedit.RLSEditor`` unchanged (its key/value machinery: subject token, context prefixes,
-scale-aware z optimisation, the partly edited model emulated with hooks). Only the per-layer solve
-differs. In the row convention of rlsedit.py (a key k ∈ R^{d_k} maps to k W, W = weightᵀ), with
+Keys, the target value z and the residual spread over the edited layers are MEMIT's, and come
+unchanged from ``editor_core.memit.MemitEditor`` through ``editor_core.rlsedit.RLSEditor`` (subject
+token, context prefixes, scale-aware z optimisation, the partly edited model emulated with hooks).
+Only the per-layer solve differs. In the row convention of rlsedit.py (a key k ∈ R^{d_k} maps to k W, W = weightᵀ), with
 
     K_0       keys of preserved knowledge, summarised by their second moment Σ̂ = E[k kᵀ] (the statistics
               RLSEdit already collects, cached per model and layer)

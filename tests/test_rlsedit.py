@@ -9,12 +9,12 @@ import torch
 from editor_core.capture import target_loss, teacher_forced
 from editor_core.editor import EditRequest, Proposal
 from editor_core.model import load_model, resolve_modules
-from editor_core.rlsedit import (RLSEditConfig, RLSEditor, RLSStateMismatch, SingularSystemError, SubjectError,
-                                 apply_correction, check_correction, default_fact_token, default_layer_spec,
-                                 default_mom2_weight,
-                                 find_subject, initial_inverse, rls_downdate_factor, rls_gain, rls_step)
+from editor_core.rlsedit import (RLSEditConfig, RLSEditor, RLSStateMismatch, SingularSystemError, apply_correction,
+                                 check_correction, default_fact_token, default_layer_spec, default_mom2_weight,
+                                 initial_inverse, rls_downdate_factor, rls_gain, rls_step)
 from editor_core.state import WeightState
 from editor_core.stats import StatsMismatch, load_second_moments, read_corpus
+from editor_core.subject import SubjectError, find_subject
 from tiny_models import TINY, tiny_model_dir
 
 SPEC = "down[1-2]"
