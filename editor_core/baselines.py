@@ -36,7 +36,8 @@ from .delta import LowRankDelta
 from .editor import EditRequest, Editor, Proposal, StatelessEditor
 from .hiedit import CheckpointMismatch, HiEditor, base_weights_fingerprint
 from .rlsedit import RLSEditConfig, RLSEditor
-from .train import TRAIN_LOG_FILE, TrainConfig, train_editor
+from .train import TrainConfig, train_editor
+from .train_io import TRAIN_LOG_FILE
 
 
 # ---------------------------------------------------------------------------------------------
