@@ -1,10 +1,10 @@
 """AlphaEdit (Fang et al., ICLR 2025): MEMIT's keys and values, the update projected onto the null space
 of the preserved knowledge's keys.
 
-Keys, the target value z and the residual spread over the edited layers are MEMIT's, and come from
-``editor_core.rlsedit.RLSEditor`` unchanged (its key/value machinery: subject token, context prefixes,
-scale-aware z optimisation, the partly edited model emulated with hooks). Only the per-layer solve
-differs. In the row convention of rlsedit.py (a key k ∈ R^{d_k} maps to k W, W = weightᵀ), with
+Keys, the target value z and the residual spread over the edited layers are MEMIT's, and come
+unchanged from ``editor_core.memit.MemitEditor`` through ``editor_core.rlsedit.RLSEditor`` (subject
+token, context prefixes, scale-aware z optimisation, the partly edited model emulated with hooks).
+Only the per-layer solve differs. In the row convention of rlsedit.py (a key k ∈ R^{d_k} maps to k W, W = weightᵀ), with
 
     K_0       keys of preserved knowledge, summarised by their second moment Σ̂ = E[k kᵀ] (the statistics
               RLSEdit already collects, cached per model and layer)
@@ -139,17 +139,6 @@ class AlphaEditor(RLSEditor):
             k64 = k.to(self.device, torch.float64)
             self.kpkp[name] -= k64.T @ k64
         del self.history[edit_id]
-
-    def rebuild(self, committed) -> None:
-        """Recompute every K_pᵀ K_p from the committed edits' keys (``committed``: one {module: K} per edit);
-        removes summation drift."""
-        acc = {name: torch.zeros_like(self.P[name]) for name in self.modules}
-        for keys in committed:
-            for name, k in keys.items():
-                if name in acc:
-                    k64 = k.to(self.device, torch.float64)
-                    acc[name] += k64.T @ k64
-        self.kpkp.update(acc)
 
     def save_state(self, path):
         raise TypeError("AlphaEdit is a benchmark method (hiedit eval); it has no served state to save")

@@ -13,7 +13,7 @@ Every method is an ``Editor`` (propose / commit / forget / restore) whose propos
                  (truncated SVD, its numerical rank), acceptable for a baseline
     random-k     HiEdit's own low-level nets, but the k modules drawn at random (Table 5)
     gradnorm-k   HiEdit's low-level nets, the k modules with the largest ‖Σ_t δ_t u_tᵀ‖_F
-    rlsedit      RLSEdit (editor_core.rlsedit), when that module exists
+    rlsedit      RLSEdit (editor_core.rlsedit)
     memit-nohist RLSEdit with its history reset after every edit (MEMIT without memory)
     alphaedit    AlphaEdit (editor_core.alphaedit): MEMIT's keys and values on RLSEdit's layers, the
                  update projected onto the null space of the preserved keys
@@ -21,7 +21,6 @@ Every method is an ``Editor`` (propose / commit / forget / restore) whose propos
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -30,11 +29,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .alphaedit import AlphaEditor, AlphaEditParams
 from .capture import Capture, target_loss, teacher_forced
 from .data import EditRecord
 from .delta import LowRankDelta
 from .editor import EditRequest, Editor, Proposal, StatelessEditor
 from .hiedit import CheckpointMismatch, HiEditor, base_weights_fingerprint
+from .rlsedit import RLSEditConfig, RLSEditor
+from .train import TrainConfig, train_editor
+from .train_io import TRAIN_LOG_FILE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,8 +247,6 @@ class MethodContext:
         editors); otherwise the architecture fields of its config (rank, blocks, router width,
         initial η, capture tokens).
         """
-        from .train import TRAIN_LOG_FILE, TrainConfig
-
         hi = self.hiedit().cfg
         opts = {"rank": hi.rank, "n_blocks": hi.n_blocks, "router_hidden": hi.router_hidden,
                 "lr_init": hi.lr_init, "tokens": hi.tokens, "max_delta_rel": hi.max_delta_rel}
@@ -274,8 +275,6 @@ class MethodContext:
         if (out_dir / "config.json").is_file() and (out_dir / "editor.safetensors").is_file():
             editor = HiEditor.load(out_dir, self.model, self.tokenizer)
         else:
-            from .train import TrainConfig, train_editor  # written in parallel: import only when needed
-
             snapshot = {n: m.weight.detach().clone() for n, m in modules.items()}
             cfg = TrainConfig(**{**self.base_train_options(), **self.train_options, "update": update})
             editor = train_editor(self.model, self.tokenizer, self.layer_spec, k, self.train_records, out_dir,
@@ -289,24 +288,14 @@ class MethodContext:
         return editor
 
 
-def _rlsedit_available() -> bool:
-    return importlib.util.find_spec("editor_core.rlsedit") is not None
-
-
 def _rlsedit(ctx: MethodContext, reset_every_edit: bool):
-    from . import rlsedit  # written in parallel: import only when needed
-
     options = {"seed": ctx.seed, "cache_dir": str(Path(ctx.cache_dir) / "rlsedit-stats"), **ctx.rls_options,
                "reset_every_edit": reset_every_edit}
-    editor = rlsedit.RLSEditor.create(ctx.model, ctx.tokenizer, layers=ctx.rls_layers,
-                                      cfg=rlsedit.RLSEditConfig(**options))
+    editor = RLSEditor.create(ctx.model, ctx.tokenizer, layers=ctx.rls_layers, cfg=RLSEditConfig(**options))
     return editor, None
 
 
 def _alphaedit(ctx: MethodContext):
-    from .alphaedit import AlphaEditor, AlphaEditParams
-    from .rlsedit import RLSEditConfig
-
     options = {"seed": ctx.seed, "cache_dir": str(Path(ctx.cache_dir) / "rlsedit-stats"), **ctx.rls_options}
     editor = AlphaEditor.create(ctx.model, ctx.tokenizer, layers=ctx.rls_layers, cfg=RLSEditConfig(**options),
                                 params=AlphaEditParams(**ctx.alpha_options))
@@ -344,12 +333,20 @@ METHODS: dict[str, Callable[[MethodContext], tuple[Editor, int | None]]] = {
     "memit-nohist": lambda ctx: _rlsedit(ctx, reset_every_edit=True),
     "alphaedit": _alphaedit,
 }
-NEEDS_RLSEDIT = ("rlsedit", "memit-nohist", "alphaedit")
 
 
 def default_methods() -> list[str]:
-    """Every registered method whose code is present (RLSEdit joins once editor_core/rlsedit.py exists)."""
-    return [m for m in METHODS if m not in NEEDS_RLSEDIT or _rlsedit_available()]
+    """Every registered method, in the order of METHODS."""
+    return list(METHODS)
+
+
+# Still imported by editor_core/evaluate_cli.py (its check that RLSEdit is installed, which it always is), until
+# the CLI moves to its own package and drops that check: then delete these two.
+NEEDS_RLSEDIT = ("rlsedit", "memit-nohist", "alphaedit")
+
+
+def _rlsedit_available() -> bool:
+    return True
 
 
 def ft_config_dict(cfg: FTConfig) -> dict:

@@ -169,12 +169,8 @@ def stage_editors(base_dir: Path, split_path: Path, hiedit_dir: Path, rledit_dir
 
     epochs: passes over the facts (None = the trainer's default, ``TrainConfig.epochs``).
     """
-    try:
-        from editor_core.train import TrainConfig, train_editor
-    except ImportError as exc:  # the trainer lives in its own module, written separately
-        raise DemoBuildError(f"--stage editors needs editor_core.train.train_editor, which cannot be imported "
-                             f"({exc}); build the base model with --stage base meanwhile") from None
     from editor_core.model import load_model
+    from editor_core.train import TrainConfig, train_editor
 
     if not (base_dir / "config.json").is_file():
         raise DemoBuildError(f"{base_dir} has no model: run --stage base first")

@@ -58,18 +58,13 @@ from tqdm.auto import tqdm
 from .capture import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TARGET_TOKENS, EditInputError, teacher_forced
 from .data import EditRecord
 from .editor import EditRequest, Editor, LocalityPrompt
+from .rlsedit import SingularSystemError
 from .state import DeltaRejected, WeightState
+from .tensors import right_pad
 
-
-def _edit_failures() -> tuple[type[Exception], ...]:
-    """Exceptions that mean "this method could not make this edit" (not a harness or input error)."""
-    failures: list[type[Exception]] = [DeltaRejected]
-    try:  # RLSEdit is optional; its numerical failure is a failed edit like a rejected delta
-        from .rlsedit import SingularSystemError
-        failures.append(SingularSystemError)
-    except ImportError:
-        pass
-    return tuple(failures)
+# Exceptions that mean "this method could not make this edit" (not a harness or input error): a delta the
+# weight state rejects, or an RLS / AlphaEdit system that is singular.
+EDIT_FAILURES = (DeltaRejected, SingularSystemError)
 
 METRICS = ("efficacy", "generalization", "specificity", "edited_retention", "general_retention")
 MEAN_OF = ("efficacy", "generalization", "specificity", "edited_retention")
@@ -169,18 +164,10 @@ class ProbeSet:
                 n = min(tf.n_target_tokens, tf_old.n_target_tokens)
                 old[start:start + n] = tf_old.labels[0, start:start + n]
             rows.append((ids, labels, old))
-        T = max(len(r[0]) for r in rows)
-        n = len(rows)
-        self.input_ids = torch.full((n, T), pad, dtype=torch.long)
-        self.attention = torch.zeros((n, T), dtype=torch.long)
-        self.labels = torch.full((n, T), -100, dtype=torch.long)
-        self.old_labels = torch.full((n, T), -100, dtype=torch.long)
+        self.input_ids, self.attention = right_pad([r[0] for r in rows], pad)
+        self.labels, _ = right_pad([r[1] for r in rows], -100)
+        self.old_labels, _ = right_pad([r[2] for r in rows], -100)
         self.lengths = torch.tensor([len(r[0]) for r in rows])
-        for i, (ids, labels, old) in enumerate(rows):  # right padding: causal logits of real tokens are unchanged
-            self.input_ids[i, :len(ids)] = ids
-            self.attention[i, :len(ids)] = 1
-            self.labels[i, :len(ids)] = labels
-            self.old_labels[i, :len(ids)] = old
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -263,12 +250,7 @@ def perplexity(model: nn.Module, tokenizer, texts: Sequence[str], max_tokens: in
         enc = [e for e in enc if len(e) >= 2]
         if not enc:
             continue
-        T = max(len(e) for e in enc)
-        ids = torch.full((len(enc), T), pad, dtype=torch.long)
-        att = torch.zeros((len(enc), T), dtype=torch.long)
-        for i, e in enumerate(enc):
-            ids[i, :len(e)] = torch.tensor(e)
-            att[i, :len(e)] = 1
+        ids, att = right_pad(enc, pad)
         logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits.float().cpu()
         target = ids[:, 1:].masked_fill(att[:, 1:] == 0, -100)
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
@@ -472,7 +454,6 @@ def run_method(bench: Bench, name: str, editor: Editor, state: WeightState, base
     The weights are reset to W^0 before and after, so methods never see each other's edits.
     """
     state.reset()
-    failures = _edit_failures()
     n = len(bench.stream)
     latencies: list[float] = []
     selections: dict[str, int] = {m: 0 for m in getattr(editor, "modules", [])}
@@ -494,7 +475,7 @@ def run_method(bench: Bench, name: str, editor: Editor, state: WeightState, base
                     raise EditInputError(f"stream record {i} (case {rec.case_id}): {exc}") from None
                 skipped.append(f"record {i} (case {rec.case_id}): {exc}")
                 continue
-            except failures as exc:
+            except EDIT_FAILURES as exc:
                 # The method tried and failed (e.g. a non-finite delta): the fact stays in the
                 # scores unedited, so the failure costs the method, and the stream goes on.
                 rejected.append(f"record {i} (case {rec.case_id}): {exc}")

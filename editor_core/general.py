@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .data import SHARED_DATA, DatasetError
+from .tensors import right_pad
 
 GLUE_SETS = ("sst2", "mrpc", "cola", "rte", "nli", "mmlu")
 N_FEW_SHOT_RESERVED = 10      # glue_eval keeps the first 10 rows of each set for few-shot prompts
@@ -153,12 +154,8 @@ class GlueSet:
         order = sorted(range(len(self.rows)), key=lambda i: len(self.rows[i][0]))  # similar lengths together
         for lo in range(0, len(order), batch_size):
             batch = [self.rows[i] for i in order[lo:lo + batch_size]]
-            T = max(len(r[0]) for r in batch)
-            ids = torch.full((len(batch), T), self.pad, dtype=torch.long)
-            att = torch.zeros((len(batch), T), dtype=torch.long)
-            for j, (row, *_rest) in enumerate(batch):
-                ids[j, :len(row)] = torch.tensor(row)
-                att[j, :len(row)] = 1
+            ids, att = right_pad([r[0] for r in batch], self.pad)
+            T = ids.shape[1]
             keep = torch.zeros((len(batch), T), dtype=torch.bool)  # the positions that predict an option token
             for j, (row, _e, o, n_prompt, _opt) in enumerate(batch):
                 if o < 0:

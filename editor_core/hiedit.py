@@ -79,6 +79,9 @@ class HiEditNet(nn.Module):
             members = [i for i, s in enumerate(shapes) if s == shape]
             self.nets[Router.key(shape)] = LowLevelNet(shape[0], shape[1], cfg.rank, cfg.n_blocks,
                                                        len(members), cfg.lr_init)
+            # The router's encoder and the low-level net of a shape normalise the same rows [u ; δ]: one
+            # RunningNorm serves both (a checkpoint still stores it under both names, with equal values).
+            self.nets[Router.key(shape)].norm = self.router.norms[Router.key(shape)]
         for i, s in enumerate(shapes):
             self.index_in_group.append([j for j, t in enumerate(shapes) if t == s].index(i))
         self.shapes = shapes
@@ -87,12 +90,8 @@ class HiEditNet(nn.Module):
         return self.nets[Router.key(self.shapes[l])]
 
     def update_norms(self, keys: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        """Fold one capture into the running normalisers of both levels (training time)."""
+        """Fold one capture into the running normalisers (one per weight shape, shared by both levels)."""
         self.router.update_norms(keys, grads)
-        for shape in sorted(set(self.shapes)):
-            members = [l for l, s in enumerate(self.shapes) if s == shape]
-            rows = torch.cat([torch.cat([keys[l], grads[l]], -1) for l in members])
-            self.nets[Router.key(shape)].norm.update(rows)
 
     def importances(self, keys: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
         return self.router(keys, grads)
@@ -174,8 +173,8 @@ class HiEditor(StatelessEditor):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         params = {name for name, _ in self.net.named_parameters()}
-        state = {k: (v.to(dtype) if dtype is not None and k in params else v).detach().cpu().contiguous()
-                 for k, v in self.net.state_dict().items()}
+        state = {k: (v.to(dtype) if dtype is not None and k in params else v).detach().cpu().contiguous().clone()
+                 for k, v in self.net.state_dict().items()}  # clone: the shared normaliser appears under two names
         save_file(state, directory / WEIGHTS_FILE)
         (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
         return directory

@@ -37,6 +37,8 @@ from torch import nn
 
 from editor_core.capture import target_text
 from editor_core.data import EditRecord
+from editor_core.evaluate import all_top1
+from editor_core.tensors import right_pad
 from editor_core.tiny import tiny_config, train_tokenizer
 
 
@@ -137,14 +139,8 @@ def encode_text(tokenizer, text: str, cfg: PretrainConfig) -> Sequence_:
 
 def collate(seqs: Sequence[Sequence_], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad a batch. Returns input_ids [B, T], attention_mask [B, T], weights [B, T-1]."""
-    width = max(len(s.ids) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    weights = torch.zeros((len(seqs), width - 1))
-    for i, s in enumerate(seqs):
-        ids[i, : len(s.ids)] = torch.tensor(s.ids)
-        mask[i, : len(s.ids)] = 1
-        weights[i, : len(s.weights)] = torch.tensor(s.weights)
+    ids, mask = right_pad([s.ids for s in seqs], pad_id)
+    weights, _ = right_pad([s.weights for s in seqs], 0.0, torch.float32)
     return ids, mask, weights
 
 
@@ -187,21 +183,15 @@ def fact_correct(model: nn.Module, tokenizer, facts: Sequence[Fact], batch_size:
     pad = tokenizer.pad_token_id
     for start in range(0, len(facts), batch_size):
         chunk = facts[start: start + batch_size]
-        rows, spans = [], []
+        rows, labels = [], []
         for f in chunk:
             p = tokenizer(f.prompt, add_special_tokens=True)["input_ids"]
             t = tokenizer(target_text(f.prompt, f.target), add_special_tokens=False)["input_ids"]
             rows.append(p + t[:-1])
-            spans.append((len(p) - 1, t))
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-        pred = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.argmax(-1).cpu()
-        for i, (first, t) in enumerate(spans):
-            out.append(pred[i, first: first + len(t)].tolist() == t)
+            labels.append([-100] * (len(p) - 1) + t)      # the answer tokens, at the positions predicting them
+        ids, mask = right_pad(rows, pad)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.cpu()
+        out.extend(bool(x) for x in all_top1(logits, right_pad(labels, -100)[0]))
     model.train(was_training)
     return out
 

@@ -13,15 +13,9 @@ and one edit (u keys K_t [u, d_k], innovation E_t [u, d_v]) is the Woodbury step
     W*_t = W*_{t-1} + G E_t    i.e. ΔW (nn.Linear layout) = E_tᵀ Gᵀ, kept as two factors
 
 With the *principled* targets V_t = K_t W*_{t-1} + R (reference §1.5) the innovation is the
-MEMIT residual itself, E_t = R. Keys, the target value z and the residual spread over the
-edited layers follow MEMIT (reference §3): keys are down_proj inputs at the fact token,
-averaged over context prefixes; z is optimised once at the last edited layer; layer i
-of L_e takes R = (z − h) / (L_e − i) with h recomputed on the partly edited model.
-
-The fact token is the subject's last token (MEMIT, the paper) on deep models and the prompt's
-last token on shallow ones (default_fact_token: the 6-layer demo model looks facts up there,
-measured by causal tracing). The value optimisation is scale-aware (lr relative to ‖h‖/√d,
-decay relative to ‖h‖) and stops on the target NLL; docs/rlsedit.md has the measurements.
+MEMIT residual itself, E_t = R. Keys K_t, the target value z and the residual R = (z − h) / (L_e − i)
+of layer i of the L_e edited layers are MEMIT's (reference §3), read by memit.MemitEditor, which
+RLSEditor extends; the subject whose last token is the fact token comes from subject.find_subject.
 
 The editor follows the Editor protocol: ``propose`` changes neither the model nor C (the partly
 edited model that MEMIT's spreading needs is emulated with thread-local forward hooks, so
@@ -35,26 +29,23 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
-import re
 from dataclasses import asdict, dataclass, replace
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load as st_load
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as st_save
 from torch import nn
 
-from .capture import (DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TARGET_TOKENS, EditInputError, target_loss, thread_hooks,
-                      target_text, teacher_forced)
+from .capture import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TARGET_TOKENS, EditInputError, target_loss, teacher_forced
 from .delta import LowRankDelta, _metadata
 from .editor import EditRequest, Proposal
-from .model import decoder_layers, model_id, module_refs, resolve_modules
+from .memit import MemitEditor
+from .model import decoder_layers, model_id, resolve_modules
 from .state import tensor_digest
 from .stats import SecondMoment, cached_second_moments, load_second_moments, stats_fingerprint
+from .subject import find_subject
 
 KEYS_FORMAT = "hiedit-rlsedit-keys-v1"
 STATE_FORMAT = "hiedit-rlsedit-state-v2"  # v1 also held every committed key
@@ -63,10 +54,6 @@ FACT_TOKENS = ("auto", "subject_last", "last")
 
 
 # ---- errors -------------------------------------------------------------------------------------
-
-class SubjectError(EditInputError):
-    """``subject`` was given but does not occur in ``prompt`` (or is empty)."""
-
 
 class SingularSystemError(ValueError):
     """A Woodbury system (or A_0) that is singular, indefinite or non-finite: nothing was changed."""
@@ -309,135 +296,14 @@ def rls_step(C: torch.Tensor, keys: torch.Tensor, innovation: torch.Tensor) -> t
     return g @ innovation.to(g.dtype)
 
 
-# ---- subjects, contexts and token positions -------------------------------------------------------------
-
-_STOPWORDS = {"the", "a", "an", "in", "on", "at", "of", "what", "which", "who", "whom", "whose", "where", "when",
-              "why", "how", "is", "was", "are", "were", "does", "did", "do", "it", "this", "that", "these",
-              "those", "there", "his", "her", "their", "its", "my", "our", "your", "as", "for", "to", "by"}
-_CONNECTORS = {"of", "de", "la", "le", "von", "van", "der", "du", "da", "di", "the", "and", "&", "y"}
-_TRAIL = ",.;:!?\"')]}"
-
-
-@dataclass(frozen=True)
-class Subject:
-    """The subject span inside the prompt: prompt[start:end] == text."""
-
-    text: str
-    start: int
-    end: int
-    source: str  # "given" | "derived" | "last_token"
-
-
-def _is_cap(word: str) -> bool:
-    first = next((c for c in word if c.isalnum()), "")
-    return bool(first) and (first.isupper() or first.isdigit())
-
-
-def find_subject(prompt: str, subject: str | None) -> Subject:
-    """Locate a given subject, or derive one: the longest run of capitalised words (ties: the later),
-    else the prompt's last word. A given subject must occur in the prompt (SubjectError otherwise)."""
-    if subject is not None:
-        if not isinstance(subject, str) or not subject.strip():
-            raise SubjectError("subject: must be a non-empty string when given")
-        text = subject.strip()
-        start = prompt.find(text)
-        if start < 0:
-            raise SubjectError(f"subject: {text!r} does not occur in the prompt {prompt!r}")
-        return Subject(text, start, start + len(text), "given")
-    words = [(m.start(), m.start() + len(m.group().rstrip(_TRAIL)), m.group().rstrip(_TRAIL))
-             for m in re.finditer(r"\S+", prompt)]
-    words = [w for w in words if w[2]]
-    runs: list[list[tuple[int, int, str]]] = []
-    cur: list[tuple[int, int, str]] = []
-    for i, w in enumerate(words):
-        nxt = words[i + 1] if i + 1 < len(words) else None
-        if _is_cap(w[2]):
-            cur.append(w)
-        elif cur and w[2].lower() in _CONNECTORS and nxt is not None and _is_cap(nxt[2]):
-            cur.append(w)
-        else:
-            if cur:
-                runs.append(cur)
-            cur = []
-        # a word with trailing punctuation ends a name ("Paris, France" is two candidates)
-        if cur and prompt[w[1]:w[1] + 1] in tuple(_TRAIL):
-            runs.append(cur)
-            cur = []
-    if cur:
-        runs.append(cur)
-    best: list[tuple[int, int, str]] = []
-    for run in runs:
-        while len(run) > 1 and run[0][2].lower() in _STOPWORDS:
-            run = run[1:]
-        if len(run) == 1 and run[0][2].lower() in _STOPWORDS:
-            continue
-        if len(run) >= len(best):
-            best = run
-    if best:
-        start, end = best[0][0], best[-1][1]
-        return Subject(prompt[start:end], start, end, "derived")
-    if not words:
-        raise EditInputError("prompt: must contain at least one word")
-    start, end, text = words[-1]
-    return Subject(text, start, end, "last_token")
-
-
-CONTEXT_POOL = (
-    "The following is a short note.", "Here is what we know.", "This was reported yesterday.",
-    "I read about it in the paper.", "You may find this interesting.", "Therefore, it is worth noting.",
-    "Because of this, many people agree.", "The story begins here.", "According to the records.",
-    "In the end, it was clear.", "She wrote about it later.", "They said the same thing again.",
-    "It is a well known fact.", "We talked about it for hours.", "Some of this is surprising.",
-)
-
-
-def _token_index(tokenizer, text: str, char_end: int) -> tuple[list[int], int]:
-    """(input_ids of ``text`` with special tokens, index of the token holding character char_end − 1)."""
-    try:
-        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-        offsets = enc["offset_mapping"]
-        hits = [i for i, (s, e) in enumerate(offsets) if e > s and s < char_end]
-        if hits:
-            return list(enc["input_ids"]), hits[-1]
-    except (NotImplementedError, ValueError, KeyError):
-        pass
-    # Slow tokenizers: MEMIT's rule, last token of the text up to the subject's end.
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    return list(ids), len(tokenizer(text[:char_end], add_special_tokens=True)["input_ids"]) - 1
-
-
-def _pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token rows: (input_ids [B, T], attention_mask [B, T])."""
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return ids.to(device), mask.to(device)
-
-
-class _Stop(Exception):
-    """Ends a forward pass once the deepest needed layer has run."""
-
-
-
-
-def _block_output(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _with_block_output(out, new):
-    return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
-
-
 # ---- the editor ------------------------------------------------------------------------------------------
 
-class RLSEditor:
+class RLSEditor(MemitEditor):
     """RLSEdit bound to a model: per-layer C matrices, proposals as low-rank deltas G·R.
 
-    Attributes:
-        modules: down_proj names of the layer spec, ascending layer order
+    Keys, z and the forward passes on the partly edited model are MEMIT's (memit.MemitEditor).
+
+    Attributes beyond MemitEditor's (modules, module_map, layer_of, z_layer, contexts):
         C:       {module: C_t [d_k, d_k]} on the model's device, in cfg.c_dtype
         history: {edit_id: digest of its keys} of committed edits (rlsedit only); the keys themselves are
                  in the log (the proposal's state_blob), read back by ``forget``
@@ -446,22 +312,11 @@ class RLSEditor:
     def __init__(self, model: nn.Module, tokenizer, cfg: RLSEditConfig, stats: dict[str, SecondMoment]):
         if cfg.fact_token == "auto":
             cfg = replace(cfg, fact_token=default_fact_token(len(decoder_layers(model))))
-        self.model = model
-        self.tokenizer = tokenizer
-        self.cfg = cfg
+        super().__init__(model, tokenizer, cfg)
         self.method = cfg.method
-        refs = module_refs(model, cfg.layers)
-        if any(r.kind != "down" for r in refs):
-            raise ValueError(f"layers {cfg.layers!r}: RLSEdit edits down_proj modules only (use down[a-b])")
-        refs = sorted(refs, key=lambda r: r.layer)  # MEMIT order: ascending layers
-        self.module_map = resolve_modules(model, ",".join(f"down[{r.layer}]" for r in refs))
-        self.modules = list(self.module_map)
-        self.layer_of = {r.name: r.layer for r in refs}
-        self.z_layer = refs[-1].layer
         missing = [n for n in self.modules if n not in stats]
         if missing:
             raise ValueError(f"stats: no second-moment statistics for {missing}")
-        self.device = next(model.parameters()).device
         self.c_dtype = C_DTYPES[cfg.c_dtype]
         self.sigma: dict[str, torch.Tensor] = {}
         self.alpha: dict[str, float] = {}
@@ -481,7 +336,6 @@ class RLSEditor:
         self.fingerprints = {n: stats[n].meta.get("fingerprint") or stats_fingerprint(model, self.layer_of[n])
                              for n in self.modules}
         self.history: dict[int, str] = {}
-        self.contexts = self._make_contexts()
 
     # ---- construction ------------------------------------------------------------------------------
 
@@ -514,171 +368,6 @@ class RLSEditor:
             stats = cached_second_moments(model, tokenizer, modules, cfg.stats_corpus, cfg.cache_dir,
                                           cfg.stats_max_tokens, cfg.stats_max_length, cfg.stats_batch_size)
         return cls(model, tokenizer, cfg, stats)
-
-    def _make_contexts(self) -> list[str]:
-        """Prefixes "" + n_contexts others (each "<sentence> "), deterministic given cfg.seed."""
-        n = self.cfg.n_contexts
-        if n == 0:
-            return [""]
-        if self.cfg.context_mode == "fixed":
-            rng = random.Random(self.cfg.seed)
-            return [""] + [s + " " for s in rng.sample(CONTEXT_POOL, min(n, len(CONTEXT_POOL)))]
-        return [""] + [t + ". " for t in self._generate_prefixes(n)]
-
-    @torch.no_grad()
-    def _generate_prefixes(self, n: int) -> list[str]:
-        """MEMIT's context templates: short top-5 samples from generic starts, seeded (torch.Generator)."""
-        gen = torch.Generator().manual_seed(self.cfg.seed)
-        starts = ["The", "Therefore", "Because", "I", "You"]
-        out = []
-        for i in range(n):
-            ids = self.tokenizer(starts[i % len(starts)], add_special_tokens=True)["input_ids"]
-            for _ in range(self.cfg.context_tokens):
-                logits = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=False).logits[0, -1]
-                top = logits.float().cpu().topk(5)
-                pick = torch.multinomial(top.values.softmax(-1), 1, generator=gen)
-                ids.append(int(top.indices[pick]))
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            out.append(text.replace("{", " ").replace("}", " ").strip())
-        return out
-
-    # ---- forward passes ---------------------------------------------------------------------------------
-
-    @property
-    def _pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else (self.tokenizer.eos_token_id or 0)
-
-    def _override_hooks(self, overrides: dict[str, tuple[torch.Tensor, torch.Tensor]]):
-        """Hooks adding ΔW x = left (right x) to down_proj outputs: the model as if the deltas were applied."""
-        def hook(left, right):
-            def fn(_m, args, out):
-                x = args[0]
-                return out + ((x.float() @ right.T) @ left.T).to(out.dtype)
-            return fn
-        return [(self.module_map[n], hook(l.to(self.device), r.to(self.device))) for n, (l, r) in overrides.items()]
-
-    @torch.no_grad()
-    def _keys_and_state(self, name: str, rows: list[list[int]], idx: list[int],
-                        overrides: dict[str, tuple[torch.Tensor, torch.Tensor]]):
-        """One forward (to the z layer) of the context rows on the model with ``overrides`` applied.
-
-        Returns (K [1, d_k] float32: ½ k_plain + ½ mean k_ctx, h [d_v]: z-layer block output of the
-        plain prompt at the subject's last token, y [d_v]: down_proj output there; both float32).
-        """
-        ids, mask = _pad(rows, self._pad_id, self.device)
-        pos = torch.tensor(idx, device=self.device)
-        box: dict[str, torch.Tensor] = {}
-        b = torch.arange(len(rows), device=self.device)
-
-        def cap_down(_m, args, out):
-            box["k"] = args[0][b, pos].float()
-            box["y"] = out[0, idx[0]].float()
-
-        def cap_block(_m, _args, out):
-            box["h"] = _block_output(out)[0, idx[0]].float()
-            raise _Stop
-
-        pairs = self._override_hooks(overrides) + [(self.module_map[name], cap_down),
-                                                   (decoder_layers(self.model)[self.z_layer], cap_block)]
-        with thread_hooks(pairs):
-            try:
-                self.model(input_ids=ids, attention_mask=mask, use_cache=False)
-            except _Stop:
-                pass
-        k = box["k"]
-        key = k[0] if len(rows) == 1 else 0.5 * k[0] + 0.5 * k[1:].mean(0)
-        return key[None].contiguous().cpu(), box["h"], box["y"]
-
-    def _fact_index(self, text: str, subject_end: int) -> tuple[list[int], int]:
-        """(input_ids of ``text``, the fact token: the subject's last token or the text's last token)."""
-        ids, i = _token_index(self.tokenizer, text, subject_end)
-        return (ids, len(ids) - 1) if self.cfg.fact_token == "last" else (ids, i)
-
-    def _compute_z(self, subject: Subject, prompt: str, target: str):
-        """Target hidden state z = h_init + δ at the z layer (reference §3.2). Returns (z [d_v], info)."""
-        cfg = self.cfg
-        tgt = self.tokenizer(target_text(prompt, target), add_special_tokens=False)["input_ids"]
-        rows, idx, spans = [], [], []
-        for ctx in self.contexts:
-            ids, i = self._fact_index(ctx + prompt, len(ctx) + subject.end)
-            spans.append((len(ids) - 1, len(tgt)))
-            rows.append(ids + tgt[:-1])
-            idx.append(i)
-        kl_text = cfg.kl_prompt.format(subject.text)
-        kl_ids, kl_i = self._fact_index(kl_text, kl_text.find(subject.text) + len(subject.text))
-        rows.append(kl_ids)
-        idx.append(kl_i)
-        ids, mask = _pad(rows, self._pad_id, self.device)
-        n_rw = len(self.contexts)
-        b = torch.arange(len(rows), device=self.device)
-        pos = torch.tensor(idx, device=self.device)
-        labels = torch.tensor(tgt, device=self.device)
-        block = decoder_layers(self.model)[self.z_layer]
-        d_v = self.module_map[self.modules[-1]].out_features
-        delta = torch.zeros(d_v, dtype=torch.float32, device=self.device, requires_grad=True)
-        box: dict[str, torch.Tensor] = {}
-
-        def add_delta(_m, _args, out):
-            hs = _block_output(out)
-            if "h_init" not in box:
-                box["h_init"] = hs[0, idx[0]].detach().float()
-            hs = hs.clone()
-            hs[b, pos] = hs[b, pos] + delta.to(hs.dtype)
-            return _with_block_output(out, hs)
-
-        opt = torch.optim.Adam([delta], lr=cfg.v_lr if cfg.v_lr is not None else 0.0)  # None: set at step 0
-        kl_init, nll, steps = None, float("nan"), 0
-        with thread_hooks([(block, add_delta)]), torch.enable_grad():
-            for it in range(cfg.v_steps):
-                opt.zero_grad()
-                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                logp = logits.float().log_softmax(-1)
-                # −mean log p(target) per rewriting prompt, averaged over prompts
-                nll_rows = [-logp[r, s:s + n].gather(-1, labels[:, None]).mean() for r, (s, n) in
-                            enumerate(spans)]
-                nll_t = torch.stack(nll_rows).mean()
-                kl_lp = logp[n_rw, idx[n_rw]]
-                if kl_init is None:
-                    kl_init = kl_lp.detach()
-                kl = cfg.kl_factor * F.kl_div(kl_init[None], kl_lp[None], log_target=True, reduction="batchmean")
-                h_norm = box["h_init"].norm().clamp_min(1e-12)
-                decay = cfg.v_weight_decay * delta.norm() / h_norm
-                loss = nll_t + kl + decay
-                if it == 0 and cfg.v_lr is None:  # lr = v_lr_scale · ‖h_init‖ / √d_v (see RLSEditConfig)
-                    opt.param_groups[0]["lr"] = cfg.v_lr_scale * float(h_norm) / math.sqrt(d_v)
-                nll, steps = float(nll_t.detach()), it + 1
-                # Stop on the fit alone. KL and decay do not vanish once δ ≠ 0, so MEMIT's test on the
-                # total loss rarely fires: on the demo the NLL fell below 0.05 after ~6 steps while all 25
-                # ran and δ grew to the clamp, 3x the time and a larger, less local edit for nothing.
-                if nll < cfg.early_stop_loss or it == cfg.v_steps - 1:
-                    break
-                loss.backward()
-                opt.step()
-                with torch.no_grad():  # project δ into the ball ‖δ‖ ≤ clamp · ‖h_init‖
-                    max_norm = cfg.clamp_norm_factor * box["h_init"].norm()
-                    if delta.norm() > max_norm:
-                        delta.mul_(max_norm / delta.norm())
-        z = box["h_init"] + delta.detach()
-        return z, {"z_steps": steps, "z_nll": nll, "z_delta_norm": float(delta.detach().norm()),
-                   "h_norm": float(box["h_init"].norm()), "v_lr": opt.param_groups[0]["lr"]}
-
-    def _to_down_space(self, name: str, r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """A residual-stream change r [d_v] as a change of the down_proj output y [d_v].
-
-        Llama adds down_proj's output to the residual directly (identity). Gemma-2 normalises it
-        first (post_feedforward_layernorm, o = y / rms(y) · (1 + g)); RMSNorm is scale-invariant,
-        so y* = (o + r) / (1 + g) · rms(y) is an exact preimage at the current scale.
-        """
-        norm = getattr(decoder_layers(self.model)[self.layer_of[name]], "post_feedforward_layernorm", None)
-        if norm is None:
-            return r
-        y64, r64 = y.double(), r.double()
-        gain = norm.weight.detach().double() + (1.0 if type(norm).__name__.startswith("Gemma") else 0.0)
-        gain = torch.where(gain.abs() < 1e-3, torch.full_like(gain, 1e-3).copysign(gain), gain)
-        rms = (y64.pow(2).mean() + getattr(norm, "eps", 1e-6)).sqrt()
-        o = y64 / rms * gain
-        return ((o + r64) / gain * rms - y64).float()
 
     # ---- the edit path ------------------------------------------------------------------------------------
 
@@ -834,27 +523,6 @@ class RLSEditor:
                 raise RLSStateMismatch(f"edit {edit_id}: the logged keys differ from the loaded state snapshot")
             return
         self._commit_keys(edit_id, keys)
-
-    def rebuild(self, committed: Iterable[dict[str, torch.Tensor]]) -> None:
-        """Recompute every C = (A_0 + Σ_i K_iᵀ K_i)⁻¹ from the keys of the committed edits (``committed``:
-        one {module: K} per edit, e.g. read from the log); removes recursion drift; O(d_k³)."""
-        a = {}
-        for name in self.modules:
-            a[name] = self.cfg.beta * self.weight[name] * self.sigma[name].double().to(self.device)
-            a[name].diagonal().add_(self.alpha[name])
-        for keys in committed:
-            for name, k in keys.items():
-                if name in a:
-                    k = k.double().to(self.device)
-                    a[name] += k.T @ k
-        new = {}
-        for name in self.modules:
-            chol, info = torch.linalg.cholesky_ex((a[name] + a[name].T) / 2)
-            if int(info) != 0:
-                raise SingularSystemError(f"{name}: A_t is not positive definite")
-            c = torch.cholesky_inverse(chol)
-            new[name] = ((c + c.T) / 2).to(self.c_dtype).contiguous()
-        self.C.update(new)
 
     # ---- snapshots ------------------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from torch import nn
 from .data import SHARED_DATA
 from .model import decoder_layers, model_id
 from .state import tensor_digest
+from .tensors import right_pad
 
 STATS_FORMAT = "hiedit-mom2-v1"
 DEFAULT_CORPUS = SHARED_DATA / "glue"
@@ -231,12 +232,8 @@ def collect_second_moments(model: nn.Module, tokenizer, modules: dict[str, nn.Li
                 if ids:
                     batch.append(ids)
             if batch and (len(batch) == batch_size or text is None):
-                width = max(map(len, batch))
-                input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.bool)
-                for i, ids in enumerate(batch):
-                    input_ids[i, :len(ids)] = torch.tensor(ids)
-                    mask[i, :len(ids)] = True
+                input_ids, mask = right_pad(batch, pad)
+                mask = mask.bool()
                 mask_box["mask"] = mask.to(device)
                 try:
                     with torch.no_grad():

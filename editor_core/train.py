@@ -50,10 +50,8 @@ is computed and reported as the router's running reward, as in the paper.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -62,25 +60,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .capture import EditInputError, TeacherForced, _grad_only_for, capture, teacher_forced, thread_hooks
+from .capture import TeacherForced, _grad_only_for, capture, thread_hooks
 from .data import EditRecord
 from .delta import LowRankDelta, frobenius_sq
 from .hiedit import CheckpointMismatch, HiEditor
 from .state import WeightState
+from .train_data import TrainExample, pad_examples, tokenize_records
+from .train_io import TRAINER_STATE_FILE, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
-TRAINER_STATE_FILE = "trainer_state.pt"   # optimiser state etc.: needed to resume, not to use the editor
-TRAIN_LOG_FILE = "train.json"             # small, human-readable: options, seed, progress, per-trajectory losses
 UPDATE_MODES = ("trajectory", "per_edit")
 
 
 class TrainConfigError(ValueError):
     """A TrainConfig field with an invalid value; the message names the field."""
-
-
-class BadRecord(ValueError):
-    """A training record that cannot be tokenized for this model; names the record index and field."""
 
 
 # Experiment options of the demo-bed studies, removed once they had lost (docs/results.md before the real-model
@@ -99,38 +93,34 @@ class TrainConfig:
     """
 
     # schedule
-    epochs: int = 3
-    trajectories: int | None = None   # per epoch; None = as many full trajectories as the records allow
-    traj_len: int = 30                # N: edits per trajectory (edits stay applied along it). The published
-                                      # code trains on trajectories as long as the test stream; with 10 the
-                                      # demo router learned one fixed set of modules and piled every edit into
-                                      # it (dev stream of 500 facts: perplexity x14.6, against x1.4 with 30,
-                                      # which also spreads the choice over 6 of the 8 modules)
-    update: str = "trajectory"        # "trajectory" (HiEdit/RLEdit) | "per_edit" (MEND baseline, no RL)
-    stop_after: int | None = None     # stop this call after that many trajectories (resume later)
+    epochs: int = 3                   # passes over the training records
+    trajectories: int | None = None   # trajectories per epoch; None = as many full ones as the records allow
+    traj_len: int = 30                # N: facts edited one after another per trajectory (their edits stay applied)
+    update: str = "trajectory"        # when the nets learn: "trajectory" (once per trajectory: HiEdit, RLEdit)
+                                      # | "per_edit" (after every edit, no RL: the MEND baseline)
+    stop_after: int | None = None     # stop this call after that many trajectories (continue with resume)
     # loss (Eq. 4)
-    back_depth: int = 10              # K: edits replayed per step
-    time_decay: float = 0.95          # μ
-    loc_coef: float = 1.0             # α
-    reg_coef: float = 1e-4            # λ
-    edit_coef: float = 1.0            # weight of CE(edit prompt_{t-j}) next to CE(rephrase_{t-j}); 0 = paper
-    baseline: bool = True             # compute L(all layers) for the advantage (skipped when k = L)
+    back_depth: int = 10              # K: how many recent edits (this one included) each step scores
+    time_decay: float = 0.95          # μ: the j-th most recent edit is weighted μ^j
+    loc_coef: float = 1.0             # α: weight of the locality KL next to the rephrase CE
+    reg_coef: float = 1e-4            # λ: weight of ‖m_l ΔW_l‖² (the L2 term)
+    edit_coef: float = 1.0            # weight of CE(edit prompt) next to CE(rephrase); 0 = the paper's rephrase only
+    baseline: bool = True             # compute L(all modules) for the router's advantage (skipped when k = L)
     # optimisation
     meta_lr: float = 3e-4             # Adam lr of the low-level nets (offsets o_l; blocks unless block_lr says)
     block_lr: float | None = 0.0      # Adam lr of the blocks' A, B, b, s (None = meta_lr; 0 = kept at identity)
     router_lr: float | None = None    # Adam lr of the router (None = meta_lr)
     eta_lr: float | None = None       # Adam lr of the learned edit lrs η_l (None = eta_lr_rel · η_0)
     eta_lr_rel: float = 0.2           # η_l moves by about this fraction of η_0 per update
-    max_grad_norm: float = 1.0
-    update_norms: bool = True         # fold each capture into the normalisers (paper: always)
+    max_grad_norm: float = 1.0        # each level's accumulated gradient is clipped to this norm per update
+    update_norms: bool = True         # fold each capture into the running normalisers (the paper: always)
     norm_warmup: int = 64             # facts captured at θ_0 to initialise the normalisers before training
     # editor construction (used only when the trainer creates the editor)
-    lr_init: float | None = None      # initial η_l; None = calibrate on the model (1e-6, the paper's
-                                      # 8B value, does nothing visible on a tiny model)
+    lr_init: float | None = None      # initial η_l; None = calibrate η_0 on the model (calibrate_eta)
     calib_facts: int = 16             # facts the calibration of η_0 edits one at a time
-    rank: int = 256
-    n_blocks: int = 2
-    router_hidden: int = 256
+    rank: int = 256                   # r of each low-level block
+    n_blocks: int = 2                 # low-level blocks per net
+    router_hidden: int = 256          # width of the router's encoder
     tokens: str = "all"               # capture positions: "all" (MEND style) | "target"
     max_delta_rel: float = 0.0        # trust region ρ of every edit: ‖ΔW_l‖_F ≤ ρ ‖W_l⁰‖_F (0 = none)
     method: str | None = None         # name saved with the editor; None = hiedit / rledit (k = L) / mend
@@ -182,6 +172,21 @@ class TrainConfig:
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    def check_resume(self, state: dict, seed: int, where: Path) -> None:
+        """TrainConfigError unless a run checkpointed with ``state`` (its seed and options) may continue under
+        this config and ``seed``: only the RESUMABLE fields may change."""
+        if state["seed"] != seed:
+            raise TrainConfigError(f"seed: the checkpoint in {where} was trained with seed {state['seed']}, not {seed}")
+        for name, value in state["cfg"].items():
+            if not hasattr(self, name):  # an experiment option since removed: resumable only if it was off
+                if REMOVED_OPTIONS.get(name, object()) != value:
+                    raise TrainConfigError(f"{name}: the checkpoint in {where} was trained with {value!r}, an option "
+                                           "this version no longer has (git history keeps it)")
+                continue
+            if name not in self.RESUMABLE and getattr(self, name) != value:
+                raise TrainConfigError(f"{name}: the checkpoint in {where} was trained with {value!r}, "
+                                       f"not {getattr(self, name)!r}; only {', '.join(self.RESUMABLE)} may change")
+
 
 @dataclass
 class StepStats:
@@ -205,66 +210,7 @@ class StepStats:
     selected: list[int] = field(default_factory=list)
 
 
-@dataclass
-class _Example:
-    """A training record tokenized for this model."""
-
-    edit: TeacherForced
-    rephrase: TeacherForced
-    loc: TeacherForced | None
-
-
-def tokenize_records(tokenizer, records: Sequence[EditRecord], max_prompt_tokens: int, max_target_tokens: int,
-                     skip_bad: bool = False) -> tuple[list[_Example], int]:
-    """Tokenize every record for teacher forcing; (examples, n_skipped).
-
-    A record that cannot be encoded raises BadRecord naming its index, case_id and field,
-    unless ``skip_bad``, in which case it is counted and left out.
-    """
-    out, skipped = [], 0
-    for i, r in enumerate(records):
-        parts = {"prompt": (r.prompt, r.target_new), "rephrase": (r.rephrase or r.prompt, r.target_new)}
-        if r.locality_prompt.strip() or r.locality_target.strip():
-            parts["locality_prompt"] = (r.locality_prompt, r.locality_target)
-        tf: dict[str, TeacherForced] = {}
-        try:
-            for name, (prompt, target) in parts.items():
-                try:
-                    tf[name] = teacher_forced(tokenizer, prompt, target, max_prompt_tokens, max_target_tokens)
-                except EditInputError as e:
-                    # teacher_forced names "prompt"/"target"; say which record field that was
-                    target_field = {"prompt": "target_new", "rephrase": "target_new",
-                                    "locality_prompt": "locality_target"}[name]
-                    what = str(e)
-                    field_name = target_field if what.startswith("target") else name
-                    raise BadRecord(f"record {i} (case_id {r.case_id}): field {field_name}: {what}") from e
-        except BadRecord:
-            if not skip_bad:
-                raise
-            skipped += 1
-            continue
-        out.append(_Example(tf["prompt"], tf["rephrase"], tf.get("locality_prompt")))
-    return out, skipped
-
-
 BLOCK_PARAMS = (".A", ".B", ".bias", ".scale.weight")  # an EditorBlock's own map; its offset o_l is apart
-
-
-def _pad(batch: Sequence[TeacherForced], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad teacher-forced examples: (input_ids [B,T], attention_mask [B,T], labels [B,T]).
-
-    Right padding keeps every real token's position and causal context unchanged.
-    """
-    width = max(ex.input_ids.shape[1] for ex in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    for b, ex in enumerate(batch):
-        n = ex.input_ids.shape[1]
-        ids[b, :n] = ex.input_ids[0]
-        mask[b, :n] = 1
-        labels[b, :n] = ex.labels[0]
-    return ids.to(device), mask.to(device), labels.to(device)
 
 
 class Trainer:
@@ -274,7 +220,7 @@ class Trainer:
     ``begin_trajectory()``, ``edit_step(i)`` (accumulates), ``optimizer_step()``, ``zero_grad()``.
     """
 
-    def __init__(self, editor: HiEditor, examples: list[_Example], cfg: TrainConfig, k: int):
+    def __init__(self, editor: HiEditor, examples: list[TrainExample], cfg: TrainConfig, k: int):
         cfg.validate()
         self.editor, self.examples, self.cfg, self.k = editor, examples, cfg, k
         self.model = editor.model
@@ -370,7 +316,7 @@ class Trainer:
                                       trust_region=False)  # applied below, after η scales ΔW
             locs = [ex.loc] if ex.loc is not None else []
             ref = self._ref_logprobs(locs)
-            batch = _pad([ex.rephrase] + locs, self.pad_id, self.device)
+            batch = pad_examples([ex.rephrase] + locs, self.pad_id, self.device)
             cases.append((f, ref, batch, len(locs)))
         for w, v in zip(eta_params, saved):
             w.copy_(v)
@@ -432,7 +378,7 @@ class Trainer:
         """log p(· | loc, θ_{t-1}) at the locality target positions: [n_pos, V] (None if no loc)."""
         if not locs:
             return None
-        ids, mask, labels = _pad(locs, self.pad_id, self.device)
+        ids, mask, labels = pad_examples(locs, self.pad_id, self.device)
         return self._logits_at(ids, mask, labels != -100).log_softmax(-1)
 
     def _task_loss(self, logits: torch.Tensor, labels: torch.Tensor, n_reph: int, weights: torch.Tensor,
@@ -502,7 +448,7 @@ class Trainer:
         self.state.apply(self.t, sel_delta)
 
         # 5. task loss at θ_t and the per-token (u, δ) of every module: G_l = D_lᵀ U_l, never dense.
-        ids, mask, labels = _pad(reph + locs, self.pad_id, self.device)
+        ids, mask, labels = pad_examples(reph + locs, self.pad_id, self.device)
         U, D, outs = {}, {}, {}
 
         def hook(name):
@@ -610,36 +556,6 @@ def _default_method(cfg: TrainConfig, k: int, n_modules: int) -> str:
     return "rledit" if k == n_modules else "hiedit"
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _load_resume(out_dir: Path, model, tokenizer, layer_spec: str, k: int, seed: int, cfg: TrainConfig):
-    """(editor, trainer state) from ``out_dir``; CheckpointMismatch / TrainConfigError if it does not fit."""
-    editor = HiEditor.load(out_dir, model, tokenizer)  # refuses another base model (CheckpointMismatch)
-    if editor.cfg.layer_spec.replace(" ", "") != layer_spec.replace(" ", ""):
-        raise CheckpointMismatch(f"checkpoint {out_dir} was trained with --layers {editor.cfg.layer_spec!r}, "
-                                 f"not {layer_spec!r}: resume with the same layer spec or choose another --out")
-    if editor.cfg.k != k:
-        raise CheckpointMismatch(f"checkpoint {out_dir} was trained with --k {editor.cfg.k}, not {k}")
-    state = torch.load(out_dir / TRAINER_STATE_FILE, map_location="cpu", weights_only=False)
-    if state["seed"] != seed:
-        raise TrainConfigError(f"seed: the checkpoint in {out_dir} was trained with seed {state['seed']}, not {seed}")
-    for name, value in state["cfg"].items():
-        if not hasattr(cfg, name):  # an experiment option since removed: resumable only if it was off
-            if REMOVED_OPTIONS.get(name, object()) != value:
-                raise TrainConfigError(f"{name}: the checkpoint in {out_dir} was trained with {value!r}, an option "
-                                       "this version no longer has (git history keeps it)")
-            continue
-        if name not in TrainConfig.RESUMABLE and getattr(cfg, name) != value:
-            raise TrainConfigError(f"{name}: the checkpoint in {out_dir} was trained with {value!r}, "
-                                   f"not {getattr(cfg, name)!r}; only {', '.join(TrainConfig.RESUMABLE)} may change")
-    editor.net.load_state_dict(state["net"])  # bit-exact with the optimiser state below
-    return editor, state
-
-
 def train_editor(model: nn.Module, tokenizer, layer_spec: str, k: int, records: list[EditRecord],
                  out_dir: Path | None, seed: int = 0, cfg: TrainConfig | None = None, progress: bool = True,
                  resume: bool = False, editor: HiEditor | None = None) -> HiEditor:
@@ -663,7 +579,9 @@ def train_editor(model: nn.Module, tokenizer, layer_spec: str, k: int, records: 
     out_dir = Path(out_dir) if out_dir is not None else None
     state, created = None, False
     if resume and out_dir is not None and (out_dir / TRAINER_STATE_FILE).is_file():
-        editor, state = _load_resume(out_dir, model, tokenizer, layer_spec, k, seed, cfg)
+        editor, state = load_checkpoint(out_dir, model, tokenizer, layer_spec, k)
+        cfg.check_resume(state, seed, out_dir)
+        editor.net.load_state_dict(state["net"])  # bit-exact with the optimiser state below
         log.info("resuming %s at epoch %d, trajectory %d", out_dir, state["epoch"], state["traj"])
     elif editor is None:
         editor = HiEditor.create(model, tokenizer, layer_spec, k=k, seed=seed, lr_init=cfg.lr_init or 1e-6,
@@ -702,18 +620,16 @@ def train_editor(model: nn.Module, tokenizer, layer_spec: str, k: int, records: 
     def save(epoch: int, traj: int) -> None:
         if out_dir is None:
             return
-        editor.save(out_dir)
-        _atomic_torch_save({"epoch": epoch, "traj": traj, "seed": seed, "cfg": cfg.as_dict(),
-                            "layer_spec": layer_spec, "k": k, "n_examples": len(examples),
-                            "net": {n: t.detach().cpu().clone() for n, t in editor.net.state_dict().items()},
-                            "opt_low": trainer.opt_low.state_dict(), "opt_router": trainer.opt_router.state_dict(),
-                            "history": history}, out_dir / TRAINER_STATE_FILE)
-        log_json = {"seed": seed, "layer_spec": layer_spec, "k": k, "method": editor.method, "cfg": cfg.as_dict(),
-                    "records": len(examples), "skipped": skipped, "trajectories_per_epoch": n_traj,
-                    "epoch": epoch, "traj": traj, "done": epoch >= cfg.epochs, "history": history}
-        tmp = out_dir / (TRAIN_LOG_FILE + ".tmp")
-        tmp.write_text(json.dumps(log_json, indent=1) + "\n")
-        os.replace(tmp, out_dir / TRAIN_LOG_FILE)
+        save_checkpoint(
+            out_dir, editor,
+            {"epoch": epoch, "traj": traj, "seed": seed, "cfg": cfg.as_dict(), "layer_spec": layer_spec, "k": k,
+             "n_examples": len(examples),
+             "net": {n: t.detach().cpu().clone() for n, t in editor.net.state_dict().items()},
+             "opt_low": trainer.opt_low.state_dict(), "opt_router": trainer.opt_router.state_dict(),
+             "history": history},
+            {"seed": seed, "layer_spec": layer_spec, "k": k, "method": editor.method, "cfg": cfg.as_dict(),
+             "records": len(examples), "skipped": skipped, "trajectories_per_epoch": n_traj,
+             "epoch": epoch, "traj": traj, "done": epoch >= cfg.epochs, "history": history})
 
     if state is None and cfg.norm_warmup and cfg.update_norms:
         g = torch.Generator().manual_seed(seed * 1_000_003 - 1)
@@ -747,66 +663,3 @@ def train_editor(model: nn.Module, tokenizer, layer_spec: str, k: int, records: 
     save(*divmod(pos, n_traj))
     editor.net.eval()
     return editor
-
-
-# ---- measuring an editor ------------------------------------------------------------------------------
-
-@torch.no_grad()
-def _greedy_match(model, ex: TeacherForced) -> tuple[bool, float]:
-    """(greedy decoding of the prompt reproduces the whole target, teacher-forced top-1 token accuracy)."""
-    device = next(model.parameters()).device
-    ids, labels = ex.input_ids.to(device), ex.labels.to(device)
-    pos = labels[0] != -100
-    logits = model(input_ids=ids).logits[0]
-    acc = float((logits[pos].argmax(-1) == labels[0, pos]).float().mean())
-    # Greedy: feed the model's own choices instead of the target (no early stop at a mismatch).
-    target = labels[0, pos].tolist()
-    seq = ids[:, :ex.n_prompt_tokens]
-    for tok in target:
-        nxt = int(model(input_ids=seq).logits[0, -1].argmax())
-        if nxt != tok:
-            return False, acc
-        seq = torch.cat([seq, torch.tensor([[nxt]], device=device)], 1)
-    return True, acc
-
-
-def single_edit_efficacy(editor: HiEditor, records: Sequence[EditRecord], k: int | None = None,
-                         progress: bool = False) -> dict[str, float]:
-    """Edit each record alone into the base model and check its prompt; weights are restored after each.
-
-    Returns percentages: ``greedy`` (greedy decoding yields the new target after the edit),
-    ``greedy_before`` (it already did before), ``token_acc`` (teacher-forced top-1 accuracy after)
-    and ``rephrase_greedy`` (the same greedy check on the rephrase).
-    """
-    from .editor import EditRequest
-
-    state = WeightState(editor.module_map, "eval")
-    tok = editor.tokenizer
-    counts = {"greedy": 0.0, "greedy_before": 0.0, "token_acc": 0.0, "rephrase_greedy": 0.0}
-    n = 0
-    items = records
-    if progress:
-        from tqdm.auto import tqdm
-        items = tqdm(records, desc="single-edit efficacy", unit="edit")
-    try:
-        for r in items:
-            try:
-                ex = teacher_forced(tok, r.prompt, r.target_new)
-                rp = teacher_forced(tok, r.rephrase or r.prompt, r.target_new)
-            except EditInputError:
-                continue
-            before, _ = _greedy_match(editor.model, ex)
-            proposal = editor.propose(EditRequest(r.prompt, r.target_new), k=k)
-            state.apply(0, proposal.delta.to(next(editor.model.parameters()).device))
-            after, acc = _greedy_match(editor.model, ex)
-            reph, _ = _greedy_match(editor.model, rp)
-            state.rollback(0)
-            counts["greedy"] += after
-            counts["greedy_before"] += before
-            counts["token_acc"] += acc
-            counts["rephrase_greedy"] += reph
-            n += 1
-    finally:
-        state.reset()
-    return {key: 100.0 * v / max(n, 1) for key, v in counts.items()} | {"n": n}
-

@@ -96,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
     from .data import DatasetError, load_records
     from .hiedit import CheckpointMismatch
     from .model import LayerSpecError, load_model, resolve_modules
-    from .train import BadRecord, TrainConfigError, single_edit_efficacy, train_editor
+    from .efficacy import single_edit_efficacy
+    from .train import TrainConfigError, train_editor
+    from .train_data import BadRecord
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.threads:

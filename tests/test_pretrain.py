@@ -138,20 +138,6 @@ def test_committed_demo_model_knows_its_facts():
     assert meta["accuracy"]["all"] >= 90.0
 
 
-def test_editors_stage_explains_a_missing_trainer(tmp_path, monkeypatch, capsys):
-    import argparse
-    import sys
-
-    from editor_core import demo
-
-    monkeypatch.setitem(sys.modules, "editor_core.train", None)  # import fails as if the module were absent
-    parser = argparse.ArgumentParser()
-    demo.configure(parser)
-    args = parser.parse_args(["--stage", "editors", "--out", str(tmp_path), "--no-progress"])
-    assert demo.run(args) == 2
-    assert "editor_core.train.train_editor" in capsys.readouterr().err
-
-
 def test_editors_stage_trains_for_the_requested_epochs(tmp_path, monkeypatch):
     """--editor-epochs reaches the trainer; HiEdit gets k = L/2 and RLEdit k = L of the same spec."""
     import argparse

@@ -9,12 +9,12 @@ import torch
 from editor_core.capture import target_loss, teacher_forced
 from editor_core.editor import EditRequest, Proposal
 from editor_core.model import load_model, resolve_modules
-from editor_core.rlsedit import (RLSEditConfig, RLSEditor, RLSStateMismatch, SingularSystemError, SubjectError,
-                                 apply_correction, check_correction, default_fact_token, default_layer_spec,
-                                 default_mom2_weight,
-                                 find_subject, initial_inverse, rls_downdate_factor, rls_gain, rls_step)
+from editor_core.rlsedit import (RLSEditConfig, RLSEditor, RLSStateMismatch, SingularSystemError, apply_correction,
+                                 check_correction, default_fact_token, default_layer_spec, default_mom2_weight,
+                                 initial_inverse, rls_downdate_factor, rls_gain, rls_step)
 from editor_core.state import WeightState
 from editor_core.stats import StatsMismatch, load_second_moments, read_corpus
+from editor_core.subject import SubjectError, find_subject
 from tiny_models import TINY, tiny_model_dir
 
 SPEC = "down[1-2]"
@@ -29,6 +29,22 @@ FAST = dict(n_contexts=2, v_steps=8, v_lr=0.05, v_weight_decay=1e-3, clamp_norm_
 # On a random tiny model only the subject's own position reliably carries an edit to the
 # next-token logits, so the edited facts end with their subject.
 FACT = EditRequest("The native language of Danielle Darrieux", "English", subject="Danielle Darrieux")
+
+
+def inverse_from_scratch(ed: RLSEditor, committed: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{module: C = (A_0 + Σ_i K_iᵀ K_i)⁻¹ [d_k, d_k] float64}, A_0 = α I + β w Σ̂, from the editor's public
+    attributes and the keys of the committed edits (one {module: K [u, d_k]} per edit): what the recursion
+    should have reached, without it."""
+    out = {}
+    for name in ed.modules:
+        a = ed.cfg.beta * ed.weight[name] * ed.sigma[name].double()
+        a.diagonal().add_(ed.alpha[name])
+        for keys in committed:
+            if name in keys:
+                k = keys[name].double()
+                a += k.T @ k
+        out[name] = torch.linalg.inv((a + a.T) / 2).to(ed.C[name].device)
+    return out
 
 
 # ---- the recursion on random problems (float64) --------------------------------------------------------
@@ -336,8 +352,8 @@ def test_commit_forget_restore_and_snapshots(llama, tmp_path):
         assert (ed.C[n] - fresh.C[n]).abs().max() < 1e-8 * fresh.C[n].abs().max()
     assert sorted(ed.history) == [1, 3]
     recursed = {n: c.clone() for n, c in ed.C.items()}
-    ed.rebuild(ed.keys_from_blob(blobs[e]) for e in (1, 3))  # (A_0 + Σ KᵢᵀKᵢ)⁻¹ from scratch
-    assert all((ed.C[n] - recursed[n]).abs().max() < 1e-8 * recursed[n].abs().max() for n in ed.modules)
+    rebuilt = inverse_from_scratch(ed, [ed.keys_from_blob(blobs[e]) for e in (1, 3)])
+    assert all((rebuilt[n] - recursed[n]).abs().max() < 1e-8 * recursed[n].abs().max() for n in ed.modules)
     replay.load_state(path)                                # snapshot + replay of the log is idempotent
     replay.restore(1, blobs[1])
     assert sorted(replay.history) == [1, 2, 3]

@@ -15,8 +15,10 @@ from editor_core.hiedit import CheckpointMismatch, HiEditor
 from editor_core.model import load_model
 from editor_core.state import WeightState
 from editor_core.tiny import build_tiny_model
-from editor_core.train import (BLOCK_PARAMS, TRAINER_STATE_FILE, BadRecord, Trainer, TrainConfig, TrainConfigError,
-                               single_edit_efficacy, tokenize_records, train_editor)
+from editor_core.efficacy import single_edit_efficacy
+from editor_core.train import BLOCK_PARAMS, Trainer, TrainConfig, TrainConfigError, train_editor
+from editor_core.train_data import BadRecord, tokenize_records
+from editor_core.train_io import TRAINER_STATE_FILE
 
 SPEC = "gate[0-1],up[0-1]"  # L = 4 modules
 SMALL = dict(rank=16, router_hidden=16, n_blocks=1)

@@ -1,0 +1,266 @@
+"""MEMIT's keys and target values (Meng et al., ICLR 2023; reference rlsedit.md §3), for the down_proj
+editors built on them: RLSEdit (rlsedit.py) and AlphaEdit (alphaedit.py).
+
+Keys, the target value z and the residual spread over the edited layers follow MEMIT: keys are
+down_proj inputs at the fact token, averaged over context prefixes (k = ½ k_plain + ½ mean k_ctx);
+z = h + δ is optimised once at the last edited layer (the z layer); layer i of L_e then takes the
+residual R = (z − h) / (L_e − i), with h recomputed on the partly edited model.
+
+The fact token is the subject's last token (MEMIT, the paper) on deep models and the prompt's last
+token on shallow ones (rlsedit.default_fact_token: the 6-layer demo model looks facts up there,
+measured by causal tracing). The value optimisation is scale-aware (lr relative to ‖h‖/√d, decay
+relative to ‖h‖) and stops on the target NLL; docs/rlsedit.md has the measurements.
+
+Nothing here changes the model: the partly edited model that the spreading needs is emulated with
+thread-local forward hooks (``_override_hooks``), so concurrent generation never sees it.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .capture import target_text, thread_hooks
+from .model import decoder_layers, module_refs, resolve_modules
+from .subject import Subject
+from .tensors import right_pad
+
+if TYPE_CHECKING:
+    from .rlsedit import RLSEditConfig
+
+
+CONTEXT_POOL = (
+    "The following is a short note.", "Here is what we know.", "This was reported yesterday.",
+    "I read about it in the paper.", "You may find this interesting.", "Therefore, it is worth noting.",
+    "Because of this, many people agree.", "The story begins here.", "According to the records.",
+    "In the end, it was clear.", "She wrote about it later.", "They said the same thing again.",
+    "It is a well known fact.", "We talked about it for hours.", "Some of this is surprising.",
+)
+
+
+def _token_index(tokenizer, text: str, char_end: int) -> tuple[list[int], int]:
+    """(input_ids of ``text`` with special tokens, index of the token holding character char_end − 1)."""
+    try:
+        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        hits = [i for i, (s, e) in enumerate(offsets) if e > s and s < char_end]
+        if hits:
+            return list(enc["input_ids"]), hits[-1]
+    except (NotImplementedError, ValueError, KeyError):
+        pass
+    # Slow tokenizers: MEMIT's rule, last token of the text up to the subject's end.
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    return list(ids), len(tokenizer(text[:char_end], add_special_tokens=True)["input_ids"]) - 1
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the deepest needed layer has run."""
+
+
+def _block_output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _with_block_output(out, new):
+    return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+
+
+class MemitEditor:
+    """The key/value half of a MEMIT-style editor bound to a model's down_proj layers.
+
+    ``cfg`` is an RLSEditConfig (fact_token resolved, not "auto"): its layer spec, fact token, context and
+    z settings are read here. Subclasses add the per-layer solve and the state (RLSEditor, AlphaEditor).
+
+    Attributes:
+        modules:    down_proj names of the layer spec, ascending layer order (MEMIT's)
+        module_map: {module: nn.Linear}
+        layer_of:   {module: its decoder layer}
+        z_layer:    the decoder layer whose output z is optimised at (the last edited one)
+        contexts:   the prefixes keys and z are averaged over: "" and cfg.n_contexts others
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, cfg: RLSEditConfig):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        refs = module_refs(model, cfg.layers)
+        if any(r.kind != "down" for r in refs):
+            raise ValueError(f"layers {cfg.layers!r}: RLSEdit edits down_proj modules only (use down[a-b])")
+        refs = sorted(refs, key=lambda r: r.layer)  # MEMIT order: ascending layers
+        self.module_map = resolve_modules(model, ",".join(f"down[{r.layer}]" for r in refs))
+        self.modules = list(self.module_map)
+        self.layer_of = {r.name: r.layer for r in refs}
+        self.z_layer = refs[-1].layer
+        self.device = next(model.parameters()).device
+        self.contexts = self._make_contexts()
+
+    # ---- context prefixes ------------------------------------------------------------------------------
+
+    def _make_contexts(self) -> list[str]:
+        """Prefixes "" + n_contexts others (each "<sentence> "), deterministic given cfg.seed."""
+        n = self.cfg.n_contexts
+        if n == 0:
+            return [""]
+        if self.cfg.context_mode == "fixed":
+            rng = random.Random(self.cfg.seed)
+            return [""] + [s + " " for s in rng.sample(CONTEXT_POOL, min(n, len(CONTEXT_POOL)))]
+        return [""] + [t + ". " for t in self._generate_prefixes(n)]
+
+    @torch.no_grad()
+    def _generate_prefixes(self, n: int) -> list[str]:
+        """MEMIT's context templates: short top-5 samples from generic starts, seeded (torch.Generator)."""
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        starts = ["The", "Therefore", "Because", "I", "You"]
+        out = []
+        for i in range(n):
+            ids = self.tokenizer(starts[i % len(starts)], add_special_tokens=True)["input_ids"]
+            for _ in range(self.cfg.context_tokens):
+                logits = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=False).logits[0, -1]
+                top = logits.float().cpu().topk(5)
+                pick = torch.multinomial(top.values.softmax(-1), 1, generator=gen)
+                ids.append(int(top.indices[pick]))
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            out.append(text.replace("{", " ").replace("}", " ").strip())
+        return out
+
+    # ---- forward passes ---------------------------------------------------------------------------------
+
+    @property
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+
+    def _override_hooks(self, overrides: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        """Hooks adding ΔW x = left (right x) to down_proj outputs: the model as if the deltas were applied."""
+        def hook(left, right):
+            def fn(_m, args, out):
+                x = args[0]
+                return out + ((x.float() @ right.T) @ left.T).to(out.dtype)
+            return fn
+        return [(self.module_map[n], hook(l.to(self.device), r.to(self.device))) for n, (l, r) in overrides.items()]
+
+    @torch.no_grad()
+    def _keys_and_state(self, name: str, rows: list[list[int]], idx: list[int],
+                        overrides: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        """One forward (to the z layer) of the context rows on the model with ``overrides`` applied.
+
+        Returns (K [1, d_k] float32: ½ k_plain + ½ mean k_ctx, h [d_v]: z-layer block output of the
+        plain prompt at the subject's last token, y [d_v]: down_proj output there; both float32).
+        """
+        ids, mask = (t.to(self.device) for t in right_pad(rows, self._pad_id))
+        pos = torch.tensor(idx, device=self.device)
+        box: dict[str, torch.Tensor] = {}
+        b = torch.arange(len(rows), device=self.device)
+
+        def cap_down(_m, args, out):
+            box["k"] = args[0][b, pos].float()
+            box["y"] = out[0, idx[0]].float()
+
+        def cap_block(_m, _args, out):
+            box["h"] = _block_output(out)[0, idx[0]].float()
+            raise _Stop
+
+        pairs = self._override_hooks(overrides) + [(self.module_map[name], cap_down),
+                                                   (decoder_layers(self.model)[self.z_layer], cap_block)]
+        with thread_hooks(pairs):
+            try:
+                self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _Stop:
+                pass
+        k = box["k"]
+        key = k[0] if len(rows) == 1 else 0.5 * k[0] + 0.5 * k[1:].mean(0)
+        return key[None].contiguous().cpu(), box["h"], box["y"]
+
+    def _fact_index(self, text: str, subject_end: int) -> tuple[list[int], int]:
+        """(input_ids of ``text``, the fact token: the subject's last token or the text's last token)."""
+        ids, i = _token_index(self.tokenizer, text, subject_end)
+        return (ids, len(ids) - 1) if self.cfg.fact_token == "last" else (ids, i)
+
+    def _compute_z(self, subject: Subject, prompt: str, target: str):
+        """Target hidden state z = h_init + δ at the z layer (reference §3.2). Returns (z [d_v], info)."""
+        cfg = self.cfg
+        tgt = self.tokenizer(target_text(prompt, target), add_special_tokens=False)["input_ids"]
+        rows, idx, spans = [], [], []
+        for ctx in self.contexts:
+            ids, i = self._fact_index(ctx + prompt, len(ctx) + subject.end)
+            spans.append((len(ids) - 1, len(tgt)))
+            rows.append(ids + tgt[:-1])
+            idx.append(i)
+        kl_text = cfg.kl_prompt.format(subject.text)
+        kl_ids, kl_i = self._fact_index(kl_text, kl_text.find(subject.text) + len(subject.text))
+        rows.append(kl_ids)
+        idx.append(kl_i)
+        ids, mask = (t.to(self.device) for t in right_pad(rows, self._pad_id))
+        n_rw = len(self.contexts)
+        b = torch.arange(len(rows), device=self.device)
+        pos = torch.tensor(idx, device=self.device)
+        labels = torch.tensor(tgt, device=self.device)
+        block = decoder_layers(self.model)[self.z_layer]
+        d_v = self.module_map[self.modules[-1]].out_features
+        delta = torch.zeros(d_v, dtype=torch.float32, device=self.device, requires_grad=True)
+        box: dict[str, torch.Tensor] = {}
+
+        def add_delta(_m, _args, out):
+            hs = _block_output(out)
+            if "h_init" not in box:
+                box["h_init"] = hs[0, idx[0]].detach().float()
+            hs = hs.clone()
+            hs[b, pos] = hs[b, pos] + delta.to(hs.dtype)
+            return _with_block_output(out, hs)
+
+        opt = torch.optim.Adam([delta], lr=cfg.v_lr if cfg.v_lr is not None else 0.0)  # None: set at step 0
+        kl_init, nll, steps = None, float("nan"), 0
+        with thread_hooks([(block, add_delta)]), torch.enable_grad():
+            for it in range(cfg.v_steps):
+                opt.zero_grad()
+                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                logp = logits.float().log_softmax(-1)
+                # −mean log p(target) per rewriting prompt, averaged over prompts
+                nll_rows = [-logp[r, s:s + n].gather(-1, labels[:, None]).mean() for r, (s, n) in
+                            enumerate(spans)]
+                nll_t = torch.stack(nll_rows).mean()
+                kl_lp = logp[n_rw, idx[n_rw]]
+                if kl_init is None:
+                    kl_init = kl_lp.detach()
+                kl = cfg.kl_factor * F.kl_div(kl_init[None], kl_lp[None], log_target=True, reduction="batchmean")
+                h_norm = box["h_init"].norm().clamp_min(1e-12)
+                decay = cfg.v_weight_decay * delta.norm() / h_norm
+                loss = nll_t + kl + decay
+                if it == 0 and cfg.v_lr is None:  # lr = v_lr_scale · ‖h_init‖ / √d_v (see RLSEditConfig)
+                    opt.param_groups[0]["lr"] = cfg.v_lr_scale * float(h_norm) / math.sqrt(d_v)
+                nll, steps = float(nll_t.detach()), it + 1
+                # Stop on the fit alone. KL and decay do not vanish once δ ≠ 0, so MEMIT's test on the
+                # total loss rarely fires: on the demo the NLL fell below 0.05 after ~6 steps while all 25
+                # ran and δ grew to the clamp, 3x the time and a larger, less local edit for nothing.
+                if nll < cfg.early_stop_loss or it == cfg.v_steps - 1:
+                    break
+                loss.backward()
+                opt.step()
+                with torch.no_grad():  # project δ into the ball ‖δ‖ ≤ clamp · ‖h_init‖
+                    max_norm = cfg.clamp_norm_factor * box["h_init"].norm()
+                    if delta.norm() > max_norm:
+                        delta.mul_(max_norm / delta.norm())
+        z = box["h_init"] + delta.detach()
+        return z, {"z_steps": steps, "z_nll": nll, "z_delta_norm": float(delta.detach().norm()),
+                   "h_norm": float(box["h_init"].norm()), "v_lr": opt.param_groups[0]["lr"]}
+
+    def _to_down_space(self, name: str, r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """A residual-stream change r [d_v] as a change of the down_proj output y [d_v].
+
+        Llama adds down_proj's output to the residual directly (identity). Gemma-2 normalises it
+        first (post_feedforward_layernorm, o = y / rms(y) · (1 + g)); RMSNorm is scale-invariant,
+        so y* = (o + r) / (1 + g) · rms(y) is an exact preimage at the current scale.
+        """
+        norm = getattr(decoder_layers(self.model)[self.layer_of[name]], "post_feedforward_layernorm", None)
+        if norm is None:
+            return r
+        y64, r64 = y.double(), r.double()
+        gain = norm.weight.detach().double() + (1.0 if type(norm).__name__.startswith("Gemma") else 0.0)
+        gain = torch.where(gain.abs() < 1e-3, torch.full_like(gain, 1e-3).copysign(gain), gain)
+        rms = (y64.pow(2).mean() + getattr(norm, "eps", 1e-6)).sqrt()
+        o = y64 / rms * gain
+        return ((o + r64) / gain * rms - y64).float()
