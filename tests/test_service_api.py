@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import STANDIN_FACTS, STANDIN_K, STANDIN_OTHER_PROMPT, app_settings, wait_ready
 from editor_core.delta import LowRankDelta
 from editor_core.editor import Proposal
-from service.engine import RWLock
+from service.engine.locking import RWLock
 from service.main import create_app
 from service.settings import Settings
 
