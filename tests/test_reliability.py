@@ -158,6 +158,17 @@ def test_batched_replay_builds_the_bytes_of_one_by_one_and_refuses_the_same_edit
     assert set(refused) == refused_one_by_one == {3, 7, 11}
     assert batched.active_ids == reference.active_ids
     assert batched.fingerprint() == reference.fingerprint() != reference.base_fingerprint
+    # ServedWeights.apply (how the engine applies a new edit) is apply_many of one: the same bytes and refusals
+    model_c, _ = load_model(standin_model_dir)
+    served = ServedWeights({n: model_c.get_submodule(n) for n in names}, model_id(model_c))
+    refused_by_apply = set()
+    for edit_id, delta in deltas:
+        try:
+            served.apply(edit_id, delta)
+        except (DeltaRejected, ValueError):
+            refused_by_apply.add(edit_id)
+    assert refused_by_apply == refused_one_by_one
+    assert served.active_ids == reference.active_ids and served.fingerprint() == reference.fingerprint()
     # a sum that overflows: the batch swaps nothing, then finds the culprit one by one, as apply does
     name = names[0]
     huge = LowRankDelta({name: (torch.full((shapes[name][0], 1), 1e20), torch.full((1, shapes[name][1]), 1e20))})
