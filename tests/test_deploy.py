@@ -221,7 +221,7 @@ def test_env_example_sets_every_required_variable():
         scopes.add(scope)
     assert scopes == {"read", "edit", "admin"}
     try:
-        from service.auth import parse_api_keys
+        from service.api.security import parse_api_keys
     except ImportError:  # the service package is not importable here: the format check above stands
         return
     keys = parse_api_keys(example["HIEDIT_API_KEYS"])
