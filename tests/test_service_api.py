@@ -344,7 +344,8 @@ def test_rwlock_writer_waits_for_readers_and_blocks_new_ones():
 def test_serve_cli_explains_a_missing_editor(tmp_path, standin_model_dir, monkeypatch, capsys):
     import argparse
 
-    from service import loading, serve_cli
+    from service import loading
+    from service.cli import serve as serve_cli
 
     parser = argparse.ArgumentParser()
     serve_cli.configure(parser)
