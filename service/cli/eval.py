@@ -415,6 +415,7 @@ def _cache_keys(args, model, ctx, stream, known, ppl_texts, glue, cfg, editor_di
 
     import torch
 
+    import editor_core
     from editor_core.evaluate import SCORE_VERSION
     from editor_core.hiedit import base_weights_fingerprint
 
@@ -432,7 +433,7 @@ def _cache_keys(args, model, ctx, stream, known, ppl_texts, glue, cfg, editor_di
         """Digest of the method's own code: a cached row of an editor whose code changed is rerun."""
         h = hashlib.sha256()
         for name in names:
-            h.update((Path(__file__).parent / f"{name}.py").read_bytes())
+            h.update((Path(editor_core.__file__).parent / f"{name}.py").read_bytes())  # the library's modules
         return h.hexdigest()
 
     from editor_core.alphaedit import AlphaEditParams
