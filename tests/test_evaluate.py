@@ -1,7 +1,6 @@
 """Sequential-editing harness: metrics on hand-made logits, baselines, and a CI-sized run end to end."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -335,7 +334,6 @@ def _check_merge(results: dict, tmp_path: Path, methods: list[str]) -> None:
         assert not (tmp_path / "refused").exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("editor_core.train") is None, reason="editor_core.train not present")
 def test_cli_trains_and_caches_mend(tiny, tmp_path):
     from service.cli import main
 
@@ -352,7 +350,6 @@ def test_cli_trains_and_caches_mend(tiny, tmp_path):
     assert cached[0].stat().st_mtime_ns == stamp
 
 
-@pytest.mark.skipif(importlib.util.find_spec("editor_core.rlsedit") is None, reason="editor_core.rlsedit not present")
 def test_cli_runs_rlsedit(tiny, tmp_path):
     from service.cli import main
 
