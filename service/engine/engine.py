@@ -183,8 +183,12 @@ class EditEngine(ReplayMixin, SnapshotsMixin, EditsMixin, TakeMixin, RollbackMix
         with self.lock.read():  # hashing a module mid-swap would mix states
             return self.state.fingerprint()
 
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The token ids a generation of ``prompt`` starts from (requests and probes: one tokenisation)."""
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
     def check_prompt(self, prompt: str, field_name: str = "prompt") -> list[int]:
-        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        ids = self.prompt_ids(prompt)
         if len(ids) > self.settings.max_prompt_tokens:
             raise InvalidRequest(f"{field_name}: {len(ids)} tokens, over the limit of {self.settings.max_prompt_tokens}")
         return ids

@@ -76,7 +76,7 @@ class ProbesMixin:
             active = crud.applied_facts(session)
         changed = []
         for probe in probes:
-            ids = self.tokenizer(probe.prompt, add_special_tokens=True)["input_ids"]
+            ids = self.prompt_ids(probe.prompt)
             # on the writer: nobody else changes weights, no lock needed
             if self._greedy_ids(ids, probe.max_new_tokens) != list(probe.expected_ids):
                 changed.append(probe.id)
