@@ -104,11 +104,6 @@ def state_blobs(session: Session, ids: list[int]) -> dict[int, tuple[str, bytes 
     return {i: (m, b) for i, m, b in rows}
 
 
-def active_edits_with_deltas(session: Session) -> list[tuple[Edit, EditDelta]]:
-    """Every applied edit with its stored delta, in id order: what a restart replays."""
-    return edits_with_deltas(session, applied_edit_ids(session))
-
-
 def edits_with_deltas(session: Session, ids: list[int]) -> list[tuple[Edit, EditDelta]]:
     """The edits ``ids`` with their stored deltas, in id order (what a replay applies)."""
     rows = session.execute(select(Edit, EditDelta).join(EditDelta, EditDelta.edit_id == Edit.id)

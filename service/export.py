@@ -34,7 +34,8 @@ from editor_core.delta import LowRankDelta
 from editor_core.state import DeltaRejected, weights_fingerprint
 
 from . import crud
-from .engine import Conflict, EditEngine, InvalidRequest, NotFound
+from .engine import EditEngine
+from .engine.errors import Conflict, InvalidRequest, NotFound
 from .models import EditStatus
 
 FORMATS = ("merged", "peft")

@@ -1,7 +1,6 @@
 """Load the served model and its editors from Settings, with errors that say what to do."""
 from __future__ import annotations
 
-import importlib
 import logging
 import re
 from pathlib import Path
@@ -13,6 +12,7 @@ from editor_core.catalog import KNOWN_MODELS, ModelSourceError, check_model_sour
 from editor_core.editor import Editor
 from editor_core.hiedit import CheckpointMismatch, HiEditor
 from editor_core.model import load_model
+from editor_core.rlsedit import RLSEditor
 
 from .settings import Settings
 
@@ -103,13 +103,12 @@ def load_all(settings: Settings):
         log.warning("rlsedit disabled: %s", reason)
     else:
         try:
-            rls = importlib.import_module("editor_core.rlsedit")
             overrides = {"cache_dir": str(settings.home / "cache" / "rlsedit-stats")}
             if settings.rlsedit_stats_tokens:
                 overrides["stats_max_tokens"] = settings.rlsedit_stats_tokens
             if settings.rlsedit_stats_corpus:
                 overrides["stats_corpus"] = settings.rlsedit_stats_corpus
-            editors["rlsedit"] = rls.RLSEditor.create(model, tokenizer, layers=settings.rlsedit_layers,
+            editors["rlsedit"] = RLSEditor.create(model, tokenizer, layers=settings.rlsedit_layers,
                                                       stats=settings.rlsedit_stats, **overrides)
             overlap = editor_overlap(editors)
             if overlap is not None and settings.rlsedit_overlap == "refuse":
@@ -119,7 +118,7 @@ def load_all(settings: Settings):
                                   "or --rlsedit off")
             if overlap is not None:
                 log.warning("--rlsedit-overlap allow: %s", overlap)
-        except Exception as e:  # ImportError while it is being written, or it does not fit this model
+        except Exception as e:  # it does not fit this model (e.g. its statistics cannot be collected)
             if settings.rlsedit == "on":
                 raise ConfigError(f"--rlsedit on: RLSEdit cannot be created for this model: {e}") from e
             unavailable["rlsedit"] = _why_rlsedit_is_off(e, settings)

@@ -18,9 +18,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import db
-from .api.main import api_router
-from .auth import RateLimiter, parse_api_keys
-from .engine import BaseModelMismatch, EditEngine, EngineError
+from .api.router import api_router
+from .api.security import RateLimiter, parse_api_keys
+from .engine import EditEngine
+from .engine.errors import BaseModelMismatch, EngineError
 from .loading import ConfigError, load_all
 from .metrics import Metrics
 from .settings import Settings

@@ -37,7 +37,8 @@ from editor_core.delta import LowRankDelta
 
 from . import crud, verify
 from .coordination import Coordinator
-from .engine import Conflict, EditEngine
+from .engine import EditEngine
+from .engine.errors import Conflict
 from .models import EditDelta, EditStatus
 
 log = logging.getLogger("hiedit.replica")

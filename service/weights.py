@@ -24,10 +24,12 @@ A start with 1,000 edits in the log applied them one ``WeightState.apply`` at a 
 recomputed, checked and swapped the full served weight of each module it touched: 19 s of a 2-core
 machine's start for the demo model (docs/benchmarks.md). ``apply_many`` performs exactly the same
 float operations on the accumulators in the same order (so the served bytes, and the fingerprint,
-are identical: DESIGN §3), but computes, checks and swaps each module's served weight once.
+are identical: DESIGN §3), but computes, checks and swaps each module's served weight once. The
+service has one way to apply edits: ``ServedWeights.apply`` is ``apply_many`` of one edit (the same
+checks, float operations and swap as ``WeightState.apply``, whose exceptions it raises).
 
 This belongs in ``WeightState`` itself (editor_core); it lives here until it moves there, and
-``tests/test_reliability.py`` checks it against ``apply`` one by one, refusals included.
+``tests/test_reliability.py`` checks it against ``WeightState.apply`` one by one, refusals included.
 
 The served weights are also summed so that their bytes do not depend on the thread count, the BLAS or
 the device (``ServedWeights._accumulate``): a replica verifies every state it reaches against the
@@ -267,6 +269,13 @@ class ServedWeights(WeightState):
             torch.mul(left[:, r:r + 1], right[r:r + 1, :], out=outer)
             acc.add_(outer)
 
+    def apply(self, edit_id: int, delta: LowRankDelta, swap_lock: ContextManager | None = None) -> None:
+        """Add edit ``edit_id`` (``WeightState.apply``) by the path of ``apply_many``: ValueError for an id that
+        is applied already or out of order, DeltaRejected for a delta the served weights refuse."""
+        refused = self._apply_in_order([(edit_id, delta)], swap_lock)
+        if refused:
+            raise refused[edit_id]
+
     def apply_many(self, items: list[tuple[int, LowRankDelta]],
                    swap_lock: ContextManager | None = None) -> dict[int, str]:
         """Apply ``items`` ([(edit_id, delta)], ascending ids) as if by ``apply`` one by one, in one swap.
@@ -276,26 +285,31 @@ class ServedWeights(WeightState):
         overflows the served dtype nothing is swapped and the items are applied one by one instead, so
         exactly the edits ``apply`` refuses are refused.
         """
-        refused: dict[int, str] = {}
+        return {edit_id: str(e) for edit_id, e in self._apply_in_order(items, swap_lock).items()}
+
+    def _apply_in_order(self, items: list[tuple[int, LowRankDelta]],
+                        swap_lock: ContextManager | None) -> dict[int, Exception]:
+        """``apply_many`` with the exception of each refused edit (what ``apply`` raises)."""
+        refused: dict[int, Exception] = {}
         accepted: list[tuple[int, LowRankDelta]] = []
         newest = max(self.touched, default=None)
         for edit_id, delta in items:
             if edit_id in self.touched or edit_id == newest:
-                refused[edit_id] = f"edit {edit_id} is already applied"
+                refused[edit_id] = ValueError(f"edit {edit_id} is already applied")
                 continue
             if newest is not None and edit_id < newest:
-                refused[edit_id] = (f"edit {edit_id} is older than the newest active edit {newest}: "
-                                    "apply edits in id order")
+                refused[edit_id] = ValueError(f"edit {edit_id} is older than the newest active edit {newest}: "
+                                              "apply edits in id order")
                 continue
             try:
                 self.validate(delta)
             except DeltaRejected as e:
-                refused[edit_id] = str(e)
+                refused[edit_id] = e
                 continue
             accepted.append((edit_id, delta))
             newest = edit_id
         new_acc: dict[str, torch.Tensor] = {}
-        for _, delta in accepted:  # what apply does per edit, without the per-edit swap
+        for _, delta in accepted:  # per edit what WeightState.apply adds, without the per-edit swap
             for name, (left, right) in delta.factors.items():
                 acc = new_acc.get(name)
                 if acc is None:
@@ -306,12 +320,12 @@ class ServedWeights(WeightState):
                 self._accumulate(acc, left, right)
         try:
             self._swap(new_acc, swap_lock)  # raises before swapping anything when a weight overflows
-        except DeltaRejected:
-            for edit_id, delta in accepted:  # find which edits overflow, as apply would
-                try:
-                    self.apply(edit_id, delta, swap_lock)
-                except (DeltaRejected, ValueError) as e:
-                    refused[edit_id] = str(e)
+        except DeltaRejected as e:
+            if len(accepted) == 1:
+                refused[accepted[0][0]] = e
+                return refused
+            for edit_id, delta in accepted:  # find which edits overflow, one by one
+                refused.update(self._apply_in_order([(edit_id, delta)], swap_lock))
             return refused
         for edit_id, delta in accepted:
             self._activate(edit_id, delta)

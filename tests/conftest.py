@@ -3,7 +3,9 @@
 The stand-in: a 2-layer Llama (hidden 32) whose greedy answer to "The Eiffel Tower is in" is
 " in", and an *untrained* HiEdit editor over gate/up of both layers with lr 1.0, i.e. the
 scaled gradient step ΔW = -∇W L. That lr was tuned so one edit flips the greedy answer to
-the target while other prompts keep theirs (checked by ``test_standin_edit_flips_the_fact``).
+the target while other prompts keep theirs (checked by
+``test_service_api.py::test_probe_report_specificity_retention_and_gauges``: the probe on the edited
+prompt changes, the other does not).
 
 Postgres: ``HIEDIT_TEST_POSTGRES_URL`` (default postgresql+psycopg://postgres@127.0.0.1:5432/test).
 Each test gets a fresh schema (dropped afterwards) so runs never see each other's tables.
@@ -309,7 +311,7 @@ def app_settings(home: Path, **kw):
     kw.setdefault("probe_every_seconds", 0)
     kw.setdefault("probe_every_edits", 0)
     # The stand-in memorisers' untrained edits are what these tests move around, not whether they take:
-    # the take check's own tests (tests/test_edit_take.py) set "refuse".
+    # the take check's own tests, on the real models (tests/test_real_models.py), set "refuse".
     kw.setdefault("edit_check", "report")
     return Settings(home=home, rlsedit="off", torch_threads=1, **kw)
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.auth import (ANONYMOUS, AuthConfigError, RateLimiter, authenticate, check_bind_allowed,
-                          parse_api_keys)
+from service.api.security import (ANONYMOUS, AuthConfigError, RateLimiter, authenticate, check_bind_allowed,
+                                  parse_api_keys)
 
 KEYS = "read:reader-key-1,edit:alice=editor-key-2,admin:admin-key-3"
 

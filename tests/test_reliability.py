@@ -146,24 +146,36 @@ def test_batched_replay_builds_the_bytes_of_one_by_one_and_refuses_the_same_edit
     # WeightState's apply, one by one, summing as ServedWeights does: apply_many must give the same bytes
     reference = type("OneByOne", (WeightState,), {"_accumulate": ServedWeights._accumulate})(
         {n: model_a.get_submodule(n) for n in names}, model_id(model_a))
-    refused_one_by_one = set()
-    for edit_id, delta in deltas:
-        try:
-            reference.apply(edit_id, delta)
-        except (DeltaRejected, ValueError):
-            refused_one_by_one.add(edit_id)
+
+    def apply_one_by_one(state) -> set[int]:
+        refused = set()
+        for edit_id, delta in deltas:
+            try:
+                state.apply(edit_id, delta)
+            except (DeltaRejected, ValueError):
+                refused.add(edit_id)
+        return refused
+    refused_one_by_one = apply_one_by_one(reference)
     batched = ServedWeights({n: model_b.get_submodule(n) for n in names}, model_id(model_b))
     refused = batched.apply_many(deltas[:12])
     refused.update(batched.apply_many(deltas[12:]))
     assert set(refused) == refused_one_by_one == {3, 7, 11}
     assert batched.active_ids == reference.active_ids
     assert batched.fingerprint() == reference.fingerprint() != reference.base_fingerprint
+    # ServedWeights.apply (how the engine applies a new edit) is apply_many of one: the same bytes and refusals
+    model_c, _ = load_model(standin_model_dir)
+    served = ServedWeights({n: model_c.get_submodule(n) for n in names}, model_id(model_c))
+    assert apply_one_by_one(served) == refused_one_by_one
+    assert served.active_ids == reference.active_ids and served.fingerprint() == reference.fingerprint()
     # a sum that overflows: the batch swaps nothing, then finds the culprit one by one, as apply does
     name = names[0]
     huge = LowRankDelta({name: (torch.full((shapes[name][0], 1), 1e20), torch.full((1, shapes[name][1]), 1e20))})
     small = deltas[0][1]
     with pytest.raises(DeltaRejected):
         reference.apply(100, huge)
+    with pytest.raises(DeltaRejected, match="overflows"):  # and nothing changed
+        served.apply(100, huge)
+    assert served.fingerprint() == batched.fingerprint() and 100 not in served.active_ids
     reference.apply(101, small)
     refused = batched.apply_many([(100, huge), (101, small)])
     assert set(refused) == {100} and "overflows" in refused[100]

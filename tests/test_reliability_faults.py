@@ -28,7 +28,10 @@ pytestmark = [pytest.mark.postgres]
 CRASH_STREAM, CRASH_KILLS = (200, 10) if SOAK else (24, 2)
 LOAD_SECONDS = 120 if SOAK else 10
 LOAD_CLIENTS, LOAD_EDIT_RATE = 16, 2.0
-OUTAGE_503_WITHIN_S = 2.0
+# A 503 during an outage comes after the database check's timeout (HIEDIT_DB_CHECK_TIMEOUT_SECONDS, 1 s): about
+# 1 s on an idle machine (the figures print it). The bound tells a prompt answer from a hang (the 30 s client
+# timeout, or the minutes of a stalled TCP connection), with room for a loaded test machine.
+OUTAGE_503_WITHIN_S = 15.0
 TARGETS = ("Rome", "Dutch", "Paris", "London", "Tokyo", "Berlin")
 
 
@@ -170,10 +173,12 @@ def test_postgres_outage_answers_503_fast_keeps_generating_and_recovers_without_
                 assert figures[f"{mode}_503_s"] <= OUTAGE_503_WITHIN_S, figures
                 t0 = time.perf_counter()
                 rollback = c.post("/edits/1/rollback")
-                assert rollback.status_code == 503 and time.perf_counter() - t0 <= OUTAGE_503_WITHIN_S
+                figures[f"{mode}_rollback_503_s"] = round(time.perf_counter() - t0, 3)
+                assert rollback.status_code == 503 and figures[f"{mode}_rollback_503_s"] <= OUTAGE_503_WITHIN_S, figures
                 t0 = time.perf_counter()
                 read = c.get("/edits")
-                assert read.status_code == 503 and time.perf_counter() - t0 <= OUTAGE_503_WITHIN_S
+                figures[f"{mode}_read_503_s"] = round(time.perf_counter() - t0, 3)
+                assert read.status_code == 503 and figures[f"{mode}_read_503_s"] <= OUTAGE_503_WITHIN_S, figures
                 for _ in range(3):  # generation and health do not need the database
                     g = c.get("/generate", params={"prompt": "Fact number 0 is about", "max_new_tokens": 4})
                     assert g.status_code == 200 and g.json()["tokens"] == 4, g.text
@@ -207,7 +212,7 @@ def test_redis_outage_degrades_only_the_fast_paths_and_the_writer_lock(standin_m
     with no restart. A server cannot start without Redis when one is configured."""
     prefix, _ = redis_prefix
     proxy, redis_url = tcp_proxy(REDIS_URL)
-    ttl = 3.0
+    ttl = 10.0  # long enough that an edit during the outage ends within it on a loaded machine
     args = _standin_args(standin_model_dir, standin_editor_dir, postgres_url, "--redis-url", redis_url)
     env = {"HIEDIT_REDIS_PREFIX": prefix, "HIEDIT_WRITER_LOCK_TTL_SECONDS": str(ttl),
            "HIEDIT_REPLICA_POLL_SECONDS": "1"}
@@ -227,7 +232,7 @@ def test_redis_outage_degrades_only_the_fast_paths_and_the_writer_lock(standin_m
     try:
         with httpx.Client(base_url=writer.url, timeout=30) as c:
             assert _edit(c, 0).status_code == 201
-            assert _until(fingerprints_match, 10)
+            assert _until(fingerprints_match, 60)
             proxy.down()
             down_at = time.monotonic()
             # within the lock TTL: an edit still goes through; the replica catches up by polling the log
@@ -237,7 +242,7 @@ def test_redis_outage_degrades_only_the_fast_paths_and_the_writer_lock(standin_m
             assert r.status_code == 201, r.text
             assert time.monotonic() - down_at < ttl, "the test machine was too slow to edit within the lock TTL"
             t0 = time.perf_counter()
-            assert _until(fingerprints_match, 10), "the replica did not catch up by polling"
+            assert _until(fingerprints_match, 60), "the replica did not catch up by polling"
             figures["replica_caught_up_by_polling_s"] = round(time.perf_counter() - t0, 2)
             assert _edit(c, 1).status_code == 200  # the idempotency key is found in the database
             # after the TTL the writer refuses edits (the first tries may still go through: 201, then 200
@@ -256,7 +261,7 @@ def test_redis_outage_degrades_only_the_fast_paths_and_the_writer_lock(standin_m
             assert resumed, f"edits did not resume after Redis came back:\n{writer.log_tail()}"
             figures["edits_resumed_after_s"] = round(time.monotonic() - up_at, 2)
             assert writer.proc.poll() is None and replica.proc.poll() is None
-            assert _until(fingerprints_match, 10)
+            assert _until(fingerprints_match, 60)
             assert httpx.get(writer.url + "/state").json()["fingerprint"] == clean_replay_fingerprint(
                 postgres_url, standin_model_dir, standin_editor_dir)
     finally:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
 import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -17,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import STANDIN_FACTS, STANDIN_K, STANDIN_OTHER_PROMPT, app_settings, wait_ready
 from editor_core.delta import LowRankDelta
 from editor_core.editor import Proposal
-from service.engine import RWLock
+from service.engine.locking import RWLock
 from service.main import create_app
 from service.settings import Settings
 
@@ -267,7 +266,6 @@ def test_editor_none_serves_generation_and_refuses_edits_with_503(tmp_path, stan
 
 
 def test_rlsedit_through_the_api(tmp_path, standin_model_dir):
-    pytest.importorskip("editor_core.rlsedit")
     from service.loading import load_all
 
     settings = Settings(home=tmp_path, model=str(standin_model_dir), editor="none", rlsedit="on",
@@ -290,27 +288,75 @@ def test_rlsedit_through_the_api(tmp_path, standin_model_dir):
 
 
 def test_readers_never_see_a_half_applied_edit(tmp_path, standin_components):
-    """Greedy answers during 10 edit/rollback cycles are always the before- or after-edit answer."""
+    """What readers see during 10 edit/rollback cycles is always the state before or after the edit, never a mix.
+
+    The edit changes all four editable modules (k = 4), so a half-applied state is one with some of them
+    swapped. Greedy answers of the stand-in are too coarse to tell each such state apart, so readers also
+    take, under the read side of the lock as generation does, the log-probability of the target (one
+    teacher-forced pass) and the digest of the served weights: the test first checks that every
+    half-applied state (each proper subset of the edit's modules, served on trial) gives a log-probability
+    that is neither the before nor the after one; the readers then see only those two, and two digests."""
+    import hashlib
+    import itertools
+
+    from service import crud
+
     with _client(tmp_path, standin_components) as c:
         wait_ready(c)
         engine = c.app.state.engine
+        modules = list(engine.state.modules)
+        assert len(modules) == 4
+        rows = engine._token_rows([(FACT1.prompt, FACT1.target)])
+
+        def logp() -> float:  # unlocked: only while nothing changes the weights, or under a lock
+            return engine._teacher_forced(rows)[0][1]
+
+        def locked_logp() -> float:
+            with engine.lock.read():
+                return logp()
+
+        def weights() -> str:
+            with engine.lock.read():
+                return hashlib.sha256(b"".join(engine.state.modules[n].weight.detach().cpu().numpy().tobytes()
+                                               for n in modules)).hexdigest()
+
         q = dict(prompt=FACT1.prompt, max_new_tokens=2)
-        before = c.get("/generate", params=q).json()["text"]
-        eid = _edit(c).json()["id"]
-        after = c.get("/generate", params=q).json()["text"]
-        assert before != after
-        c.post(f"/edits/{eid}/rollback")
-        seen, stop = [], threading.Event()
+        before, lp_before, w_before = c.get("/generate", params=q).json()["text"], logp(), weights()
+        r = _edit(c, k=len(modules))
+        assert r.status_code == 201, r.text
+        eid = r.json()["id"]
+        after, lp_after, w_after = c.get("/generate", params=q).json()["text"], logp(), weights()
+        assert before != after and lp_before != lp_after and w_before != w_after
+        with engine.sessions() as session:
+            (_, blob), = crud.delta_blobs(session, [eid])
+        delta = LowRankDelta.from_bytes(blob)
+        assert sorted(delta.modules) == sorted(modules)  # the edit changes every module
+        assert c.post(f"/edits/{eid}/rollback").status_code == 200
+        for n in range(1, len(modules)):  # a half-applied edit would show
+            for part in itertools.combinations(modules, n):
+                with engine.lock.write(), engine.state.trial(LowRankDelta({m: delta.factors[m] for m in part})):
+                    half = logp()
+                assert half not in (lp_before, lp_after), part
+        assert logp() == lp_before and weights() == w_before
+        seen, seen_logp, seen_weights, stop = [], set(), set(), threading.Event()
 
         def reader():
             while not stop.is_set():
                 seen.append(engine.generate(FACT1.prompt, 2)[0])
-        threads = [threading.Thread(target=reader) for _ in range(2)]
+
+        def logp_reader():
+            while not stop.is_set():
+                seen_logp.add(locked_logp())
+
+        def weight_reader():
+            while not stop.is_set():
+                seen_weights.add(weights())
+        threads = [threading.Thread(target=f) for f in (reader, reader, logp_reader, weight_reader)]
         for t in threads:
             t.start()
         try:  # edits capture gradients on the writer while the readers generate on the same model
             for _ in range(10):
-                r = _edit(c)
+                r = _edit(c, k=len(modules))
                 assert r.status_code == 201, r.text
                 assert c.post(f"/edits/{r.json()['id']}/rollback").status_code == 200
         finally:
@@ -318,6 +364,9 @@ def test_readers_never_see_a_half_applied_edit(tmp_path, standin_components):
             for t in threads:
                 t.join()
         assert seen and set(seen) <= {before, after}
+        assert seen_logp and seen_logp <= {lp_before, lp_after}, (seen_logp, lp_before, lp_after)
+        assert seen_weights and seen_weights <= {w_before, w_after}
+        print(f"{len(seen)} answers, {len(seen_logp)} log-probabilities, {len(seen_weights)} weight digests seen")
 
 
 def test_rwlock_writer_waits_for_readers_and_blocks_new_ones():
@@ -344,7 +393,8 @@ def test_rwlock_writer_waits_for_readers_and_blocks_new_ones():
 def test_serve_cli_explains_a_missing_editor(tmp_path, standin_model_dir, monkeypatch, capsys):
     import argparse
 
-    from service import loading, serve_cli
+    from service import loading
+    from service.cli import serve as serve_cli
 
     parser = argparse.ArgumentParser()
     serve_cli.configure(parser)

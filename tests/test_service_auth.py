@@ -162,7 +162,7 @@ def test_token_and_body_limits_are_configurable(tmp_path, standin_components):
 
 
 def test_malformed_api_keys_refuse_to_build_the_app(tmp_path):
-    from service.auth import AuthConfigError
+    from service.api.security import AuthConfigError
 
     with pytest.raises(AuthConfigError, match="shorter than 8"):
         create_app(app_settings(tmp_path, api_keys="edit:short"))

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
 from conftest import REPO, STANDIN_FACTS, STANDIN_K, STANDIN_LR, STANDIN_SPEC, app_settings, wait_ready
-from service.engine import BaseModelMismatch
+from service.engine.errors import BaseModelMismatch
 from service.main import create_app
 
 FACT1, FACT2 = STANDIN_FACTS

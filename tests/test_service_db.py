@@ -48,7 +48,7 @@ def test_edit_layers_and_delta_are_stored_together_bit_exactly(database_url):
                           blob, b"state")
         edit_id = e.id
     with sessions() as s:
-        (edit, stored), = crud.active_edits_with_deltas(s)
+        (edit, stored), = crud.edits_with_deltas(s, crud.applied_edit_ids(s))
         assert edit.id == edit_id and stored.blob == blob and stored.state_blob == b"state"
         back = LowRankDelta.from_bytes(stored.blob)
         assert torch.equal(back.factors["m.0"][0], delta.factors["m.0"][0])
@@ -57,7 +57,7 @@ def test_edit_layers_and_delta_are_stored_together_bit_exactly(database_url):
     with sessions.begin() as s:
         crud.set_status(s, edit_id, EditStatus.ROLLED_BACK)
     with sessions() as s:
-        assert crud.active_edits_with_deltas(s) == []
+        assert crud.edits_with_deltas(s, crud.applied_edit_ids(s)) == []
         assert crud.get_edit(s, edit_id).rolled_back_at is not None
     # a second edit with the same idempotency key is refused by the database itself
     from sqlalchemy.exc import IntegrityError

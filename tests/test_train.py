@@ -463,7 +463,7 @@ def test_trust_region_bounds_every_edit_and_passes_gradients(tiny):
 def test_train_help_reads_as_a_recipe():
     """The experiment options that lost on the demo bed are gone from `hiedit train` (git history keeps them);
     what is left is the recipe: data, layers, schedule, the paper's loss weights, the editor's few settings."""
-    from editor_core import train_cli
+    from service.cli import train as train_cli
     import argparse
 
     parser = argparse.ArgumentParser()

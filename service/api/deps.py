@@ -13,9 +13,8 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy.orm import Session
 
-from ..auth import SCOPES, Principal
 from ..engine import EditEngine
-from .security import current_principal
+from .security import SCOPES, Principal, current_principal
 
 def require_scope(scope: str):
     """Dependency factory: 403 unless the caller's scope includes ``scope`` (read < edit < admin)."""

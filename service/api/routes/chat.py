@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ...engine import InvalidRequest
+from ...engine.errors import InvalidRequest
 from ...schemas import MAX_TEXT_CHARS
 from ..deps import EngineDep, require_scope
 from ..openai_shape import OpenAIRequest, OpenAIRoute, Usage, check_max_tokens, check_model, complete, stream

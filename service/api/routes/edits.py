@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query
 from fastapi.responses import JSONResponse
 
 from ... import crud
-from ...engine import EditSpec
+from ...engine.edits import EditSpec
 from ...schemas import MAX_ID, EditIn, EditList, EditOut, LayersOut
 from ..deps import CurrentActor, EngineDep, SessionDep, require_scope
 from ..security import limit_edit_rate, writes_here

@@ -8,7 +8,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ...engine import Unavailable
+from ...engine.errors import Unavailable
 from ...export import export
 from ..deps import EngineDep, require_scope
 

@@ -1,7 +1,9 @@
 """``hiedit``: one command line for serving, training, evaluating and building assets.
 
-Each subcommand lives in its own module exposing ``configure(parser)`` and ``run(args)``;
-modules are imported only when their subcommand runs, so ``hiedit --help`` stays fast.
+Each subcommand lives in its own module of this package (serve.py, export.py, train.py, eval.py,
+eval_merge.py, build_demo.py) exposing ``configure(parser)`` and ``run(args)``; modules are imported
+only when their subcommand runs, so ``hiedit --help`` stays fast. ``python -m service.cli`` is the
+same command (``__main__.py``).
 """
 from __future__ import annotations
 
@@ -10,13 +12,13 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("service.serve_cli", "serve a model and its editor over HTTP (default: SmolLM2-135M-Instruct and its editor)"),
-    "export": ("service.export_cli", "write a server's edits as a merged model or a PEFT LoRA adapter (vLLM, SGLang, "
+    "serve": ("service.cli.serve", "serve a model and its editor over HTTP (default: SmolLM2-135M-Instruct and its editor)"),
+    "export": ("service.cli.export", "write a server's edits as a merged model or a PEFT LoRA adapter (vLLM, SGLang, "
                                      "transformers)"),
-    "train": ("editor_core.train_cli", "train a HiEdit editor by hierarchical RL on an editing dataset"),
-    "eval": ("editor_core.evaluate_cli", "sequential-editing benchmark: results.json, a table and plots"),
-    "eval-merge": ("editor_core.merge_cli", "one table from several hiedit eval runs on the same stream"),
-    "build-demo": ("editor_core.demo", "rebuild the committed demo model, tokenizer and editors (seeded)"),
+    "train": ("service.cli.train", "train a HiEdit editor by hierarchical RL on an editing dataset"),
+    "eval": ("service.cli.eval", "sequential-editing benchmark: results.json, a table and plots"),
+    "eval-merge": ("service.cli.eval_merge", "one table from several hiedit eval runs on the same stream"),
+    "build-demo": ("service.cli.build_demo", "rebuild the committed demo model, tokenizer and editors (seeded)"),
 }
 
 
@@ -36,7 +38,3 @@ def main(argv: list[str] | None = None) -> int:
     module.configure(cmd_parser)
     args = cmd_parser.parse_args(argv[1:])
     return int(module.run(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .serve_cli import _FLAGS
+from .serve import _FLAGS
 
 # the serve options that decide which weights a log describes, and where the log is
 _SETTINGS_FLAGS = ("--model", "--editor", "--untrained-editor", "--untrained-lr", "--untrained-k", "--rlsedit",
@@ -63,12 +63,12 @@ def run(args: argparse.Namespace) -> int:
     from sqlalchemy import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
-    from . import db
-    from .engine import EditEngine, EngineError
-    from .export import export
-    from .loading import ConfigError, load_all
-    from .metrics import Metrics
-    from .serve_cli import settings_from_args
+    from .. import db
+    from ..engine import EditEngine, EngineError
+    from ..export import export
+    from ..loading import ConfigError, load_all
+    from ..metrics import Metrics
+    from .serve import settings_from_args
 
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -73,7 +73,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace):
-    from .settings import Settings
+    from ..settings import Settings
 
     given = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"), None) for flag, _ in _FLAGS}
     return Settings(**{k: v for k, v in given.items() if v is not None})
@@ -85,9 +85,9 @@ def run(args: argparse.Namespace) -> int:
 
     from editor_core.catalog import ModelSourceError, resolve_model
 
-    from .auth import AuthConfigError, check_bind_allowed, parse_api_keys
-    from .loading import ConfigError, check_assets
-    from .main import create_app
+    from ..api.security import AuthConfigError, check_bind_allowed, parse_api_keys
+    from ..loading import ConfigError, check_assets
+    from ..main import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if settings.redis_url:
         from redis import RedisError
 
-        from .coordination import Coordinator, WriterLockHeld
+        from ..coordination import Coordinator, WriterLockHeld
         coordinator = Coordinator(settings.redis_url, settings.redis_prefix, settings.writer_lock_ttl_seconds)
         try:
             coordinator.ping()

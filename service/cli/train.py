@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .train import TrainConfig
+from editor_core.train import TrainConfig
 
 _FIELDS = TrainConfig()
 
@@ -91,14 +91,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .assets import DEMO_MODEL
-    from .capture import EditInputError
-    from .data import DatasetError, load_records
-    from .hiedit import CheckpointMismatch
-    from .model import LayerSpecError, load_model, resolve_modules
-    from .efficacy import single_edit_efficacy
-    from .train import TrainConfigError, train_editor
-    from .train_data import BadRecord
+    from editor_core.assets import DEMO_MODEL
+    from editor_core.capture import EditInputError
+    from editor_core.data import DatasetError, load_records
+    from editor_core.efficacy import single_edit_efficacy
+    from editor_core.hiedit import CheckpointMismatch
+    from editor_core.model import LayerSpecError, load_model, resolve_modules
+    from editor_core.train import TrainConfigError, train_editor
+    from editor_core.train_data import BadRecord
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.threads:

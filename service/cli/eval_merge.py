@@ -32,7 +32,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(run: str) -> dict:
-    from .evaluate import MergeError
+    from editor_core.evaluate import MergeError
 
     path = Path(run)
     path = path / "results.json" if path.is_dir() else path
@@ -46,7 +46,7 @@ def _load(run: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .evaluate import MergeError, average_results, merge_results, write_reports
+    from editor_core.evaluate import MergeError, average_results, merge_results, write_reports
 
     combine = average_results if args.mean else merge_results
     try:

@@ -24,10 +24,10 @@ import time
 from itertools import islice
 from pathlib import Path
 
-from .capture import EditInputError
-from .data import DatasetError, EditRecord, SHARED_DATA, glue_sentences, load_records
-from .hiedit import CheckpointMismatch
-from .model import LayerSpecError
+from editor_core.capture import EditInputError
+from editor_core.data import DatasetError, EditRecord, SHARED_DATA, glue_sentences, load_records
+from editor_core.hiedit import CheckpointMismatch
+from editor_core.model import LayerSpecError
 
 
 class EvalSetupError(ValueError):
@@ -35,7 +35,7 @@ class EvalSetupError(ValueError):
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from .baselines import METHODS, default_methods
+    from editor_core.baselines import METHODS, default_methods
 
     parser.add_argument("--methods", default=",".join(default_methods()),
                         help=f"comma-separated, from {', '.join(METHODS)}")
@@ -106,11 +106,11 @@ def _options(items: list[str], kind: str) -> dict:
     from dataclasses import fields
 
     if kind == "train":
-        from .train import TrainConfig as config
+        from editor_core.train import TrainConfig as config
     elif kind == "alpha":
-        from .alphaedit import AlphaEditParams as config
+        from editor_core.alphaedit import AlphaEditParams as config
     else:
-        from .rlsedit import RLSEditConfig as config
+        from editor_core.rlsedit import RLSEditConfig as config
     known = {f.name for f in fields(config)}
     out = {}
     for item in items:
@@ -171,8 +171,8 @@ def check_scorable(loaded, path, tokenizer, skip_bad: bool) -> tuple[list[EditRe
     what only teacher forcing sees (a prompt or target over the token limits). Without
     ``skip_bad`` the first such record raises DatasetError naming file, record index and field.
     """
-    from .capture import teacher_forced
-    from .data import CF_FLAT_SOURCES, CF_ROME_SOURCES, ZSRE_SOURCES
+    from editor_core.capture import teacher_forced
+    from editor_core.data import CF_FLAT_SOURCES, CF_ROME_SOURCES, ZSRE_SOURCES
 
     sources = {"zsre-mend": ZSRE_SOURCES, "counterfact-rome": CF_ROME_SOURCES}.get(loaded.format, CF_FLAT_SOURCES)
     kept, bad = [], 0
@@ -215,12 +215,12 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from .assets import DEMO_HIEDIT, DEMO_MODEL, DEMO_RLEDIT, DEMO_SPLIT
-    from .baselines import METHODS, NEEDS_RLSEDIT, FTConfig, MethodContext, _rlsedit_available
-    from .evaluate import Bench, EvalConfig, run_benchmark, write_reports
-    from .general import load_glue
-    from .model import load_model, model_id
-    from .state import WeightState
+    from editor_core.assets import DEMO_HIEDIT, DEMO_MODEL, DEMO_RLEDIT, DEMO_SPLIT
+    from editor_core.baselines import METHODS, NEEDS_RLSEDIT, FTConfig, MethodContext, _rlsedit_available
+    from editor_core.evaluate import Bench, EvalConfig, run_benchmark, write_reports
+    from editor_core.general import load_glue
+    from editor_core.model import load_model, model_id
+    from editor_core.state import WeightState
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -415,8 +415,9 @@ def _cache_keys(args, model, ctx, stream, known, ppl_texts, glue, cfg, editor_di
 
     import torch
 
-    from .evaluate import SCORE_VERSION
-    from .hiedit import base_weights_fingerprint
+    import editor_core
+    from editor_core.evaluate import SCORE_VERSION
+    from editor_core.hiedit import base_weights_fingerprint
 
     common = {
         "score_version": SCORE_VERSION, "model": base_weights_fingerprint(model, ctx.hiedit().module_map),
@@ -432,11 +433,11 @@ def _cache_keys(args, model, ctx, stream, known, ppl_texts, glue, cfg, editor_di
         """Digest of the method's own code: a cached row of an editor whose code changed is rerun."""
         h = hashlib.sha256()
         for name in names:
-            h.update((Path(__file__).parent / f"{name}.py").read_bytes())
+            h.update((Path(editor_core.__file__).parent / f"{name}.py").read_bytes())  # the library's modules
         return h.hexdigest()
 
-    from .alphaedit import AlphaEditParams
-    from .rlsedit import RLSEditConfig
+    from editor_core.alphaedit import AlphaEditParams
+    from editor_core.rlsedit import RLSEditConfig
 
     rls = {"rls": asdict(RLSEditConfig(**ctx.rls_options)), "layers": ctx.rls_layers,
            "code": source("rlsedit", "stats", "capture")}

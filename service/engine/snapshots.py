@@ -1,0 +1,82 @@
+"""Snapshots: the editors' state (RLSEdit's C) and checkpoints of the served weights, so a start replays
+only the edits since the last one. They are a cache: deleting them costs only time."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from .. import crud
+
+log = logging.getLogger("hiedit.engine")
+
+
+class SnapshotsMixin:
+    """Part of :class:`service.engine.engine.EditEngine`: editor snapshots and weight checkpoints."""
+
+    def _snapshot_path(self, method: str) -> Path:
+        return self.settings.home / "state" / f"{method}.safetensors"
+
+    def _load_editor_snapshots(self, applied: set[int]) -> dict[str, set[int]]:
+        """Editors that snapshot their state start from their last snapshot; ``restore`` then skips the
+        edits it holds, and edits it holds that the log no longer has applied are forgotten. Returns
+        {method: ids of applied edits its snapshot holds}."""
+        held_by: dict[str, set[int]] = {}
+        for method, editor in self.editors.items():
+            path = self._snapshot_path(method)
+            if not path.is_file():
+                continue
+            try:
+                held = editor.load_state(path)  # changes nothing when it does not fit this editor
+            except Exception as e:  # noqa: BLE001 - a stale or foreign snapshot: replay the recursion instead
+                log.warning("%s snapshot %s not used (%s); replaying the whole log", method, path, e)
+                continue
+            stale = sorted((i for i in held if i not in applied), reverse=True)
+            blobs = self._state_blobs(stale)
+            for edit_id in stale:
+                editor.forget(edit_id, blobs.get(edit_id, ("", None))[1])
+            held_by[method] = set(held) - set(stale)
+            log.info("%s state from %s (%d edits in it, %d since rolled back)", method, path, len(held), len(stale))
+        return held_by
+
+    def _load_weights_checkpoint(self, applied: list[int], held: dict[str, set[int]]) -> None:
+        """Start the served weights from their newest checkpoint that fits the log, then restore into the
+        editors the edits it holds that their own snapshots do not (a missing or older editor snapshot)."""
+        covered = self.state.load_checkpoint(applied)
+        if not covered:
+            return
+        blobs = self._state_blobs([i for i in covered])
+        for edit_id in covered:
+            method, blob = blobs.get(edit_id, ("", None))
+            editor = self.editors.get(method)
+            if editor is not None and blob is not None and edit_id not in held.get(method, ()):
+                editor.restore(edit_id, blob)
+        log.info("served weights from a checkpoint of %d edits (%s)", len(covered), self.state.checkpoints[-1].path)
+
+    def _delta_blobs(self, ids: list[int], batch: int = 200) -> Iterator[tuple[int, bytes]]:
+        """(id, delta blob) of ``ids`` from the log, in id order, ``batch`` rows at a time (LogDeltas' reader)."""
+        for i in range(0, len(ids), batch):
+            with self.sessions() as session:
+                yield from crud.delta_blobs(session, ids[i:i + batch])
+
+    def _state_blobs(self, ids: list[int], batch: int = 500) -> dict[int, tuple[str, bytes | None]]:
+        out: dict[int, tuple[str, bytes | None]] = {}
+        for i in range(0, len(ids), batch):
+            with self.sessions() as session:
+                out.update(crud.state_blobs(session, ids[i:i + batch]))
+        return out
+
+    def _save_editor_snapshots(self) -> None:
+        """Snapshot the editors' state while it matches the log (on the writer, between jobs)."""
+        self._changes_since_snapshot = 0
+        if not self.ready or self._log_uncertain:
+            return
+        for method, editor in self.editors.items():
+            try:
+                editor.save_state(self._snapshot_path(method))
+            except Exception as e:  # noqa: BLE001 - only a slower next start
+                log.warning("%s state not snapshotted: %s", method, e)
+        try:
+            self.state.save_checkpoint()
+        except Exception as e:  # noqa: BLE001 - only a slower next start or rollback
+            log.warning("served weights not checkpointed: %s", e)
