@@ -13,9 +13,8 @@ from pathlib import Path
 
 from conftest import MODEL_HOME, REPO, STANDIN_SPEC
 
-# common.py is the scripts' shared module; batching.py and edit_cost.py are run in test_bench_serving.py;
-# history.py and long_history.py (the long-history benchmarks) are being reworked for issue 20 and get their
-# test with it.
+# common.py is the scripts' shared module; batching.py and edit_cost.py are run in test_bench_serving.py,
+# history.py and long_history.py in test_bench_history.py.
 NOT_HERE = {"common.py", "batching.py", "edit_cost.py", "history.py", "long_history.py"}
 
 
