@@ -340,14 +340,5 @@ def default_methods() -> list[str]:
     return list(METHODS)
 
 
-# Still imported by editor_core/evaluate_cli.py (its check that RLSEdit is installed, which it always is), until
-# the CLI moves to its own package and drops that check: then delete these two.
-NEEDS_RLSEDIT = ("rlsedit", "memit-nohist", "alphaedit")
-
-
-def _rlsedit_available() -> bool:
-    return True
-
-
 def ft_config_dict(cfg: FTConfig) -> dict:
     return asdict(cfg)

@@ -216,7 +216,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from editor_core.assets import DEMO_HIEDIT, DEMO_MODEL, DEMO_RLEDIT, DEMO_SPLIT
-    from editor_core.baselines import METHODS, NEEDS_RLSEDIT, FTConfig, MethodContext, _rlsedit_available
+    from editor_core.baselines import METHODS, FTConfig, MethodContext
     from editor_core.evaluate import Bench, EvalConfig, run_benchmark, write_reports
     from editor_core.general import load_glue
     from editor_core.model import load_model, model_id
@@ -226,8 +226,6 @@ def _run(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise EvalSetupError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
-    if any(m in NEEDS_RLSEDIT for m in methods) and not _rlsedit_available():
-        raise EvalSetupError("rlsedit / memit-nohist need editor_core/rlsedit.py, which is not installed")
     if args.n < 1:
         raise EvalSetupError("--n must be at least 1")
     if args.offset < 0 or args.glue_n < 0:

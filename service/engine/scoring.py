@@ -12,6 +12,7 @@ import math
 import torch
 
 from editor_core.capture import teacher_forced
+from editor_core.tensors import right_pad
 
 
 def _summarise(got: list[tuple[list[int], float]], rows: list[tuple[list[int], list[int]]],
@@ -73,10 +74,7 @@ class ScoringMixin:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         for start in range(0, len(rows), batch):
             chunk = [prompt + target[:-1] for prompt, target in rows[start:start + batch]]
-            ids = torch.full((len(chunk), max(map(len, chunk))), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, seq in enumerate(chunk):
-                ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
+            ids, mask = right_pad(chunk, pad)
             with torch.no_grad():
                 logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
             for row, (prompt, target) in enumerate(rows[start:start + batch]):
