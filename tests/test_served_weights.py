@@ -174,3 +174,13 @@ def test_the_service_keeps_no_delta_in_memory_and_restarts_from_its_checkpoint(t
     with TestClient(app()) as c:  # no checkpoint fits: a replay from W^0 gives the same bytes
         wait_ready(c)
         assert c.get("/state").json()["fingerprint"] == after
+
+
+def test_heap_retention_is_bounded_unless_the_operator_chose(monkeypatch):
+    """glibc's mmap/trim thresholds are pinned at start (the RSS figure is bench/long_history.py's); an
+    operator's MALLOC_MMAP_THRESHOLD_ is left alone."""
+    from service.loading import bound_heap_retention
+
+    assert bound_heap_retention() is True  # glibc Linux, as in the images and CI
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert bound_heap_retention() is False
