@@ -180,6 +180,14 @@ class ServedWeights(WeightState):
             log.warning("weights checkpoint %s not used: %s", path, e)
             return None
 
+    def _read_accumulators(self, cp: Checkpoint, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """{module: accumulator on its weight's device} stored in ``cp`` (of ``names``, default all)."""
+        index = {n: i for i, n in enumerate(self.modules)}
+        with safe_open(str(cp.path), "pt", device="cpu") as f:
+            stored = set(f.keys())
+            return {n: f.get_tensor(f"acc.{index[n]}").to(self.base[n].device)
+                    for n in (self.modules if names is None else names) if f"acc.{index[n]}" in stored}
+
     def load_checkpoint(self, wanted: list[int]) -> list[int]:
         """Start from the newest checkpoint whose ids are ``wanted``'s (the log's applied ids, ascending) up
         to its newest; the ids it holds ([] when none fits). Only on a state with no active edit.
@@ -203,14 +211,12 @@ class ServedWeights(WeightState):
         for meta, cp in reversed(found):
             names = list(self.modules)
             try:
-                with safe_open(str(cp.path), "pt", device="cpu") as f:
-                    acc = {names[int(k.split(".")[1])]: f.get_tensor(k) for k in f.keys()}
+                acc = self._read_accumulators(cp)
                 touched = {int(i): tuple(names[j] for j in js) for i, js in json.loads(meta["touched"]).items()}
             except Exception as e:  # noqa: BLE001
                 log.warning("weights checkpoint %s not used: %s", cp.path, e)
                 continue
-            base = {n: self.base[n].device for n in acc}
-            self._swap({n: a.to(base[n]) for n, a in acc.items()}, None)
+            self._swap(acc, None)
             if self.fingerprint() != cp.fingerprint:
                 log.warning("weights checkpoint %s not used: its weights do not give its fingerprint", cp.path)
                 self.reset()
@@ -231,11 +237,7 @@ class ServedWeights(WeightState):
             if cp.newest >= edit_id:
                 continue
             try:
-                with safe_open(str(cp.path), "pt", device="cpu") as f:
-                    keys = set(f.keys())
-                    index = {n: i for i, n in enumerate(self.modules)}
-                    start = {n: f.get_tensor(f"acc.{index[n]}").to(self.base[n].device)
-                             for n in names if f"acc.{index[n]}" in keys}
+                start = self._read_accumulators(cp, names)
                 after = cp.newest
                 break
             except Exception as e:  # noqa: BLE001 - a vanished checkpoint: an older one, or W^0
