@@ -45,12 +45,17 @@ class SnapshotsMixin:
         covered = self.state.load_checkpoint(applied)
         if not covered:
             return
-        blobs = self._state_blobs([i for i in covered])
-        for edit_id in covered:
+        methods: dict[int, str] = {}
+        for i in range(0, len(covered), 500):
+            with self.sessions() as session:
+                methods.update(crud.edit_methods(session, covered[i:i + 500]))
+        # only the blobs an editor still needs: those its own snapshot does not hold (none, usually)
+        need = [i for i in covered if methods.get(i) in self.editors and i not in held.get(methods[i], ())]
+        blobs = self._state_blobs(need)
+        for edit_id in need:
             method, blob = blobs.get(edit_id, ("", None))
-            editor = self.editors.get(method)
-            if editor is not None and blob is not None and edit_id not in held.get(method, ()):
-                editor.restore(edit_id, blob)
+            if blob is not None:
+                self.editors[method].restore(edit_id, blob)
         log.info("served weights from a checkpoint of %d edits (%s)", len(covered), self.state.checkpoints[-1].path)
 
     def _delta_blobs(self, ids: list[int], batch: int = 200) -> Iterator[tuple[int, bytes]]:
