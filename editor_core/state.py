@@ -169,9 +169,16 @@ class WeightState:
         if edit_id not in self.touched:
             raise KeyError(f"edit {edit_id} is not active")
         names = self.touched[edit_id]
-        new_acc = self._rebuild(names, self.store.load(self._touching(names, exclude=edit_id)))
+        start, after = self._rollback_start(edit_id, names)
+        new_acc = self._rebuild(names, self.store.load(self._touching(names, exclude=edit_id, after=after)), start)
         self._swap(new_acc, swap_lock)
         self._deactivate(edit_id)
+
+    def _rollback_start(self, edit_id: int, names: tuple[str, ...]) -> tuple[dict[str, torch.Tensor] | None, int | None]:
+        """Where a rollback's rebuild starts: (accumulators of ``names`` after the active edits up to an id
+        below ``edit_id``, that id); (None, None) is W^0. A subclass with checkpoints returns one
+        (service.weights.ServedWeights)."""
+        return None, None
 
     def served_with(self, deltas: Iterable[tuple[int, LowRankDelta]]) -> dict[str, torch.Tensor]:
         """The served weight of every editable module if exactly ``deltas`` ((id, delta), ascending ids)

@@ -226,25 +226,20 @@ class ServedWeights(WeightState):
             return cp.ids
         return []
 
-    def rollback(self, edit_id: int, swap_lock: ContextManager | None = None) -> None:
-        """WeightState.rollback from the newest checkpoint older than ``edit_id`` (W^0 when there is none):
-        the same float operations, reading only the deltas after that checkpoint from the log."""
-        if edit_id not in self.touched:
-            raise KeyError(f"edit {edit_id} is not active")
-        names = self.touched[edit_id]
-        start, after = None, None
+    def _rollback_start(self, edit_id: int, names: tuple[str, ...]) -> tuple[dict[str, torch.Tensor] | None, int | None]:
+        """The newest checkpoint older than ``edit_id``: its accumulators of ``names`` and its newest id, so a
+        rollback reads only the deltas after it from the log (W^0 when there is none)."""
         for cp in reversed(self.checkpoints):
             if cp.newest >= edit_id:
                 continue
             try:
-                start = self._read_accumulators(cp, names)
-                after = cp.newest
-                break
+                return self._read_accumulators(cp, names), cp.newest
             except Exception as e:  # noqa: BLE001 - a vanished checkpoint: an older one, or W^0
                 log.warning("weights checkpoint %s not used: %s", cp.path, e)
-        deltas = self.store.load(self._touching(names, exclude=edit_id, after=after))
-        self._swap(self._rebuild(names, deltas, start), swap_lock)
-        self._deactivate(edit_id)
+        return None, None
+
+    def rollback(self, edit_id: int, swap_lock: ContextManager | None = None) -> None:
+        super().rollback(edit_id, swap_lock)
         for cp in [c for c in self.checkpoints if c.newest >= edit_id]:  # they hold the edit just removed
             cp.path.unlink(missing_ok=True)
         self.checkpoints = [c for c in self.checkpoints if c.newest < edit_id]
