@@ -3,12 +3,16 @@ only the edits since the last one. They are a cache: deleting them costs only ti
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
+
+from sqlalchemy.orm import Session
 
 from .. import crud
 
 log = logging.getLogger("hiedit.engine")
+T = TypeVar("T")
 
 
 class SnapshotsMixin:
@@ -45,10 +49,7 @@ class SnapshotsMixin:
         covered = self.state.load_checkpoint(applied)
         if not covered:
             return
-        methods: dict[int, str] = {}
-        for i in range(0, len(covered), 500):
-            with self.sessions() as session:
-                methods.update(crud.edit_methods(session, covered[i:i + 500]))
+        methods = dict(self._read_batched(lambda s, chunk: crud.edit_methods(s, chunk).items(), covered))
         # only the blobs an editor still needs: those its own snapshot does not hold (none, usually)
         need = [i for i in covered if methods.get(i) in self.editors and i not in held.get(methods[i], ())]
         blobs = self._state_blobs(need)
@@ -58,18 +59,22 @@ class SnapshotsMixin:
                 self.editors[method].restore(edit_id, blob)
         log.info("served weights from a checkpoint of %d edits (%s)", len(covered), self.state.checkpoints[-1].path)
 
-    def _delta_blobs(self, ids: list[int], batch: int = 200) -> Iterator[tuple[int, bytes]]:
-        """(id, delta blob) of ``ids`` from the log, in id order, ``batch`` rows at a time (LogDeltas' reader)."""
+    def _read_batched(self, read: Callable[[Session, list[int]], Iterable[T]], ids: list[int],
+                      batch: int = 500) -> Iterator[T]:
+        """``read(session, chunk)`` over ``ids``, ``batch`` ids to a chunk, each chunk in its own short session:
+        SQLite bounds the parameters of one ``IN (...)``, and a start or rollback over 10,000 edits must not
+        hold one read transaction (or every blob) at once."""
         for i in range(0, len(ids), batch):
             with self.sessions() as session:
-                yield from crud.delta_blobs(session, ids[i:i + batch])
+                yield from read(session, ids[i:i + batch])
 
-    def _state_blobs(self, ids: list[int], batch: int = 500) -> dict[int, tuple[str, bytes | None]]:
-        out: dict[int, tuple[str, bytes | None]] = {}
-        for i in range(0, len(ids), batch):
-            with self.sessions() as session:
-                out.update(crud.state_blobs(session, ids[i:i + batch]))
-        return out
+    def _delta_blobs(self, ids: list[int]) -> Iterator[tuple[int, bytes]]:
+        """(id, delta blob) of ``ids`` from the log, in id order, 200 rows at a time (LogDeltas' reader)."""
+        return self._read_batched(crud.delta_blobs, ids, batch=200)
+
+    def _state_blobs(self, ids: list[int]) -> dict[int, tuple[str, bytes | None]]:
+        """{id: (method, editor state blob)} of ``ids``."""
+        return dict(self._read_batched(lambda s, chunk: crud.state_blobs(s, chunk).items(), ids))
 
     def _save_editor_snapshots(self) -> None:
         """Snapshot the editors' state while it matches the log (on the writer, between jobs)."""
