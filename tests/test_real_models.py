@@ -94,6 +94,20 @@ def _edit_lowers_loss_and_rolls_back(model, tok, editor) -> tuple[float, float]:
     return loss0, loss1
 
 
+@pytest.mark.parametrize("method", ["rledit", "mend"])
+def test_committed_smollm2_baseline_editors(method, smollm2_dir):
+    """issue 18's rledit and mend rows use committed SmolLM2 editors: they load on SmolLM2 (the base fingerprint
+    is checked), edit HiEdit's modules, every one of them (k = L), and one edit lowers the target's loss."""
+    model, tok = load_model(smollm2_dir)
+    hiedit_dir = KNOWN_MODELS["smollm2-135m-instruct"].editor
+    editor = HiEditor.load(hiedit_dir.parent / method, model, tok)
+    hiedit = HiEditor.load(hiedit_dir, model, tok)
+    assert editor.method == method and editor.cfg.layer_spec == hiedit.cfg.layer_spec
+    assert editor.cfg.k == len(editor.modules) == 16 and editor.cfg.tokens == hiedit.cfg.tokens == "target"
+    loss0, loss1 = _edit_lowers_loss_and_rolls_back(model, tok, editor)
+    assert loss1 < loss0
+
+
 @pytest.fixture(scope="module")
 def gemma3(gemma3_dir):
     model, tok = load_model(gemma3_dir)
