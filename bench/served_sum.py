@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
     _, rank1_two_threads = replay(ServedWeights)
     best = {k: min(v) for k, v in times.items()}
     return emit({"shape": args.shape, "modules": args.modules, "touched_per_edit": args.touched, "rank": args.rank,
-                 "edits": args.edits, "rounds": args.rounds, "replay_s_addmm": round(best["addmm"], 3),
-                 "replay_s_rank1": round(best["rank1"], 3),
+                 "edits": args.edits, "rounds": args.rounds, "replay_s_addmm": round(best["addmm"], 6),
+                 "replay_s_rank1": round(best["rank1"], 6),
                  "extra_ms_per_edit": round((best["rank1"] - best["addmm"]) / args.edits * 1000, 3),
                  "rank1_same_bytes_at_1_and_2_threads": prints["rank1"] == rank1_two_threads,
                  "load_average": load_average()})
