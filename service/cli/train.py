@@ -75,6 +75,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--publish", type=Path, metavar="DIR",
                         help="after training, also write the editor to DIR with its weights in float16 (half the "
                              "size; the committed editors are published this way) and without the optimiser state")
+    parser.add_argument("--publish-tokens", choices=["all", "target"],
+                        help="capture positions the published editor runs with (default: --tokens); the committed "
+                             "SmolLM2 and Gemma editors are trained with all and served with target (docs/models.md)")
     parser.add_argument("--eval-data", help="after training, measure single-edit efficacy on these records")
     parser.add_argument("--eval-n", type=int, default=50, help="records of --eval-data to measure")
     parser.add_argument("--no-progress", action="store_true")
@@ -119,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
         editor = train_editor(model, tokenizer, args.layers, k, records, Path(args.out), seed=args.seed,
                               cfg=cfg, progress=not args.no_progress, resume=args.resume)
         if args.publish is not None:
+            if args.publish_tokens:
+                editor.cfg.tokens = args.publish_tokens  # read per proposal: nothing else depends on it
             editor.save(args.publish, dtype=torch.float16)
         summary = {"out": str(args.out), "method": editor.method, "k": k, "modules": n_modules,
                    "records": len(records), "skipped": loaded.skipped, "seconds": round(time.time() - start, 1)}
