@@ -60,7 +60,7 @@ from .data import EditRecord
 from .editor import EditRequest, Editor, LocalityPrompt
 from .rlsedit import SingularSystemError
 from .state import DeltaRejected, WeightState
-from .tensors import right_pad
+from .tensors import logits_at, right_pad
 
 # Exceptions that mean "this method could not make this edit" (not a harness or input error): a delta the
 # weight state rejects, or an RLS / AlphaEdit system that is singular.
@@ -190,7 +190,7 @@ class ProbeSet:
             T = int(self.lengths[rows].max())
             labels, old = self.labels[rows, :T], self.old_labels[rows, :T]
             keep = labels != -100
-            logits = logits_at(model, self.input_ids[rows, :T], self.attention[rows, :T], keep)  # [P, V]
+            logits = logits_at(model, self.input_ids[rows, :T], self.attention[rows, :T], keep).cpu()  # [P, V]
             row = keep.nonzero()[:, 0]                    # the batch row of each kept position
             lab, o = labels[keep], old[keep]
             best = logits.argmax(-1)
@@ -218,25 +218,6 @@ class ProbeSet:
         mask = self.labels[:n] != -100
         same = (argmax == reference[:n]) & mask
         return same.sum(-1).float() / mask.sum(-1).float()
-
-
-def logits_at(model: nn.Module, input_ids: torch.Tensor, attention: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Float32 CPU logits [P, V] at the ``keep`` [B, T] positions, in row-major order.
-
-    transformers' ``logits_to_keep`` with a boolean mask projects only those positions onto the vocabulary;
-    a model that does not take that form gets the full logits, indexed.
-    """
-    device = next(model.parameters()).device
-    ids, att, mask = input_ids.to(device), attention.to(device), keep.to(device)
-    n_keep = int(keep.sum())
-    try:
-        out = model(input_ids=ids, attention_mask=att, logits_to_keep=mask).logits
-        out = out.reshape(-1, out.shape[-1])
-        if out.shape[0] == n_keep:
-            return out.float().cpu()
-    except (TypeError, ValueError, IndexError, RuntimeError):
-        pass
-    return model(input_ids=ids, attention_mask=att).logits[mask].float().cpu()
 
 
 @torch.no_grad()

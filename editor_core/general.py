@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .data import SHARED_DATA, DatasetError
-from .tensors import right_pad
+from .tensors import logits_at, right_pad
 
 GLUE_SETS = ("sst2", "mrpc", "cola", "rte", "nli", "mmlu")
 N_FEW_SHOT_RESERVED = 10      # glue_eval keeps the first 10 rows of each set for few-shot prompts
@@ -149,7 +149,6 @@ class GlueSet:
     @torch.no_grad()
     def predictions(self, model: nn.Module, batch_size: int = 16) -> list[int]:
         """argmax over options of Σ log p(option token | prompt, earlier option tokens), per example."""
-        from .evaluate import logits_at
         scores = torch.full((len(self.examples), max(len(x.options) for x in self.examples)), -math.inf)
         order = sorted(range(len(self.rows)), key=lambda i: len(self.rows[i][0]))  # similar lengths together
         for lo in range(0, len(order), batch_size):
@@ -162,7 +161,7 @@ class GlueSet:
                     keep[j, n_prompt - 1] = True
                 else:
                     keep[j, n_prompt - 1:len(row) - 1] = True
-            logp = logits_at(model, ids, att, keep).log_softmax(-1)  # [P, V], rows of keep in row-major order
+            logp = logits_at(model, ids, att, keep).cpu().log_softmax(-1)  # [P, V], rows of keep in row-major order
             at = 0
             for row, e, o, n_prompt, opt in batch:
                 if o < 0:  # one row: every option is one token, read at the prompt's last position

@@ -27,7 +27,7 @@ from torch import nn
 from .capture import target_text, thread_hooks
 from .model import decoder_layers, module_refs, resolve_modules
 from .subject import Subject
-from .tensors import right_pad
+from .tensors import logits_at, right_pad
 
 if TYPE_CHECKING:
     from .rlsedit import RLSEditConfig
@@ -196,6 +196,14 @@ class MemitEditor:
         idx.append(kl_i)
         ids, mask = (t.to(self.device) for t in right_pad(rows, self._pad_id))
         n_rw = len(self.contexts)
+        # Only the target positions and the KL prompt's fact token are read: the vocabulary is projected
+        # there alone (logits_at), in row-major order, so row r's targets are logp[starts[r] : starts[r] + n_r]
+        # and the KL position, in the last row, is logp[-1].
+        keep = torch.zeros(ids.shape, dtype=torch.bool)
+        for r, (s, n) in enumerate(spans):
+            keep[r, s:s + n] = True
+        keep[n_rw, idx[n_rw]] = True
+        starts = [sum(n for _, n in spans[:r]) for r in range(n_rw)]
         b = torch.arange(len(rows), device=self.device)
         pos = torch.tensor(idx, device=self.device)
         labels = torch.tensor(tgt, device=self.device)
@@ -217,13 +225,11 @@ class MemitEditor:
         with thread_hooks([(block, add_delta)]), torch.enable_grad():
             for it in range(cfg.v_steps):
                 opt.zero_grad()
-                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                logp = logits.float().log_softmax(-1)
+                logp = logits_at(self.model, ids, mask, keep).log_softmax(-1)  # [P, V]
                 # −mean log p(target) per rewriting prompt, averaged over prompts
-                nll_rows = [-logp[r, s:s + n].gather(-1, labels[:, None]).mean() for r, (s, n) in
-                            enumerate(spans)]
+                nll_rows = [-logp[a:a + n].gather(-1, labels[:, None]).mean() for a, (_, n) in zip(starts, spans)]
                 nll_t = torch.stack(nll_rows).mean()
-                kl_lp = logp[n_rw, idx[n_rw]]
+                kl_lp = logp[-1]
                 if kl_init is None:
                     kl_init = kl_lp.detach()
                 kl = cfg.kl_factor * F.kl_div(kl_init[None], kl_lp[None], log_target=True, reduction="batchmean")

@@ -21,3 +21,25 @@ def right_pad(rows: Sequence[Sequence[int] | Sequence[float] | torch.Tensor], va
         padded[i, :len(r)] = torch.as_tensor(r, dtype=dtype)
         mask[i, :len(r)] = 1
     return padded, mask
+
+
+def logits_at(model: torch.nn.Module, input_ids: torch.Tensor, attention: torch.Tensor,
+              keep: torch.Tensor) -> torch.Tensor:
+    """Float32 logits [P, V] at the ``keep`` [B, T] (bool) positions, P = keep.sum(), in row-major order.
+
+    The vocabulary projection is the largest matmul of a small model (on SmolLM2 a fifth of the forward
+    pass, and as much again in a backward through it), and most positions of an editing batch are prompt
+    tokens nobody reads: transformers' ``logits_to_keep`` with a boolean mask projects only the kept
+    positions, soft-capped as the model does itself. A model that does not take that form gets the full
+    logits, indexed. On the model's device; differentiable when the forward is.
+    """
+    device = next(model.parameters()).device
+    ids, att, mask = input_ids.to(device), attention.to(device), keep.to(device)
+    try:
+        out = model(input_ids=ids, attention_mask=att, logits_to_keep=mask, use_cache=False).logits
+        out = out.reshape(-1, out.shape[-1])
+        if out.shape[0] == int(mask.sum()):
+            return out.float()
+    except (TypeError, ValueError, IndexError, RuntimeError):
+        pass
+    return model(input_ids=ids, attention_mask=att, use_cache=False).logits[mask].float()

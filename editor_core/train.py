@@ -66,6 +66,7 @@ from .delta import LowRankDelta, frobenius_sq
 from .hiedit import CheckpointMismatch, HiEditor
 from .state import WeightState
 from .train_data import TrainExample, pad_examples, tokenize_records
+from .tensors import logits_at
 from .train_io import TRAINER_STATE_FILE, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -233,7 +234,6 @@ class Trainer:
         self.state = WeightState(self.module_map, "train")
         self.window: deque[int] = deque(maxlen=cfg.back_depth)
         self.t = 0
-        self._keep_ok: bool | None = None  # does the model take logits_to_keep as a mask? (probed once)
         # Two optimisers, as the published code (opt for the low level, hi_opt for the router);
         # the learned edit lrs η_l get their own Adam lr (MEND's lr_lr).
         named = list(self.net.nets.named_parameters())
@@ -328,7 +328,7 @@ class Trainer:
                                       for l, (left, right) in f.items()})
                 self.state.apply(0, delta)
                 weights = torch.ones(1 + n_loc, device=self.device)
-                total += float(self._task_loss(self._logits_at(ids, mask, labels != -100), labels, 1, weights, ref)[0])
+                total += float(self._task_loss(logits_at(self.model, ids, mask, labels != -100), labels, 1, weights, ref)[0])
                 self.state.reset()
             losses.append(total / max(len(cases), 1))
         finite = [(loss, eta) for loss, eta in zip(losses, grid) if math.isfinite(loss)]
@@ -352,40 +352,19 @@ class Trainer:
 
     # ---- losses -------------------------------------------------------------------------------------
 
-    def _logits_at(self, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Logits [P, V] (float32) at the ``keep`` [B, T] positions only, in row-major order.
-
-        The vocabulary projection is the largest matmul of a small model; asking transformers for
-        the kept positions alone (``logits_to_keep`` as a boolean mask) skips it everywhere else.
-        Older transformers without that form fall back to full logits.
-        """
-        n_keep = int(keep.sum())
-        if self._keep_ok is not False:
-            try:
-                out = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
-                out = out.reshape(-1, out.shape[-1])
-                if out.shape[0] == n_keep:
-                    self._keep_ok = True
-                    return out.float()
-            except (TypeError, ValueError, IndexError, RuntimeError):
-                if self._keep_ok:
-                    raise
-            self._keep_ok = False
-        return self.model(input_ids=ids, attention_mask=mask).logits[keep].float()
-
     @torch.no_grad()
     def _ref_logprobs(self, locs: list[TeacherForced]) -> torch.Tensor | None:
         """log p(· | loc, θ_{t-1}) at the locality target positions: [n_pos, V] (None if no loc)."""
         if not locs:
             return None
         ids, mask, labels = pad_examples(locs, self.pad_id, self.device)
-        return self._logits_at(ids, mask, labels != -100).log_softmax(-1)
+        return logits_at(self.model, ids, mask, labels != -100).log_softmax(-1)
 
     def _task_loss(self, logits: torch.Tensor, labels: torch.Tensor, n_reph: int, weights: torch.Tensor,
                    ref: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Σ_j μ^j [CE_j + α KL_j] for a batch of n_reph rephrase rows then the loc rows.
 
-        logits: [P, V] at the positions labels != -100 of labels [B, T], row-major (``_logits_at``).
+        logits: [P, V] at the positions labels != -100 of labels [B, T], row-major (``tensors.logits_at``).
         Returns (task loss, per-rephrase CE [n_reph], per-loc KL [n_loc]).
         CE_j: mean over the rephrase's target tokens. KL_j: Σ_v p_ref (log p_ref - log p) averaged
         over the loc target positions (F.kl_div batchmean per example, as the published util.py).
@@ -459,7 +438,7 @@ class Trainer:
 
         with thread_hooks([(self.module_map[n], hook(n)) for n in self.modules]), \
                 _grad_only_for([mod.weight for mod in self.module_map.values()]), torch.enable_grad():
-            logits = self._logits_at(ids, mask, labels != -100)
+            logits = logits_at(self.model, ids, mask, labels != -100)
             task, ce, kl = self._task_loss(logits, labels, len(reph), weights, ref)
             out_grads = torch.autograd.grad(task, [outs[n] for n in self.modules])
         real = mask.bool()
@@ -484,7 +463,7 @@ class Trainer:
                         left, right = factors[l]
                         self.module_map[self.modules[l]].weight.data = \
                             torch.addmm(w.float(), left.detach(), right.detach()).to(w.dtype)
-                    full = float(self._task_loss(self._logits_at(ids, mask, labels != -100), labels, len(reph),
+                    full = float(self._task_loss(logits_at(self.model, ids, mask, labels != -100), labels, len(reph),
                                                  weights, ref)[0])
             finally:
                 for l in others:

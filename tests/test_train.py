@@ -12,6 +12,7 @@ import torch
 from editor_core.capture import capture
 from editor_core.data import EditRecord
 from editor_core.hiedit import CheckpointMismatch, HiEditor
+from editor_core.tensors import logits_at
 from editor_core.model import load_model
 from editor_core.state import WeightState
 from editor_core.tiny import build_tiny_model
@@ -428,7 +429,7 @@ def test_trains_a_gemma2_model_and_scores_kept_positions_like_full_logits():
     ex = tr.examples[0].rephrase
     keep = ex.labels != -100
     with torch.no_grad():  # soft-capped logits at the kept positions == the full forward's
-        torch.testing.assert_close(tr._logits_at(ex.input_ids, torch.ones_like(ex.input_ids), keep),
+        torch.testing.assert_close(logits_at(model, ex.input_ids, torch.ones_like(ex.input_ids), keep),
                                    model(input_ids=ex.input_ids).logits[keep].float())
     stats = tr.run_trajectory([0, 1, 2])
     assert len(stats) == 3 and all(math.isfinite(s.ce) and math.isfinite(s.advantage) for s in stats)
