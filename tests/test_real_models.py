@@ -94,16 +94,19 @@ def _edit_lowers_loss_and_rolls_back(model, tok, editor) -> tuple[float, float]:
     return loss0, loss1
 
 
-@pytest.mark.parametrize("method", ["rledit", "mend"])
-def test_committed_smollm2_baseline_editors(method, smollm2_dir):
-    """issue 18's rledit and mend rows use committed SmolLM2 editors: they load on SmolLM2 (the base fingerprint
-    is checked), edit HiEdit's modules, every one of them (k = L), and one edit lowers the target's loss."""
+@pytest.mark.parametrize("path, method", [("rledit", "rledit"), ("mend", "mend"), ("seed1/hiedit", "hiedit"),
+                                          ("seed1/rledit", "rledit")])
+def test_committed_smollm2_editors(path, method, smollm2_dir):
+    """issue 18's rows use committed SmolLM2 editors (RLEdit, MEND, and the training-seed-1 replicates of HiEdit
+    and RLEdit): they load on SmolLM2 (the base fingerprint is checked), edit the served HiEdit editor's modules,
+    k of them like it (HiEdit) or every one (k = L), and one edit lowers the target's loss."""
     model, tok = load_model(smollm2_dir)
     hiedit_dir = KNOWN_MODELS["smollm2-135m-instruct"].editor
-    editor = HiEditor.load(hiedit_dir.parent / method, model, tok)
+    editor = HiEditor.load(hiedit_dir.parent / path, model, tok)
     hiedit = HiEditor.load(hiedit_dir, model, tok)
     assert editor.method == method and editor.cfg.layer_spec == hiedit.cfg.layer_spec
-    assert editor.cfg.k == len(editor.modules) == 16 and editor.cfg.tokens == hiedit.cfg.tokens == "target"
+    assert len(editor.modules) == 16 and editor.cfg.tokens == hiedit.cfg.tokens == "target"
+    assert editor.cfg.k == (hiedit.cfg.k if method == "hiedit" else 16)
     loss0, loss1 = _edit_lowers_loss_and_rolls_back(model, tok, editor)
     assert loss1 < loss0
 
