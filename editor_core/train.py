@@ -65,8 +65,8 @@ from .data import EditRecord
 from .delta import LowRankDelta, frobenius_sq
 from .hiedit import CheckpointMismatch, HiEditor
 from .state import WeightState
-from .train_data import TrainExample, pad_examples, tokenize_records
 from .tensors import logits_at
+from .train_data import TrainExample, pad_examples, tokenize_records
 from .train_io import TRAINER_STATE_FILE, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -328,7 +328,8 @@ class Trainer:
                                       for l, (left, right) in f.items()})
                 self.state.apply(0, delta)
                 weights = torch.ones(1 + n_loc, device=self.device)
-                total += float(self._task_loss(logits_at(self.model, ids, mask, labels != -100), labels, 1, weights, ref)[0])
+                logits = logits_at(self.model, ids, mask, labels != -100)
+                total += float(self._task_loss(logits, labels, 1, weights, ref)[0])
                 self.state.reset()
             losses.append(total / max(len(cases), 1))
         finite = [(loss, eta) for loss, eta in zip(losses, grid) if math.isfinite(loss)]

@@ -515,7 +515,8 @@ def test_alphaedit_projects_onto_the_null_space():
     # float64 throughout: with a float32 basis the preserved directions themselves are only ~1e-7
     # accurate, which is the size of the residual checked below (it failed by 1.09e-8 on one CPU)
     basis = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))[0]
-    sigma = basis @ torch.diag(torch.tensor([5.0, 3.0, 2.0, 1.0, 1e-4, 1e-4, 1e-5, 1e-6], dtype=torch.float64)) @ basis.T
+    eigenvalues = torch.tensor([5.0, 3.0, 2.0, 1.0, 1e-4, 1e-4, 1e-5, 1e-6], dtype=torch.float64)
+    sigma = basis @ torch.diag(eigenvalues) @ basis.T
     P, dim = null_space_projector(sigma, 1e-2)
     assert dim == 4 and torch.allclose(P @ P, P, atol=1e-10)
     assert float((sigma.double() @ P).norm()) < 1e-3  # preserved keys' second moment is annihilated

@@ -12,9 +12,9 @@ import torch
 from editor_core.capture import capture
 from editor_core.data import EditRecord
 from editor_core.hiedit import CheckpointMismatch, HiEditor
-from editor_core.tensors import logits_at
 from editor_core.model import load_model
 from editor_core.state import WeightState
+from editor_core.tensors import logits_at
 from editor_core.tiny import build_tiny_model
 from editor_core.efficacy import single_edit_efficacy
 from editor_core.train import BLOCK_PARAMS, Trainer, TrainConfig, TrainConfigError, train_editor
