@@ -31,7 +31,7 @@ def run(script: str, *args: str, home: Path | None = None, env: dict | None = No
 
 def test_every_script_has_a_test_here():
     tested = {"edit_latency.py", "serve_overhead.py", "load.py", "startup.py", "make_model.py", "served_sum.py",
-              "rlsedit_history.py", "editor_overlap.py", "real_model_edits.py"}
+              "rlsedit_history.py", "editor_overlap.py", "real_model_edits.py", "memit_z.py"}
     assert {p.name for p in (REPO / "bench").glob("*.py")} - NOT_HERE == tested  # a new script needs its test
 
 
@@ -80,6 +80,12 @@ def test_served_sum():
             "--rounds", "1")
     assert r["rank1_same_bytes_at_1_and_2_threads"] is True and r["replay_s_rank1"] > 0
     assert "extra_ms_per_edit" in r
+
+
+def test_memit_z():
+    r = run("memit_z.py", "--n", "2", "--threads", "1")
+    assert r["facts"] == 2 and r["cpu_s_kept"] > 0 and r["cpu_s_full"] > 0
+    assert r["same_steps"] is True and r["max_z_rel_diff"] < 1e-3
 
 
 def test_rlsedit_history():
