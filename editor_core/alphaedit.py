@@ -140,8 +140,17 @@ class AlphaEditor(RLSEditor):
             self.kpkp[name] -= k64.T @ k64
         del self.history[edit_id]
 
-    def save_state(self, path):
-        raise TypeError("AlphaEdit is a benchmark method (hiedit eval); it has no served state to save")
+    # ---- snapshots (a resumed evaluation: RLSEditor.save_state / load_state with K_pᵀ K_p in place of C) ----
 
-    def load_state(self, path):
-        raise TypeError("AlphaEdit is a benchmark method (hiedit eval); it has no served state to load")
+    def _signature(self) -> dict:
+        if self.params is None:
+            raise ValueError("AlphaEditor: configure(params) before saving or loading a state")
+        return {**super()._signature(), "null_rel": self.params.null_rel, "l2_rel": self.params.l2_rel}
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """K_pᵀ K_p per layer ("kpkp.<i>", [d_k, d_k] float64): P and λ follow from the statistics and params."""
+        return {f"kpkp.{i}": self.kpkp[n].detach().cpu().contiguous() for i, n in enumerate(self.modules)}
+
+    def _set_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.kpkp = {n: tensors[f"kpkp.{i}"].to(self.device, torch.float64).contiguous()
+                     for i, n in enumerate(self.modules)}

@@ -44,7 +44,9 @@ Scorings. Every probe is teacher-forced, ``prompt ⊕ target[:-1]``, one forward
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -61,6 +63,8 @@ from .editor import EditRequest, Editor, LocalityPrompt
 from .rlsedit import SingularSystemError
 from .state import DeltaRejected, WeightState
 from .tensors import logits_at, right_pad
+
+log = logging.getLogger("hiedit.eval")
 
 # Exceptions that mean "this method could not make this edit" (not a harness or input error): a delta the
 # weight state rejects, or an RLS / AlphaEdit system that is singular.
@@ -259,6 +263,7 @@ class EvalConfig:
     progress: bool = True
     seed: int = 0
     glue_every: bool = False          # also score the GLUE sets at every curve point (default: the end only)
+    checkpoint_every: int = 100       # with a resume directory: write the method's progress every M edits (0 = never)
 
 
 # Bumped whenever a change to the scoring changes the numbers: cached rows of an older version are rerun.
@@ -428,66 +433,154 @@ def _curve_point(point: dict, edits: int) -> dict:
             "perplexity": point["perplexity"], "collapsed": point["collapsed"]}
 
 
+@dataclass
+class _Trace:
+    """What ``run_method`` gathers along the stream (and a resumed run reads back)."""
+
+    done: int                    # records of the stream consumed (edited, skipped or rejected)
+    edited: torch.Tensor         # [N] bool: facts the method edited or tried to (scored)
+    latencies: list[float]
+    selections: dict[str, int]
+    skipped: list[str]
+    rejected: list[str]
+    curve: list[dict]
+
+    @classmethod
+    def fresh(cls, editor: Editor, n: int) -> "_Trace":
+        return cls(0, torch.zeros(n, dtype=torch.bool), [], {m: 0 for m in getattr(editor, "modules", [])}, [], [], [])
+
+
+def _edit_one(editor: Editor, state: WeightState, rec: EditRecord, i: int, k: int | None, cfg: EvalConfig,
+              trace: _Trace):
+    """Edit stream record ``i``; the proposal, or None when the record was skipped or the method failed."""
+    try:
+        t0 = time.perf_counter()
+        proposal = editor.propose(request_for(rec), k)
+        state.apply(i + 1, proposal.delta)
+        editor.commit(i + 1, proposal)
+        trace.latencies.append(1000.0 * (time.perf_counter() - t0))
+    except EditInputError as exc:
+        if not cfg.skip_bad:
+            raise EditInputError(f"stream record {i} (case {rec.case_id}): {exc}") from None
+        trace.skipped.append(f"record {i} (case {rec.case_id}): {exc}")
+        return None
+    except EDIT_FAILURES as exc:
+        # The method tried and failed (e.g. a non-finite delta): the fact stays in the
+        # scores unedited, so the failure costs the method, and the stream goes on.
+        trace.rejected.append(f"record {i} (case {rec.case_id}): {exc}")
+        trace.edited[i] = True
+        return None
+    trace.edited[i] = True
+    return proposal
+
+
+PROGRESS_FORMAT = "hiedit-eval-progress-v1"
+
+
+def _save_progress(directory: Path, key: str | None, editor: Editor, state: WeightState, trace: _Trace) -> None:
+    """Write the method's progress: weights checkpoint and editor state first, then progress.json (atomic),
+    which names them; files of the progress before are removed only after (a stop at any point leaves
+    one whole progress)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state.save_checkpoint()
+    editor_file = directory / f"editor-{trace.done:07d}.safetensors"
+    editor.save_state(editor_file)  # a stateless editor writes nothing
+    payload = {"format": PROGRESS_FORMAT, "key": key, "done": trace.done, "ids": state.active_ids,
+               "editor_state": editor_file.name if editor_file.is_file() else None,
+               "rng": torch.get_rng_state().tolist(), "edited": trace.edited.nonzero().flatten().tolist(),
+               "latencies": trace.latencies, "selections": trace.selections, "skipped": trace.skipped,
+               "rejected": trace.rejected, "curve": trace.curve}
+    tmp = directory / "progress.json.tmp"
+    tmp.write_text(json.dumps(payload))
+    tmp.replace(directory / "progress.json")
+    for old in directory.glob("editor-*.safetensors"):
+        if old != editor_file:
+            old.unlink(missing_ok=True)
+
+
+def _load_progress(directory: Path, key: str | None, editor: Editor, state: WeightState, n: int) -> _Trace | None:
+    """The progress saved in ``directory`` under ``key``, with the weights and the editor's state put back;
+    None (nothing changed, the directory cleared) when there is none, or it was made under another key
+    or does not load."""
+    path = directory / "progress.json"
+    if not path.is_file():
+        return None
+    try:
+        p = json.loads(path.read_text())
+        if p.get("format") != PROGRESS_FORMAT or p.get("key") != key or key is None:
+            raise ValueError("made under other settings")
+        if state.load_checkpoint(p["ids"]) != p["ids"]:
+            raise ValueError("its weights checkpoint is missing or does not give its fingerprint")
+        if p["editor_state"] is not None:
+            editor.load_state(directory / p["editor_state"])
+    except Exception as exc:  # noqa: BLE001 - a foreign or torn progress only costs the edits it held
+        log.warning("progress in %s not used (%s): starting from W^0", directory, exc)
+        state.reset()
+        shutil.rmtree(directory, ignore_errors=True)
+        return None
+    torch.set_rng_state(torch.tensor(p["rng"], dtype=torch.uint8))
+    edited = torch.zeros(n, dtype=torch.bool)
+    edited[torch.tensor(p["edited"], dtype=torch.long)] = True
+    log.info("resuming from %s: %d records done", directory, p["done"])
+    return _Trace(p["done"], edited, p["latencies"], p["selections"], p["skipped"], p["rejected"], p["curve"])
+
+
 def run_method(bench: Bench, name: str, editor: Editor, state: WeightState, base: Baseline, cfg: EvalConfig,
-               k: int | None = None) -> dict:
+               k: int | None = None, resume_dir: Path | None = None, resume_key: str | None = None) -> dict:
     """Edit the whole stream with ``editor`` starting from W^0; return its metrics and traces.
 
     The weights are reset to W^0 before and after, so methods never see each other's edits.
+    resume_dir / resume_key: every ``cfg.checkpoint_every`` edits the method's progress (the weights'
+    accumulators, the editor's state, the traces and curve so far, the RNG) is written to ``resume_dir``
+    under ``resume_key``; a later call with the same key continues after the last one written instead of
+    starting from W^0, and ends with the row an uninterrupted run gives (latencies aside). The caller
+    removes ``resume_dir`` once the row is kept.
     """
     state.reset()
     n = len(bench.stream)
-    latencies: list[float] = []
-    selections: dict[str, int] = {m: 0 for m in getattr(editor, "modules", [])}
-    edited = torch.zeros(n, dtype=torch.bool)
-    skipped: list[str] = []
-    rejected: list[str] = []
-    curve: list[dict] = []
-    bar = tqdm(bench.stream, desc=f"{name:>13s}", unit="edit", disable=not cfg.progress, leave=True)
+    trace = _Trace.fresh(editor, n)
+    saved_dir, saved_keep = state.checkpoint_dir, state.keep_checkpoints
+    if resume_dir is not None:
+        state.checkpoint_dir, state.keep_checkpoints = Path(resume_dir) / "weights", 2
+        resumed = _load_progress(Path(resume_dir), resume_key, editor, state, n)
+        if resumed is not None:
+            trace = resumed
+    start = trace.done
+    bar = tqdm(bench.stream[start:], desc=f"{name:>13s}", unit="edit", disable=not cfg.progress, leave=True,
+               initial=start, total=n)
     try:
-        for i, rec in enumerate(bar):
-            try:
-                t0 = time.perf_counter()
-                proposal = editor.propose(request_for(rec), k)
-                state.apply(i + 1, proposal.delta)
-                editor.commit(i + 1, proposal)
-                latencies.append(1000.0 * (time.perf_counter() - t0))
-            except EditInputError as exc:
-                if not cfg.skip_bad:
-                    raise EditInputError(f"stream record {i} (case {rec.case_id}): {exc}") from None
-                skipped.append(f"record {i} (case {rec.case_id}): {exc}")
-                continue
-            except EDIT_FAILURES as exc:
-                # The method tried and failed (e.g. a non-finite delta): the fact stays in the
-                # scores unedited, so the failure costs the method, and the stream goes on.
-                rejected.append(f"record {i} (case {rec.case_id}): {exc}")
-                edited[i] = True
-                continue
-            edited[i] = True
-            for m in proposal.selected_modules:
-                selections[m] = selections.get(m, 0) + 1
-            if cfg.every and (i + 1) % cfg.every == 0 and i + 1 < n:
-                point = score_edited(bench, i + 1, base, cfg, edited, general=cfg.glue_every)
-                curve.append(_curve_point(point, i + 1))
-                bar.set_postfix(eff=f"{point['efficacy']:.0f}", spe=f"{point['specificity']:.0f}",
-                                gret=f"{point['general_retention']:.0f}")
-        final = score_edited(bench, n, base, cfg, edited)
+        for i, rec in enumerate(bar, start):
+            proposal = _edit_one(editor, state, rec, i, k, cfg, trace)
+            trace.done = i + 1
+            if proposal is not None:
+                for m in proposal.selected_modules:
+                    trace.selections[m] = trace.selections.get(m, 0) + 1
+                if cfg.every and (i + 1) % cfg.every == 0 and i + 1 < n:
+                    point = score_edited(bench, i + 1, base, cfg, trace.edited, general=cfg.glue_every)
+                    trace.curve.append(_curve_point(point, i + 1))
+                    bar.set_postfix(eff=f"{point['efficacy']:.0f}", spe=f"{point['specificity']:.0f}",
+                                    gret=f"{point['general_retention']:.0f}")
+            if resume_dir is not None and cfg.checkpoint_every and (i + 1) % cfg.checkpoint_every == 0 and i + 1 < n:
+                _save_progress(Path(resume_dir), resume_key, editor, state, trace)
+        final = score_edited(bench, n, base, cfg, trace.edited)
     finally:
         bar.close()
         state.reset()
+        state.checkpoint_dir, state.keep_checkpoints = saved_dir, saved_keep
         if state.fingerprint() != state.base_fingerprint:
             raise RuntimeError(f"{name}: resetting the weights did not restore W^0")
-    curve.append(_curve_point(final, n))
-    final["edit_latency_ms_p50"] = float(np.median(latencies)) if latencies else 0.0
-    final["edit_latency_ms_mean"] = float(np.mean(latencies)) if latencies else 0.0
-    final["curve"] = curve
-    final["selections"] = selections
-    final["n_edits"] = int(edited.sum())
-    final["n_skipped"] = len(skipped)
-    final["n_rejected"] = len(rejected)
-    if skipped:
-        final["skipped"] = skipped[:20]
-    if rejected:
-        final["rejected"] = rejected[:20]
+    trace.curve.append(_curve_point(final, n))
+    final["edit_latency_ms_p50"] = float(np.median(trace.latencies)) if trace.latencies else 0.0
+    final["edit_latency_ms_mean"] = float(np.mean(trace.latencies)) if trace.latencies else 0.0
+    final["curve"] = trace.curve
+    final["selections"] = trace.selections
+    final["n_edits"] = int(trace.edited.sum())
+    final["n_skipped"] = len(trace.skipped)
+    final["n_rejected"] = len(trace.rejected)
+    if trace.skipped:
+        final["skipped"] = trace.skipped[:20]
+    if trace.rejected:
+        final["rejected"] = trace.rejected[:20]
     if k is not None:
         final["k"] = k
     return final
@@ -510,8 +603,9 @@ def run_benchmark(bench: Bench, editors: dict[str, Callable[[], tuple[Editor, in
     states:  editor -> the WeightState over that editor's modules (one per module set).
     cache_dir / cache_key: each finished method's row is written to ``cache_dir/<name>.json`` with
              ``cache_key(name)`` (a digest of everything its scores depend on); a later run with the
-             same key takes the row from there instead of editing again. That makes a long table
-             resumable: a stopped run loses only the method it was in.
+             same key takes the row from there instead of editing again, and a method stopped midway
+             continues from ``cache_dir/<name>.partial/`` (its progress every ``cfg.checkpoint_every``
+             edits, run_method). A stopped run loses at most the edits since the last progress.
     on_method: called with the results so far after every method (to write partial reports).
     """
     torch.manual_seed(cfg.seed)
@@ -525,12 +619,15 @@ def run_benchmark(bench: Bench, editors: dict[str, Callable[[], tuple[Editor, in
         row = _cached_row(path, key)
         if row is None:
             editor, k = build()
-            row = run_method(bench, name, editor, states(editor), base, cfg, k)
+            resume_dir = path.with_suffix(".partial") if path is not None and key is not None else None
+            row = run_method(bench, name, editor, states(editor), base, cfg, k, resume_dir, key)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps({"cache_key": key, "row": row}, indent=1) + "\n")
                 tmp.replace(path)  # atomic: a stopped run never leaves half a row
+            if resume_dir is not None:
+                shutil.rmtree(resume_dir, ignore_errors=True)
         else:
             row = {**row, "from_cache": str(path)}
         out["methods"][name] = row

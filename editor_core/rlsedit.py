@@ -540,7 +540,7 @@ class RLSEditor(MemitEditor):
         so a restart need not replay the recursion."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"C.{i}": self.C[n].detach().cpu().contiguous() for i, n in enumerate(self.modules)}
+        tensors = self._state_tensors()
         meta = {"format": STATE_FORMAT, "signature": json.dumps(self._signature()),
                 "history": json.dumps(self.history), "model": model_id(self.model)}
         tmp = path.with_suffix(path.suffix + ".tmp")
@@ -564,7 +564,14 @@ class RLSEditor(MemitEditor):
             raise RLSStateMismatch(f"{path} was saved by an RLSEdit editor with different {', '.join(diff)} "
                                    f"(model {meta.get('model')!r})")
         tensors = load_file(path)
-        new_c = {n: tensors[f"C.{i}"].to(self.device, self.c_dtype).contiguous() for i, n in enumerate(self.modules)}
         history = {int(e): str(d) for e, d in json.loads(meta["history"]).items()}
-        self.C, self.history = new_c, history
+        self._set_state_tensors(tensors)
+        self.history = history
         return list(history)
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """The state a snapshot holds besides the history: C per layer ("C.<i>", [d_k, d_k])."""
+        return {f"C.{i}": self.C[n].detach().cpu().contiguous() for i, n in enumerate(self.modules)}
+
+    def _set_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.C = {n: tensors[f"C.{i}"].to(self.device, self.c_dtype).contiguous() for i, n in enumerate(self.modules)}

@@ -12,6 +12,13 @@ evaluation harness), or read back from the edit log (the service: ``service.weig
 so that what a served state holds in memory does not grow with the number of edits. The state itself
 only remembers which modules each active edit touched, to know what a rollback must rebuild.
 
+**Checkpoints** (``save_checkpoint`` / ``load_checkpoint``, under ``checkpoint_dir``) are the float32
+accumulators and the active ids, written with the fingerprint they give: a start loads the newest one
+whose ids are the log's and applies only the edits after it (the service; a resumed evaluation), and a
+rollback rebuilds from the newest one older than the edit. A checkpoint *is* a replay's accumulator after
+its newest id, so the served bytes are those of a replay from W^0. One whose ids no longer match (an edit
+in it was rolled back) is deleted; one for another model, module set or summation scheme is ignored.
+
 Every change is computed into new tensors first and swapped in at the end, under the
 caller's ``swap_lock``: a failure leaves weights, accumulators and the fingerprint as they were,
 and a reader holding that lock never sees a half-applied edit.
@@ -20,13 +27,25 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import logging
+import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import ContextManager, Protocol
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .delta import LowRankDelta
+
+
+log = logging.getLogger("hiedit.weights")
+
+CHECKPOINT_FORMAT = "hiedit-weights-checkpoint-v1"
 
 
 class DeltaRejected(ValueError):
@@ -76,6 +95,19 @@ class MemoryDeltas:
         return ((i, self.deltas[i]) for i in ids)
 
 
+@dataclass
+class Checkpoint:
+    """What a checkpoint file says of itself (its metadata; the accumulators stay on disk until used)."""
+
+    path: Path
+    ids: list[int]            # the active edits whose sum its accumulators are, ascending
+    fingerprint: str          # of the served weights those accumulators give
+
+    @property
+    def newest(self) -> int:
+        return self.ids[-1]
+
+
 class WeightState:
     """Owns the editable weights of a model: base copies, accumulators, which edits are active.
 
@@ -83,9 +115,16 @@ class WeightState:
         modules: {dotted name: nn.Linear} for every module any editor may change.
         model_name: mixed into the fingerprint so different bases never collide.
         store: keeps the active edits' deltas (default: in memory).
+        checkpoint_dir: where ``save_checkpoint`` writes and ``load_checkpoint`` finds checkpoints of the
+            accumulators (None: no checkpoints).
+        keep_checkpoints: how many of the newest checkpoints are kept (each is the size of the float32
+            accumulators of every module an edit touched: 57 MB for SmolLM2's default editor).
     """
 
-    def __init__(self, modules: dict[str, nn.Linear], model_name: str, store: DeltaStore | None = None):
+    fingerprint_scheme = "addmm-v1"  # how ``_accumulate`` sums; a checkpoint is read only by the same scheme
+
+    def __init__(self, modules: dict[str, nn.Linear], model_name: str, store: DeltaStore | None = None,
+                 checkpoint_dir: Path | None = None, keep_checkpoints: int = 3):
         self.modules = dict(modules)
         self.model_name = model_name
         self.base = {n: m.weight.detach().clone() for n, m in self.modules.items()}
@@ -95,6 +134,9 @@ class WeightState:
         self._digests = {n: tensor_digest(w) for n, w in self.base.items()}
         self._dirty: set[str] = set()  # modules swapped since their digest was taken
         self.base_fingerprint = self.fingerprint()
+        self.checkpoint_dir = checkpoint_dir
+        self.keep_checkpoints = keep_checkpoints
+        self.checkpoints: list[Checkpoint] = []  # valid for the active edits, oldest first
 
     # ---- queries --------------------------------------------------------------------------
 
@@ -173,12 +215,7 @@ class WeightState:
         new_acc = self._rebuild(names, self.store.load(self._touching(names, exclude=edit_id, after=after)), start)
         self._swap(new_acc, swap_lock)
         self._deactivate(edit_id)
-
-    def _rollback_start(self, edit_id: int, names: tuple[str, ...]) -> tuple[dict[str, torch.Tensor] | None, int | None]:
-        """Where a rollback's rebuild starts: (accumulators of ``names`` after the active edits up to an id
-        below ``edit_id``, that id); (None, None) is W^0. A subclass with checkpoints returns one
-        (service.weights.ServedWeights)."""
-        return None, None
+        self._drop_checkpoints_from(edit_id)
 
     def served_with(self, deltas: Iterable[tuple[int, LowRankDelta]]) -> dict[str, torch.Tensor]:
         """The served weight of every editable module if exactly ``deltas`` ((id, delta), ascending ids)
@@ -203,6 +240,113 @@ class WeightState:
         self._swap({n: None for n in self.acc}, swap_lock)
         for edit_id in list(self.touched):
             self._deactivate(edit_id)
+        self.checkpoints = []
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def _signature(self) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "model": self.model_name, "scheme": self.fingerprint_scheme,
+                "base_fingerprint": self.base_fingerprint, "modules": json.dumps(list(self.modules))}
+
+    def save_checkpoint(self) -> Checkpoint | None:
+        """Write the accumulators of the current active edits (none when there are no edits, no directory,
+        or the newest checkpoint already holds them); prune to the newest ``keep_checkpoints``."""
+        ids = self.active_ids
+        if self.checkpoint_dir is None or not ids or (self.checkpoints and self.checkpoints[-1].ids == ids):
+            return None
+        names = list(self.modules)
+        tensors = {f"acc.{names.index(n)}": a.detach().cpu().contiguous() for n, a in self.acc.items()}
+        touched = {str(i): [names.index(n) for n in self.touched[i]] for i in ids}
+        fingerprint = self.fingerprint()
+        meta = {**self._signature(), "ids": json.dumps(ids), "touched": json.dumps(touched),
+                "fingerprint": fingerprint}
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        path = self.checkpoint_dir / f"upto-{ids[-1]:010d}-n{len(ids)}.safetensors"
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+        self.checkpoints = [c for c in self.checkpoints if c.path != path] + [Checkpoint(path, ids, fingerprint)]
+        for old in self.checkpoints[:-self.keep_checkpoints]:
+            old.path.unlink(missing_ok=True)
+        self.checkpoints = self.checkpoints[-self.keep_checkpoints:]
+        return self.checkpoints[-1]
+
+    def _read_meta(self, path: Path) -> tuple[dict, Checkpoint] | None:
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            if any(meta.get(k) != v for k, v in self._signature().items()):
+                return None
+            return meta, Checkpoint(path, json.loads(meta["ids"]), meta["fingerprint"])
+        except Exception as e:  # noqa: BLE001 - a torn or foreign file is only a slower start
+            log.warning("weights checkpoint %s not used: %s", path, e)
+            return None
+
+    def _read_accumulators(self, cp: Checkpoint, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """{module: accumulator on its weight's device} stored in ``cp`` (of ``names``, default all)."""
+        index = {n: i for i, n in enumerate(self.modules)}
+        with safe_open(str(cp.path), "pt", device="cpu") as f:
+            stored = set(f.keys())
+            return {n: f.get_tensor(f"acc.{index[n]}").to(self.base[n].device)
+                    for n in (self.modules if names is None else names) if f"acc.{index[n]}" in stored}
+
+    def load_checkpoint(self, wanted: list[int]) -> list[int]:
+        """Start from the newest checkpoint whose ids are ``wanted``'s (the log's applied ids, ascending) up
+        to its newest; the ids it holds ([] when none fits). Only on a state with no active edit.
+
+        The loaded weights are checked against the fingerprint the checkpoint was written with; a checkpoint
+        that fails it is ignored (and the state left as it was). The store is not read: with the in-memory
+        store (a resumed evaluation) the edits the checkpoint holds cannot be rolled back one by one, only
+        ``reset``; the service's store is the log, which has them."""
+        if self.touched:
+            raise ValueError("load_checkpoint: only before any edit is applied")
+        if self.checkpoint_dir is None or not self.checkpoint_dir.is_dir():
+            return []
+        found: list[tuple[dict, Checkpoint]] = []
+        for path in sorted(self.checkpoint_dir.glob("upto-*.safetensors")):
+            read = self._read_meta(path)
+            if read is None:
+                continue
+            meta, cp = read
+            if cp.ids and cp.ids == [i for i in wanted if i <= cp.newest]:
+                found.append(read)
+            else:
+                path.unlink(missing_ok=True)  # an edit in it was rolled back since, or it holds foreign ids
+        for meta, cp in reversed(found):
+            names = list(self.modules)
+            try:
+                acc = self._read_accumulators(cp)
+                touched = {int(i): tuple(names[j] for j in js) for i, js in json.loads(meta["touched"]).items()}
+            except Exception as e:  # noqa: BLE001
+                log.warning("weights checkpoint %s not used: %s", cp.path, e)
+                continue
+            self._swap(acc, None)
+            if self.fingerprint() != cp.fingerprint:
+                log.warning("weights checkpoint %s not used: its weights do not give its fingerprint", cp.path)
+                self.reset()
+                continue
+            self.touched = touched
+            self.checkpoints = [c for _, c in found if c.newest <= cp.newest]
+            return cp.ids
+        return []
+
+    def _rollback_start(self, edit_id: int, names: tuple[str, ...]) -> tuple[dict[str, torch.Tensor] | None, int | None]:
+        """The newest checkpoint older than ``edit_id``: its accumulators of ``names`` and its newest id, so a
+        rollback reads only the deltas after it from the log (W^0 when there is none)."""
+        for cp in reversed(self.checkpoints):
+            if cp.newest >= edit_id:
+                continue
+            try:
+                return self._read_accumulators(cp, names), cp.newest
+            except Exception as e:  # noqa: BLE001 - a vanished checkpoint: an older one, or W^0
+                log.warning("weights checkpoint %s not used: %s", cp.path, e)
+        return None, None
+
+    def _drop_checkpoints_from(self, edit_id: int) -> None:
+        """After edit ``edit_id`` left the active set: the checkpoints that hold it are deleted."""
+        for cp in [c for c in self.checkpoints if c.newest >= edit_id]:  # they hold the edit just removed
+            cp.path.unlink(missing_ok=True)
+        self.checkpoints = [c for c in self.checkpoints if c.newest < edit_id]
 
     # ---- internals ----------------------------------------------------------------------------
 

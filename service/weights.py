@@ -1,11 +1,11 @@
 """The served weights of a process: ``editor_core.state.WeightState`` with its deltas read from the edit log,
-accumulator checkpoints on disk, and a batched apply for replays.
+a summation whose bytes do not depend on the machine, and a batched apply for replays.
 
 Memory does not grow with the number of edits: the deltas of the active edits stay in the log (``LogDeltas``
 reads them back when a rollback rebuilds a module), and the process holds per editable module only W^0, the
 float32 accumulator and the served weight, plus which modules each active edit touched. What the deltas in
-memory used to buy, a rollback without reading the log, is bought back by **checkpoints**: every
-``save_checkpoint`` writes the accumulators and the active ids (``<home>/state/weights/``), and
+memory used to buy, a rollback without reading the log, is bought back by **checkpoints** (``WeightState``'s,
+written under ``<home>/state/weights/``): every ``save_checkpoint`` writes the accumulators and the active ids, and
 
 - a start loads the newest checkpoint whose active ids are the log's (up to its newest id) and replays only the
   edits after it (``load_checkpoint``), instead of every edit since W^0;
@@ -38,24 +38,13 @@ order its sums differently from one thread count or CPU to the next.
 """
 from __future__ import annotations
 
-import json
-import logging
-import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import ContextManager
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from editor_core.delta import LowRankDelta
 from editor_core.state import DeltaRejected, WeightState, weights_fingerprint
-
-log = logging.getLogger("hiedit.weights")
-
-CHECKPOINT_FORMAT = "hiedit-weights-checkpoint-v1"
 
 
 def base_model_fingerprint(model: torch.nn.Module, model_name: str) -> str:
@@ -107,146 +96,11 @@ class LogDeltas:
             raise DeltaRejected(f"the log has no delta for active edit {missing}")
 
 
-@dataclass
-class Checkpoint:
-    """What a checkpoint file says of itself (its metadata; the accumulators stay on disk until used)."""
-
-    path: Path
-    ids: list[int]            # the active edits whose sum its accumulators are, ascending
-    fingerprint: str          # of the served weights those accumulators give
-
-    @property
-    def newest(self) -> int:
-        return self.ids[-1]
-
-
 class ServedWeights(WeightState):
-    """The service's WeightState: deltas in the log (``store``), checkpoints under ``checkpoint_dir``.
-
-    Args:
-        modules, model_name: as WeightState.
-        store: where the active deltas are read back from (the engine passes ``LogDeltas``).
-        checkpoint_dir: where checkpoints are written and found (None: no checkpoints).
-        keep_checkpoints: how many of the newest checkpoints are kept (each is the size of the float32
-            accumulators of every module an edit touched: 57 MB for SmolLM2's default editor).
-    """
+    """The service's WeightState: deltas in the log (``store``; the engine passes ``LogDeltas``),
+    checkpoints under ``checkpoint_dir`` (WeightState's arguments), machine-independent sums."""
 
     fingerprint_scheme = FINGERPRINT_SCHEME
-
-    def __init__(self, modules, model_name: str, store=None, checkpoint_dir: Path | None = None,
-                 keep_checkpoints: int = 3):
-        super().__init__(modules, model_name, store)
-        self.checkpoint_dir = checkpoint_dir
-        self.keep_checkpoints = keep_checkpoints
-        self.checkpoints: list[Checkpoint] = []  # valid for the active edits, oldest first
-
-    # ---- checkpoints ----------------------------------------------------------------------------
-
-    def _signature(self) -> dict:
-        return {"format": CHECKPOINT_FORMAT, "model": self.model_name, "scheme": self.fingerprint_scheme,
-                "base_fingerprint": self.base_fingerprint, "modules": json.dumps(list(self.modules))}
-
-    def save_checkpoint(self) -> Checkpoint | None:
-        """Write the accumulators of the current active edits (none when there are no edits, no directory,
-        or the newest checkpoint already holds them); prune to the newest ``keep_checkpoints``."""
-        ids = self.active_ids
-        if self.checkpoint_dir is None or not ids or (self.checkpoints and self.checkpoints[-1].ids == ids):
-            return None
-        names = list(self.modules)
-        tensors = {f"acc.{names.index(n)}": a.detach().cpu().contiguous() for n, a in self.acc.items()}
-        touched = {str(i): [names.index(n) for n in self.touched[i]] for i in ids}
-        fingerprint = self.fingerprint()
-        meta = {**self._signature(), "ids": json.dumps(ids), "touched": json.dumps(touched),
-                "fingerprint": fingerprint}
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        path = self.checkpoint_dir / f"upto-{ids[-1]:010d}-n{len(ids)}.safetensors"
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-        self.checkpoints = [c for c in self.checkpoints if c.path != path] + [Checkpoint(path, ids, fingerprint)]
-        for old in self.checkpoints[:-self.keep_checkpoints]:
-            old.path.unlink(missing_ok=True)
-        self.checkpoints = self.checkpoints[-self.keep_checkpoints:]
-        return self.checkpoints[-1]
-
-    def _read_meta(self, path: Path) -> tuple[dict, Checkpoint] | None:
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-            if any(meta.get(k) != v for k, v in self._signature().items()):
-                return None
-            return meta, Checkpoint(path, json.loads(meta["ids"]), meta["fingerprint"])
-        except Exception as e:  # noqa: BLE001 - a torn or foreign file is only a slower start
-            log.warning("weights checkpoint %s not used: %s", path, e)
-            return None
-
-    def _read_accumulators(self, cp: Checkpoint, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-        """{module: accumulator on its weight's device} stored in ``cp`` (of ``names``, default all)."""
-        index = {n: i for i, n in enumerate(self.modules)}
-        with safe_open(str(cp.path), "pt", device="cpu") as f:
-            stored = set(f.keys())
-            return {n: f.get_tensor(f"acc.{index[n]}").to(self.base[n].device)
-                    for n in (self.modules if names is None else names) if f"acc.{index[n]}" in stored}
-
-    def load_checkpoint(self, wanted: list[int]) -> list[int]:
-        """Start from the newest checkpoint whose ids are ``wanted``'s (the log's applied ids, ascending) up
-        to its newest; the ids it holds ([] when none fits). Only on a state with no active edit.
-
-        The loaded weights are checked against the fingerprint the checkpoint was written with; a checkpoint
-        that fails it is ignored (and the state left as it was)."""
-        if self.touched:
-            raise ValueError("load_checkpoint: only before any edit is applied")
-        if self.checkpoint_dir is None or not self.checkpoint_dir.is_dir():
-            return []
-        found: list[tuple[dict, Checkpoint]] = []
-        for path in sorted(self.checkpoint_dir.glob("upto-*.safetensors")):
-            read = self._read_meta(path)
-            if read is None:
-                continue
-            meta, cp = read
-            if cp.ids and cp.ids == [i for i in wanted if i <= cp.newest]:
-                found.append(read)
-            else:
-                path.unlink(missing_ok=True)  # an edit in it was rolled back since, or it holds foreign ids
-        for meta, cp in reversed(found):
-            names = list(self.modules)
-            try:
-                acc = self._read_accumulators(cp)
-                touched = {int(i): tuple(names[j] for j in js) for i, js in json.loads(meta["touched"]).items()}
-            except Exception as e:  # noqa: BLE001
-                log.warning("weights checkpoint %s not used: %s", cp.path, e)
-                continue
-            self._swap(acc, None)
-            if self.fingerprint() != cp.fingerprint:
-                log.warning("weights checkpoint %s not used: its weights do not give its fingerprint", cp.path)
-                self.reset()
-                continue
-            self.touched = touched
-            self.checkpoints = [c for _, c in found if c.newest <= cp.newest]
-            return cp.ids
-        return []
-
-    def _rollback_start(self, edit_id: int, names: tuple[str, ...]) -> tuple[dict[str, torch.Tensor] | None, int | None]:
-        """The newest checkpoint older than ``edit_id``: its accumulators of ``names`` and its newest id, so a
-        rollback reads only the deltas after it from the log (W^0 when there is none)."""
-        for cp in reversed(self.checkpoints):
-            if cp.newest >= edit_id:
-                continue
-            try:
-                return self._read_accumulators(cp, names), cp.newest
-            except Exception as e:  # noqa: BLE001 - a vanished checkpoint: an older one, or W^0
-                log.warning("weights checkpoint %s not used: %s", cp.path, e)
-        return None, None
-
-    def rollback(self, edit_id: int, swap_lock: ContextManager | None = None) -> None:
-        super().rollback(edit_id, swap_lock)
-        for cp in [c for c in self.checkpoints if c.newest >= edit_id]:  # they hold the edit just removed
-            cp.path.unlink(missing_ok=True)
-        self.checkpoints = [c for c in self.checkpoints if c.newest < edit_id]
-
-    def reset(self, swap_lock: ContextManager | None = None) -> None:
-        super().reset(swap_lock)
-        self.checkpoints = []
 
     def _accumulate(self, acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
         """acc += left @ right as a sum of rank-1 outer products, one ``mul`` and one ``add_`` each.

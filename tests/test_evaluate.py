@@ -603,6 +603,58 @@ def test_ci_sized_run_every_method_and_metric(tiny, tmp_path):
     assert not third["methods"]["alphaedit"].get("from_cache") and third["methods"]["ft"].get("from_cache")
 
 
+def test_a_method_stopped_midway_resumes_to_the_same_row(tiny, tmp_path, monkeypatch):
+    """A run stopped inside a method (here at record 20 of 30) continues from the progress it wrote every
+    --checkpoint-every edits: the weights' checkpoint, the editor's state (RLSEdit's C, AlphaEdit's K_pᵀK_p),
+    the traces. It edits only the records after that progress, and ends with the row of a run never stopped."""
+    import editor_core.evaluate as ev
+    from service.cli import main
+
+    methods = ["rlsedit", "alphaedit", "hiedit"]
+
+    def run(out: Path) -> int:
+        return main(["eval", "--methods", ",".join(methods), "--n", "30", "--every", "15", "--out", str(out),
+                     "--model", str(tiny["model"]), "--editor", str(tiny["hiedit"]), "--data", str(tiny["data"]),
+                     "--n-known", "10", "--n-ppl", "20", "--glue-n", "20", "--threads", "1", "--no-progress",
+                     "--checkpoint-every", "7", *TINY_RLS])
+
+    assert run(tmp_path / "whole") == 0
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())["methods"]
+
+    class Stop(Exception):
+        pass
+
+    original, seen = ev._edit_one, []
+
+    def stopping(editor, state, rec, i, *args):
+        if i == 20 and editor.method == "alphaedit":
+            raise Stop
+        seen.append((editor.method, i))
+        return original(editor, state, rec, i, *args)
+
+    out = tmp_path / "stopped"
+    monkeypatch.setattr(ev, "_edit_one", stopping)
+    with pytest.raises(Stop):
+        run(out)
+    partial = out / "methods" / "alphaedit.partial"
+    assert json.loads((partial / "progress.json").read_text())["done"] == 14
+    assert len(list((partial / "weights").glob("*.safetensors"))) == 2  # the last two (a stop while writing)
+    seen.clear()
+    monkeypatch.setattr(ev, "_edit_one", lambda editor, *args: (seen.append((editor.method, args[2])),
+                                                                 original(editor, *args))[1])
+    assert run(out) == 0
+    assert [i for m, i in seen if m == "alphaedit"] == list(range(14, 30))  # from its progress, not from W^0
+    assert "rlsedit" not in {m for m, _ in seen}                            # a finished row is cached
+    assert not partial.exists()
+    resumed = json.loads((out / "results.json").read_text())["methods"]
+    for name in methods:
+        a, b = dict(whole[name]), dict(resumed[name])
+        b.pop("from_cache", None)
+        for key in ("edit_latency_ms_p50", "edit_latency_ms_mean"):
+            a.pop(key), b.pop(key)
+        assert a == b, name
+
+
 def test_a_collapsed_model_is_marked_collapsed(tmp_path):
     """A "method" that multiplies every editable weight of the demo model by 10: General Retention falls
     below 80, the row is marked collapsed in results.json, in every markdown table and in the plot, and it

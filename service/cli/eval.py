@@ -84,6 +84,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha-option", action="append", default=[], metavar="KEY=VALUE",
                         help="AlphaEditParams field for alphaedit (repeatable): null_rel, l2_rel")
     parser.add_argument("--fresh", action="store_true", help="ignore the cached rows in OUT/methods and rerun")
+    parser.add_argument("--checkpoint-every", type=int, default=100, metavar="M",
+                        help="write a method's progress to OUT/methods/NAME.partial every M edits, so a stopped "
+                             "run continues from there (0: never; not with --fresh)")
     parser.add_argument("--train-option", action="append", default=[], metavar="KEY=VALUE",
                         help="TrainConfig field for editors trained here (repeatable), e.g. epochs=1")
     parser.add_argument("--no-progress", action="store_true")
@@ -228,8 +231,8 @@ def _run(args: argparse.Namespace) -> int:
         raise EvalSetupError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
     if args.n < 1:
         raise EvalSetupError("--n must be at least 1")
-    if args.offset < 0 or args.glue_n < 0:
-        raise EvalSetupError("--offset and --glue-n must be >= 0")
+    if args.offset < 0 or args.glue_n < 0 or args.checkpoint_every < 0:
+        raise EvalSetupError("--offset, --glue-n and --checkpoint-every must be >= 0")
     if args.offset and not args.data:
         raise EvalSetupError("--offset applies to --data (a dataset file), not to a split")
     if args.threads < 0:
@@ -351,7 +354,7 @@ def _run(args: argparse.Namespace) -> int:
         return states[key]
 
     cfg = EvalConfig(every=args.every, batch_size=args.batch_size, skip_bad=args.skip_bad, progress=progress,
-                     seed=args.seed, glue_every=args.glue_every)
+                     seed=args.seed, glue_every=args.glue_every, checkpoint_every=args.checkpoint_every)
     started = time.time()
     bench = Bench(model, tokenizer, stream, known, ppl_texts, counterfact, glue)
     key_of = _cache_keys(args, model, ctx, stream, known, ppl_texts, glue, cfg,
@@ -424,7 +427,7 @@ def _cache_keys(args, model, ctx, stream, known, ppl_texts, glue, cfg, editor_di
             [[r.prompt, r.target_new, r.target_true, r.rephrase, r.locality_prompt, r.locality_target]
              for r in stream]).encode()).hexdigest(),
         "known": [r.case_id for r in known], "ppl": hashlib.sha256("\n".join(ppl_texts).encode()).hexdigest(),
-        "glue": len(glue), "cfg": {k: v for k, v in asdict(cfg).items() if k != "progress"},
+        "glue": len(glue), "cfg": {k: v for k, v in asdict(cfg).items() if k not in ("progress", "checkpoint_every")},
         "editor": _dir_digest(editor_dirs["editor"]),
     }
     def source(*names: str) -> str:
