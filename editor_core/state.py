@@ -95,6 +95,22 @@ class MemoryDeltas:
         return ((i, self.deltas[i]) for i in ids)
 
 
+class NoDeltas:
+    """Keeps no delta: for a state that is only ever reset, never rolled back (the evaluation harness, whose
+    1,000-edit streams would otherwise hold every delta: ``ft``'s are dense, about 100 MB an edit on SmolLM2)."""
+
+    def put(self, edit_id: int, delta: LowRankDelta) -> None:
+        pass
+
+    def drop(self, edit_id: int) -> None:
+        pass
+
+    def load(self, ids: list[int]) -> Iterator[tuple[int, LowRankDelta]]:
+        if ids:
+            raise RuntimeError("this weight state keeps no deltas (NoDeltas): it can be reset, not rolled back")
+        return iter(())
+
+
 @dataclass
 class Checkpoint:
     """What a checkpoint file says of itself (its metadata; the accumulators stay on disk until used)."""

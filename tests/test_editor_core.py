@@ -153,6 +153,30 @@ def test_rollback_every_edit_in_any_order_restores_the_base(setup):
         assert snapshot(model) == base_bytes
 
 
+def test_a_state_without_deltas_serves_the_same_bytes_and_resets_but_refuses_a_rebuild(setup):
+    """NoDeltas (the evaluation harness: 1,000 dense ft deltas would not fit in memory) keeps nothing: the served
+    bytes are those of the in-memory store, reset restores W⁰, and a rollback that would need the kept deltas
+    is refused before anything changes."""
+    from editor_core.state import NoDeltas
+
+    model, _, editor, state = setup
+    base_fp, base_bytes = state.fingerprint(), snapshot(model)
+    deltas = proposals(editor, 3)
+    for i, d in enumerate(deltas, start=1):
+        state.apply(i, d)
+    kept_fp, kept_bytes = state.fingerprint(), snapshot(model)
+    state.reset()
+    lean = WeightState(state.modules, "tiny", NoDeltas())
+    for i, d in enumerate(deltas, start=1):
+        lean.apply(i, d)
+    assert lean.fingerprint() == kept_fp and snapshot(model) == kept_bytes
+    with pytest.raises(RuntimeError, match="keeps no deltas"):
+        lean.rollback(1)
+    assert lean.fingerprint() == kept_fp and lean.active_ids == [1, 2, 3]
+    lean.reset()
+    assert lean.fingerprint() == base_fp and snapshot(model) == base_bytes
+
+
 def test_trial_serves_a_delta_and_restores_every_byte_and_the_fingerprint(setup):
     model, _, editor, state = setup
     deltas = proposals(editor, 3)

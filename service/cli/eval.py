@@ -223,7 +223,7 @@ def _run(args: argparse.Namespace) -> int:
     from editor_core.evaluate import Bench, EvalConfig, run_benchmark, write_reports
     from editor_core.general import load_glue
     from editor_core.model import load_model, model_id
-    from editor_core.state import WeightState
+    from editor_core.state import NoDeltas, WeightState
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -350,7 +350,7 @@ def _run(args: argparse.Namespace) -> int:
     def state_for(editor) -> WeightState:
         key = tuple(editor.modules)
         if key not in states:
-            states[key] = WeightState(resolve_modules_by_name(model, editor.modules), model_id(model))
+            states[key] = WeightState(resolve_modules_by_name(model, editor.modules), model_id(model), NoDeltas())
         return states[key]
 
     cfg = EvalConfig(every=args.every, batch_size=args.batch_size, skip_bad=args.skip_bad, progress=progress,
