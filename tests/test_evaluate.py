@@ -640,8 +640,12 @@ def test_a_method_stopped_midway_resumes_to_the_same_row(tiny, tmp_path, monkeyp
     assert json.loads((partial / "progress.json").read_text())["done"] == 14
     assert len(list((partial / "weights").glob("*.safetensors"))) == 2  # the last two (a stop while writing)
     seen.clear()
-    monkeypatch.setattr(ev, "_edit_one", lambda editor, *args: (seen.append((editor.method, args[2])),
-                                                                 original(editor, *args))[1])
+
+    def recording(editor, state, rec, i, *args):
+        seen.append((editor.method, i))
+        return original(editor, state, rec, i, *args)
+
+    monkeypatch.setattr(ev, "_edit_one", recording)
     assert run(out) == 0
     assert [i for m, i in seen if m == "alphaedit"] == list(range(14, 30))  # from its progress, not from W^0
     assert "rlsedit" not in {m for m, _ in seen}                            # a finished row is cached
