@@ -31,7 +31,7 @@ def run(script: str, *args: str, home: Path | None = None, env: dict | None = No
 
 def test_every_script_has_a_test_here():
     tested = {"edit_latency.py", "serve_overhead.py", "load.py", "startup.py", "make_model.py", "served_sum.py",
-              "rlsedit_history.py", "editor_overlap.py", "real_model_edits.py", "memit_z.py"}
+              "rlsedit_history.py", "editor_overlap.py", "real_model_edits.py", "memit_z.py", "alphaedit_solve.py"}
     assert {p.name for p in (REPO / "bench").glob("*.py")} - NOT_HERE == tested  # a new script needs its test
 
 
@@ -93,6 +93,11 @@ def test_rlsedit_history():
     r = run("rlsedit_history.py", "--edits", "20", "--window", "5", "--d-k", "32", "--d-v", "8", "--demo-edits", "2")
     assert r["ratio_solve_late_to_early"] > 0 and r["c_max_rel_err_vs_batch"] < 1e-8
     assert r["p50_edit_ms_demo"] > 0 and 0 < r["value_opt_share_demo"] <= 1
+
+
+def test_alphaedit_solve():
+    r = run("alphaedit_solve.py", "--edits", "5", "--d-k", "64")
+    assert r["closed_form_ms_p50"] > 0 and r["recursive_ms_p50"] > 0 and r["drift"] < 1e-8
 
 
 def test_editor_overlap(standin_model_dir, tmp_path):

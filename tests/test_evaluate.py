@@ -551,11 +551,46 @@ def test_alphaedit_editor_commits_and_forgets(tiny):
     d_row = (left @ right).T.double()
     assert torch.allclose(editor.P[name].cpu() @ d_row, d_row, atol=1e-5 * max(1.0, float(d_row.norm())))
     state.apply(1, p.delta)
+    m0 = {n: m.clone() for n, m in editor.M.items()}
+    assert torch.equal(m0[name], torch.eye(m0[name].shape[0], dtype=torch.float64) / editor.lam[name])
     editor.commit(1, p)
-    assert float(editor.kpkp[name].norm()) > 0
+    assert float((editor.M[name] - m0[name]).norm()) > 0
     editor.forget(1, p.state_blob)
-    assert float(editor.kpkp[name].abs().max()) < 1e-6
+    for n in editor.modules:  # the downdate returns M to (λI)⁻¹: the edit's keys left the protected set
+        assert torch.allclose(editor.M[n], m0[n], rtol=0, atol=1e-9 * float(m0[n].abs().max()))
     state.reset()
+
+
+def test_alphaedit_recursion_equals_the_closed_form():
+    """The editor carries M_t = (P K_pᵀK_p + λI)⁻¹ by Woodbury steps; its gain must stay the public code's
+    closed-form solve over hundreds of edits, and a downdate must remove exactly one edit's keys."""
+    from editor_core.alphaedit import _woodbury, alphaedit_gain, alphaedit_step, null_space_projector
+
+    gen = torch.Generator().manual_seed(0)
+    d = 48
+    basis = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0]
+    eigenvalues = torch.logspace(1, -5, d, dtype=torch.float64)
+    sigma = basis @ torch.diag(eigenvalues) @ basis.T
+    P, _ = null_space_projector(sigma, 1e-2)
+    lam = float(torch.trace(P @ sigma))
+    M = torch.eye(d, dtype=torch.float64) / lam
+    kpkp = torch.zeros(d, d, dtype=torch.float64)
+    keys = [torch.randn(1, d, generator=gen, dtype=torch.float64) * 3.0 for _ in range(400)]
+    for k in keys:
+        g_rec = alphaedit_step(M, P, k)
+        g_ref = alphaedit_gain(P, kpkp, k, lam)
+        assert float((g_rec - g_ref).norm()) <= 1e-8 * float(g_ref.norm())
+        g, km = _woodbury(M, P, k, +1.0, "test")
+        M.addmm_(g, km, alpha=-1.0)
+        kpkp += k.T @ k
+    exact = torch.linalg.inv(P @ kpkp + lam * torch.eye(d, dtype=torch.float64))
+    assert float((M - exact).norm()) <= 1e-8 * float(exact.norm())
+    # forget edit 100: the downdate gives the inverse of the stream without it
+    g, km = _woodbury(M, P, keys[100], -1.0, "test")
+    M.addmm_(g, km, alpha=1.0)
+    kpkp -= keys[100].T @ keys[100]
+    exact = torch.linalg.inv(P @ kpkp + lam * torch.eye(d, dtype=torch.float64))
+    assert float((M - exact).norm()) <= 1e-8 * float(exact.norm())
 
 
 def _run_all(tiny, out: Path, extra: list[str] = ()) -> int:
