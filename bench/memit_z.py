@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     from editor_core.assets import DEMO_MODEL
     from editor_core.data import SHARED_DATA, load_counterfact
     from editor_core.model import decoder_layers, load_model
-    from editor_core.rlsedit import RLSEditConfig, default_fact_token, default_layer_spec
+    from editor_core.rlsedit import RLSEditConfig, default_fact_token, default_layer_spec, default_v_lr_scale
     from editor_core.subject import find_subject
 
     if args.threads:
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = RLSEditConfig()
     cfg.fact_token = default_fact_token(n_layers)
     cfg.layers = default_layer_spec(n_layers, cfg.fact_token)
+    cfg.v_lr_scale = default_v_lr_scale(model)
     editor = memit.MemitEditor(model, tok, cfg)
     data = args.data or SHARED_DATA / "counterfact" / "counterfact-val.json"
     facts = load_counterfact(data, tok, skip_bad=True, limit=args.n).records

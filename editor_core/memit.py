@@ -257,16 +257,29 @@ class MemitEditor:
     def _to_down_space(self, name: str, r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """A residual-stream change r [d_v] as a change of the down_proj output y [d_v].
 
-        Llama adds down_proj's output to the residual directly (identity). Gemma-2 normalises it
-        first (post_feedforward_layernorm, o = y / rms(y) · (1 + g)); RMSNorm is scale-invariant,
-        so y* = (o + r) / (1 + g) · rms(y) is an exact preimage at the current scale.
+        Llama adds down_proj's output to the residual directly (identity). Gemma-2/3 normalise it
+        first (post_feedforward_layernorm, o = g ⊙ y / rms(y), g = 1 + weight), so to first order at
+        y's scale r needs Δy = rms(y) · r / g. Gemma-3-270M has gains near zero (18 of layer 4's 640
+        within 0.05 of it): the plain division multiplied r by up to 10³ there, gave ‖ΔW‖ in the
+        thousands and raised the target's loss (2.94 → 9.22 on the one fact of
+        tests/test_real_models.py). A coordinate the norm nearly blocks cannot carry a change, so the
+        preimage is damped (Tikhonov, the least-squares Δy of ‖g ⊙ Δy / rms − r‖² + ε ‖Δy / rms‖²):
+
+            Δy = rms(y) · r ⊙ g / (g² + ε),    ε = (median |g|)²
+
+        i.e. the exact preimage where |g| ≫ median |g|, and about r ⊙ g · rms / ε where the gain is small.
+        ε was chosen on 8 facts of the development stream (docs/models.md, RLSEdit on Gemma-3).
         """
         norm = getattr(decoder_layers(self.model)[self.layer_of[name]], "post_feedforward_layernorm", None)
         if norm is None:
             return r
         y64, r64 = y.double(), r.double()
         gain = norm.weight.detach().double() + (1.0 if type(norm).__name__.startswith("Gemma") else 0.0)
-        gain = torch.where(gain.abs() < 1e-3, torch.full_like(gain, 1e-3).copysign(gain), gain)
         rms = (y64.pow(2).mean() + getattr(norm, "eps", 1e-6)).sqrt()
-        o = y64 / rms * gain
-        return ((o + r64) / gain * rms - y64).float()
+        eps = float(gain.abs().median()) ** 2
+        return (rms * r64 * gain / (gain.pow(2) + eps)).float()
+
+
+def post_norm_mlp(model: nn.Module) -> bool:
+    """Whether the MLP output is normalised before it joins the residual (Gemma-2/3's post-FFN norm)."""
+    return any(hasattr(layer, "post_feedforward_layernorm") for layer in decoder_layers(model))

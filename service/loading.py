@@ -117,15 +117,6 @@ def load_all(settings: Settings):
 
     if settings.rlsedit == "off":
         unavailable["rlsedit"] = "the server was started with --rlsedit off"
-    elif getattr(model.config, "model_type", "") == "gemma3_text":
-        # Measured: an RLSEdit edit raises the target's loss on Gemma-3-270M (2.94 -> 9.21, docs/models.md);
-        # a likely cause, not yet checked: Gemma-3 normalises the MLP output (post_feedforward_layernorm)
-        # before the residual, between down_proj and the hidden state the value solve targets.
-        reason = "RLSEdit does not edit Gemma-3 models correctly yet (docs/models.md)"
-        if settings.rlsedit == "on":
-            raise ConfigError(f"--rlsedit on: {reason}")
-        unavailable["rlsedit"] = reason
-        log.warning("rlsedit disabled: %s", reason)
     else:
         try:
             overrides = {"cache_dir": str(settings.home / "cache" / "rlsedit-stats")}

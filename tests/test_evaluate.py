@@ -333,6 +333,11 @@ def _check_merge(results: dict, tmp_path: Path, methods: list[str]) -> None:
     merged = _check_results(tmp_path / "merged", methods, 20)          # the table keeps the first run's order
     assert merged["methods"] == results["methods"]                      # hiedit's stale row was replaced
     assert [r["methods"] for r in merged["setup"]["runs"]] == [methods[:1], methods[1:]]
+    # --drop leaves a method out (a row measured by code since changed); a method no run has is refused
+    assert main(["eval-merge", early, late, "--drop", methods[1], "--out", str(tmp_path / "dropped")]) == 0
+    dropped = json.loads((tmp_path / "dropped" / "results.json").read_text())
+    assert list(dropped["methods"]) == [m for m in methods if m != methods[1]]
+    assert main(["eval-merge", early, "--drop", "no-such-method", "--out", str(tmp_path / "refused")]) == 2
     other_base = {**results["baseline"], "perplexity": results["baseline"]["perplexity"] * 1.01}
     not_results = tmp_path / "not-results.json"
     not_results.write_text("[1, 2]")

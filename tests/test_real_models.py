@@ -128,12 +128,15 @@ def test_hiedit_edits_gemma3(gemma3):
     assert loss1 < loss0
 
 
-@pytest.mark.xfail(strict=True, reason="RLSEdit raises the target's loss on Gemma-3 (2.94 -> 9.21 with its default "
-                                       "down[2-5]); docs/models.md. Strict: this fails once it is fixed")
 def test_rlsedit_edits_gemma3(gemma3, tmp_path):
+    """Gemma-3 normalises the MLP output before the residual, with gains near zero in some coordinates:
+    MEMIT's residual target must reach down_proj through the damped preimage and a value search scaled to
+    what a layer can write (memit._to_down_space, rlsedit.default_v_lr_scale). Before both, this edit
+    raised the target's loss 2.94 -> 9.22 with ‖ΔW‖ in the thousands."""
     from editor_core.rlsedit import RLSEditor
 
     model, tok = gemma3
     editor = RLSEditor.create(model, tok, stats_max_tokens=5_000, cache_dir=str(tmp_path / "stats"))
+    assert editor.cfg.v_lr_scale == 0.05
     loss0, loss1 = _edit_lowers_loss_and_rolls_back(model, tok, editor)
-    assert loss1 < loss0
+    assert loss1 < 0.5 * loss0

@@ -465,8 +465,10 @@ def test_statistics_are_cached_per_model_and_refused_for_another(llama):
 
 def test_gemma2_edit_raises_the_target_probability(tmp_path):
     model, tok = load_model(tiny_model_dir("gemma2"), "float32")
-    editor = RLSEditor.create(model, tok,
-                              cfg=RLSEditConfig(cache_dir=str(tmp_path), **{**FAST, "stats_max_tokens": 1500}))
+    # The default 25 value steps, not FAST's 8: this twin's post-norm gains are all 1, where the damped
+    # preimage (memit._to_down_space) writes half of r per layer, and 8 steps then lower the loss by 0.045.
+    editor = RLSEditor.create(model, tok, cfg=RLSEditConfig(cache_dir=str(tmp_path),
+                                                            **{**FAST, "stats_max_tokens": 1500, "v_steps": 25}))
     assert editor.cfg.fact_token == "last" and editor.modules == ["model.layers.1.mlp.down_proj"]  # 4 layers
     request = EditRequest("the eiffel tower is in", "Rome")           # no subject: falls back to the last token
     p = editor.propose(request)

@@ -2,6 +2,7 @@
 
     hiedit eval-merge runs/n1000 runs/n1000-rls --out runs/n1000-all
     hiedit eval-merge --mean runs/n1000-o1 runs/n1000-o2 runs/n1000-o3 --out runs/n1000-mean
+    hiedit eval-merge docs/img/gemma-cf-n200 --drop memit-nohist --out docs/img/gemma-cf-n200
 
 Each method starts from the base weights, so methods run in separate invocations (on one machine or
 several) belong in one table when the runs agree on N, the scoring and the before-editing baseline;
@@ -13,6 +14,8 @@ With ``--mean`` the runs are replicates of one comparison instead (the same fact
 ``hiedit eval --order-seed``, on other thread counts, or with editors trained from other seeds,
 ``--editor`` / ``--rledit-editor``): each method's row is the mean over the runs,
 with the range of each metric under ``spread`` (``editor_core.evaluate.average_results``).
+
+``--drop`` leaves methods out of the table, for a row whose method's code has changed since it was measured.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mean", action="store_true",
                         help="the runs are replicates (same facts; other orders, thread counts or editor "
                              "training seeds): average each method over them instead of taking rows from the last run")
+    parser.add_argument("--drop", default="", metavar="METHODS",
+                        help="comma-separated methods to leave out of the table (rows measured by code since changed)")
 
 
 def _load(run: str) -> dict:
@@ -49,8 +54,15 @@ def run(args: argparse.Namespace) -> int:
     from editor_core.evaluate import MergeError, average_results, merge_results, write_reports
 
     combine = average_results if args.mean else merge_results
+    drop = {m.strip() for m in args.drop.split(",") if m.strip()}
     try:
-        merged = combine([_load(r) for r in args.runs])
+        parts = [_load(r) for r in args.runs]
+        unknown = drop - {m for part in parts for m in part["methods"]}
+        if unknown:
+            raise MergeError(f"--drop: no run has {', '.join(sorted(unknown))}")
+        for part in parts:
+            part["methods"] = {m: row for m, row in part["methods"].items() if m not in drop}
+        merged = combine(parts)
     except MergeError as e:
         print(f"hiedit eval-merge: {e} (runs in the order given: {', '.join(args.runs)})", file=sys.stderr)
         return 2
