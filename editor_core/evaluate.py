@@ -771,33 +771,46 @@ def average_results(parts: list[dict]) -> dict:
     Every number of a method's row is averaged over the runs (curves point by point); ``spread``
     gives the [min, max] over the runs of each table metric. Only methods present in every run are
     kept. Runs must agree on N, the scoring and the baseline, and on the set of facts where every
-    run records its stream (``setup.stream``).
+    run records its stream (``setup.stream``). A part that is itself a mean (``replicates`` = r) counts
+    as its r runs: weight r in the mean, its ``spread`` in the range, so a third seed can be added to
+    the published mean of two without the two runs' own files.
     """
-    if len(parts) < 2:
+    weights = [int(p.get("replicates", 1)) for p in parts]
+    if sum(weights) < 2:
         raise MergeError("averaging needs at least two runs")
     first = parts[0]
     for i, part in enumerate(parts[1:], start=1):
         _check_comparable(first, part, i, ("n", "scoring"))
-    streams = [p.get("setup", {}).get("stream") for p in parts]
+    run_setups = [r for p in parts for r in (p.get("setup", {}).get("runs", []) if "replicates" in p
+                                             else [p.get("setup", {})])]
+    streams = [r.get("stream") for r in run_setups]
     if all(streams) and any(sorted(s) != sorted(streams[0]) for s in streams):
         raise MergeError("the runs edited different facts (setup.stream): averaging needs the same facts")
     names = [n for n in first["methods"] if all(n in p["methods"] for p in parts)]
     if not names:
         raise MergeError("no method is in every run")
+
+    def low_high(row: dict, scoring: str | None, key: str) -> tuple[float, float]:
+        spread = row.get("spread", {})
+        spread = spread.get(scoring, {}) if scoring else spread
+        value = row[scoring][key] if scoring else row[key]
+        return tuple(spread.get(key, (value, value)))
+
     methods = {}
     for name in names:
         rows = [p["methods"][name] for p in parts]
-        spread = {k: [min(r[k] for r in rows), max(r[k] for r in rows)] for k in (*METRICS, "mean")}
+        spread = {k: [min(low_high(r, None, k)[0] for r in rows), max(low_high(r, None, k)[1] for r in rows)]
+                  for k in (*METRICS, "mean")}
         for scoring in SCORINGS:
             if all(isinstance(r.get(scoring), dict) for r in rows):
-                spread[scoring] = {k: [min(r[scoring][k] for r in rows), max(r[scoring][k] for r in rows)]
-                                   for k in (*METRICS, "mean")}
-        row = _mean_of(rows)
+                spread[scoring] = {k: [min(low_high(r, scoring, k)[0] for r in rows),
+                                       max(low_high(r, scoring, k)[1] for r in rows)] for k in (*METRICS, "mean")}
+        row = _mean_of([{k: v for k, v in r.items() if k != "spread"} for r in rows], weights)
         # Collapsed in any replicate is collapsed: a mean must not hide one destroyed model.
         row["collapsed"] = any(r.get("collapsed") for r in rows)
         methods[name] = {**row, "spread": spread}
-    return {**{k: v for k, v in first.items() if k not in ("methods", "setup", "order_seed")},
-            "methods": methods, "replicates": len(parts), "setup": {"runs": [p.get("setup", {}) for p in parts]}}
+    return {**{k: v for k, v in first.items() if k not in ("methods", "setup", "order_seed", "replicates")},
+            "methods": methods, "replicates": sum(weights), "setup": {"runs": run_setups}}
 
 
 def _check_comparable(first: dict, part: dict, i: int, keys: tuple[str, ...]) -> None:
@@ -809,17 +822,19 @@ def _check_comparable(first: dict, part: dict, i: int, keys: tuple[str, ...]) ->
                          f"or probe set?): {part.get('baseline')!r} vs {first.get('baseline')!r}")
 
 
-def _mean_of(values: list):
-    """Element-wise mean of equally shaped JSON values; equal non-numbers are kept, unequal ones dropped."""
+def _mean_of(values: list, weights: list[int] | None = None):
+    """Element-wise (weighted) mean of equally shaped JSON values; equal non-numbers are kept, unequal ones dropped."""
+    weights = weights or [1] * len(values)
     v0 = values[0]
     if isinstance(v0, dict):
-        return {k: _mean_of([v[k] for v in values]) for k in v0 if all(isinstance(v, dict) and k in v for v in values)}
+        return {k: _mean_of([v[k] for v in values], weights)
+                for k in v0 if all(isinstance(v, dict) and k in v for v in values)}
     if isinstance(v0, list):
         if all(isinstance(v, list) and len(v) == len(v0) for v in values):
-            return [_mean_of(list(items)) for items in zip(*values)]
+            return [_mean_of(list(items), weights) for items in zip(*values)]
         return []
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        return v0 if all(v == v0 for v in values) else sum(values) / len(values)
+        return v0 if all(v == v0 for v in values) else sum(w * v for w, v in zip(weights, values)) / sum(weights)
     return v0 if all(v == v0 for v in values) else None
 
 

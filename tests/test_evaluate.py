@@ -367,6 +367,22 @@ def _check_merge(results: dict, tmp_path: Path, methods: list[str]) -> None:
         assert row["spread"]["mean"] == [orig["mean"], orig["mean"] + 2.0]
         assert row["efficacy"] == orig["efficacy"] and row["spread"]["efficacy"] == [orig["efficacy"]] * 2
         assert row["curve"][0]["specificity"] == pytest.approx(orig["curve"][0]["specificity"] + 2.0)
+    # a third replicate added to the published mean of two equals the mean of the three runs
+    bumped3 = json.loads(json.dumps(results["methods"]))
+    for row in bumped3.values():
+        row["mean"] -= 3.0
+        row["curve"][0]["specificity"] += 10.0
+    three = part(methods, methods=bumped3)
+    assert main(["eval-merge", "--mean", str(tmp_path / "mean"), three, "--out", str(tmp_path / "mean3")]) == 0
+    assert main(["eval-merge", "--mean", one, two, three, "--out", str(tmp_path / "flat3")]) == 0
+    nested, flat = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("mean3", "flat3"))
+    assert nested["replicates"] == flat["replicates"] == 3 and len(nested["setup"]["runs"]) == 3
+    for name, row in nested["methods"].items():
+        orig = results["methods"][name]
+        assert row["mean"] == pytest.approx(flat["methods"][name]["mean"]) == pytest.approx(orig["mean"] - 1 / 3)
+        assert row["spread"] == flat["methods"][name]["spread"]
+        assert row["spread"]["mean"] == [orig["mean"] - 3.0, orig["mean"] + 2.0]
+        assert row["curve"][0]["specificity"] == pytest.approx(flat["methods"][name]["curve"][0]["specificity"])
     other_facts = part(methods, setup={**results["setup"], "stream": ["x"] + results["setup"]["stream"][1:]})
     for bad in ([one], [one, part(methods, n=21)], [one, other_facts]):
         assert main(["eval-merge", "--mean", *bad, "--out", str(tmp_path / "refused")]) == 2

@@ -13,7 +13,8 @@ two plots into ``--out``, like ``hiedit eval``.
 With ``--mean`` the runs are replicates of one comparison instead (the same facts in other orders,
 ``hiedit eval --order-seed``, on other thread counts, or with editors trained from other seeds,
 ``--editor`` / ``--rledit-editor``): each method's row is the mean over the runs,
-with the range of each metric under ``spread`` (``editor_core.evaluate.average_results``).
+with the range of each metric under ``spread`` (``editor_core.evaluate.average_results``). A RUN that is
+itself a ``--mean`` output counts as its replicates (a third seed added to a published mean of two).
 
 ``--drop`` leaves methods out of the table, for a row whose method's code has changed since it was measured.
 """
