@@ -142,7 +142,9 @@ class AlphaEditor(RLSEditor):
             self.null_dim[name] = dim
             self.lam[name] = float(params.l2_rel * torch.trace(P @ sigma))
             self.M[name] = torch.eye(P.shape[0], dtype=torch.float64, device=self.device) / self.lam[name]
-        self.C = {}  # RLSEdit's C_t is not AlphaEdit's state (M is): free it
+
+    def _init_state(self) -> None:
+        """No C_0: AlphaEdit's state is M, which needs the params (configure)."""
 
     @classmethod
     def create(cls, model, tokenizer, layers: str | None = None, cfg: RLSEditConfig | None = None,

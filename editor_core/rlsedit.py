@@ -347,11 +347,17 @@ class RLSEditor(MemitEditor):
             alpha = cfg.alpha if cfg.alpha is not None else \
                 max(1e-3 * w * float(sigma.diagonal().double().mean()), 1e-8)
             self.sigma[name], self.alpha[name], self.weight[name] = sigma, float(alpha), float(w)
-            self.C[name] = initial_inverse(sigma.to(self.device), alpha, cfg.beta, w, self.c_dtype)
+        self._init_state()
         self.stats_digest = {n: tensor_digest(self.sigma[n]) for n in self.modules}
         self.fingerprints = {n: stats[n].meta.get("fingerprint") or stats_fingerprint(model, self.layer_of[n])
                              for n in self.modules}
         self.history: dict[int, str] = {}
+
+    def _init_state(self) -> None:
+        """C_0 = (α I + β w Σ̂)⁻¹ per layer (AlphaEditor overrides: its state M is built by configure)."""
+        for name in self.modules:
+            self.C[name] = initial_inverse(self.sigma[name].to(self.device), self.alpha[name], self.cfg.beta,
+                                           self.weight[name], self.c_dtype)
 
     # ---- construction ------------------------------------------------------------------------------
 
