@@ -49,7 +49,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .rlsedit import RLSEditConfig, RLSEditor, SingularSystemError, _check_keys, keys_digest
+from .rlsedit import (RLSEditConfig, RLSEditor, SingularSystemError, check_keys, keys_digest,
+                      precision_floor)
 
 
 @dataclass(frozen=True)
@@ -93,13 +94,17 @@ def _woodbury(M: torch.Tensor, P: torch.Tensor, keys: torch.Tensor, sign: float,
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """For M = (P A + λI)⁻¹ and A ± KᵀK: (F S⁻¹ [d_k, u], K M [u, d_k]) with F = M P Kᵀ, S = I ± K F,
     so the new inverse is M ∓ F S⁻¹ (K M)."""
-    _check_keys(keys, M.shape[0], what)
+    check_keys(keys, M.shape[0], what)
     k = keys.to(M.dtype)
     f = M @ (P @ k.T)                                              # F = M P Kᵀ [d_k, u]
     s = sign * (k @ f)
     s.diagonal().add_(1.0)                                         # S = I ± K F [u, u]
-    if not bool(torch.isfinite(s).all()) or abs(float(torch.linalg.det(s))) < 1e-12:
-        raise SingularSystemError(f"{what}: the u×u system S = I ± K M P Kᵀ is singular")
+    if not bool(torch.isfinite(s).all()):
+        raise SingularSystemError(f"{what}: the u×u system S = I ± K M P Kᵀ has non-finite entries")
+    # relative to the keys (rlsedit.precision_floor); a det S threshold was absolute: it refused the downdate of
+    # six keys with S = 10⁻³ each (det 10⁻¹⁸, accurate) and passed a key with S = 10⁻⁷ from ‖K‖² = 10⁷ (wrong by 4%)
+    if float(torch.linalg.svdvals(s).min()) <= precision_floor(M, k):
+        raise SingularSystemError(f"{what}: the u×u system S = I ± K M P Kᵀ is singular to working precision")
     g = torch.linalg.solve(s.T, f.T).T                             # F S⁻¹
     km = k @ M                                                     # K M [u, d_k]
     if not (bool(torch.isfinite(g).all()) and bool(torch.isfinite(km).all())):

@@ -224,19 +224,29 @@ def initial_inverse(sigma: torch.Tensor, alpha: float, beta: float, weight: floa
     return ((c0 + c0.T) / 2).to(dtype).contiguous()
 
 
-def _cholesky(s: torch.Tensor, what: str, min_pivot: float = 1e-12) -> torch.Tensor:
-    """Lower Cholesky factor of the u×u system ``s``, or SingularSystemError."""
+def precision_floor(C: torch.Tensor, keys: torch.Tensor) -> float:
+    """√eps · (1 + ‖K‖_F² ‖C‖₂): a u×u system S = I ± K C Kᵀ whose smallest eigenvalue is below this has lost more
+    than half its digits to rounding (K C Kᵀ carries errors of order eps·‖K‖²‖C‖, and a downdate's S is a
+    difference of such terms). ‖C‖₂ ≤ √(‖C‖₁‖C‖_∞) keeps it O(d_k²). Shared by RLSEdit and AlphaEdit."""
+    c_norm = math.sqrt(float(torch.linalg.matrix_norm(C, ord=1)) * float(torch.linalg.matrix_norm(C, ord=math.inf)))
+    return math.sqrt(torch.finfo(C.dtype).eps) * (1.0 + float(keys.double().square().sum()) * c_norm)
+
+
+def _cholesky(s: torch.Tensor, what: str, floor: float) -> torch.Tensor:
+    """Lower Cholesky factor of the u×u system ``s``, or SingularSystemError when a pivot² is below ``floor``
+    (precision_floor: relative to the keys; an absolute threshold refused accurate downdates of large keys)."""
     if not bool(torch.isfinite(s).all()):
         raise SingularSystemError(f"{what}: the u×u system S has non-finite entries")
     chol, info = torch.linalg.cholesky_ex((s + s.T) / 2)
     pivots = chol.diagonal()
-    if int(info) != 0 or not bool(torch.isfinite(chol).all()) or float(pivots.min() ** 2) < min_pivot:
+    if int(info) != 0 or not bool(torch.isfinite(chol).all()) or float(pivots.min() ** 2) <= floor:
         raise SingularSystemError(f"{what}: the u×u system S is singular or indefinite "
                                   f"(C is no longer positive definite, or the keys are degenerate)")
     return chol
 
 
-def _check_keys(keys: torch.Tensor, d_k: int, what: str) -> None:
+def check_keys(keys: torch.Tensor, d_k: int, what: str) -> None:
+    """Refuse keys that are not a finite, non-empty [u, d_k] matrix (SingularSystemError)."""
     if keys.dim() != 2 or keys.shape[1] != d_k or keys.shape[0] == 0:
         raise SingularSystemError(f"{what}: keys must be [u, {d_k}], got {tuple(keys.shape)}")
     if not bool(torch.isfinite(keys).all()):
@@ -257,12 +267,12 @@ def rls_gain(C: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
         F = C Kᵀ,  S = I + K F = L Lᵀ,  M = F L⁻ᵀ,  G = M L⁻¹ = F S⁻¹ = C_t Kᵀ,  C_t = C − M Mᵀ
     """
-    _check_keys(keys, C.shape[0], "RLS update")
+    check_keys(keys, C.shape[0], "RLS update")
     k = keys.to(C.dtype)
     f = C @ k.T                                                     # F [d_k, u]
     s = k @ f
     s.diagonal().add_(1.0)                                          # S = I + K C Kᵀ [u, u]
-    chol = _cholesky(s, "RLS update")
+    chol = _cholesky(s, "RLS update", precision_floor(C, k))
     m = torch.linalg.solve_triangular(chol, f.T, upper=False).T     # M = F L⁻ᵀ
     g = torch.linalg.solve_triangular(chol.T, m.T, upper=True).T    # G = M L⁻¹ = F S⁻¹
     if not (bool(torch.isfinite(g).all()) and bool(torch.isfinite(m).all())):
@@ -275,12 +285,12 @@ def rls_downdate_factor(C: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
         F = C Kᵀ,  S = I − K F = L Lᵀ (positive definite iff KᵀK was part of A),  M = F L⁻ᵀ
     """
-    _check_keys(keys, C.shape[0], "RLS downdate")
+    check_keys(keys, C.shape[0], "RLS downdate")
     k = keys.to(C.dtype)
     f = C @ k.T
     s = -(k @ f)
     s.diagonal().add_(1.0)
-    chol = _cholesky(s, "RLS downdate", min_pivot=1e-10)
+    chol = _cholesky(s, "RLS downdate", precision_floor(C, k))
     m = torch.linalg.solve_triangular(chol, f.T, upper=False).T
     if not bool(torch.isfinite(m).all()):
         raise SingularSystemError("RLS downdate: the correction is not finite")

@@ -614,6 +614,31 @@ def test_alphaedit_recursion_equals_the_closed_form():
     assert float((M - exact).norm()) <= 1e-8 * float(exact.norm())
 
 
+
+def test_alphaedit_singularity_test_is_relative_to_the_keys():
+    """Downdating six keys whose S = I − K M P Kᵀ is 10⁻³ each (det 10⁻¹⁸) is accurate and goes through; a key
+    with ‖k‖² = 10⁷, whose S of 10⁻⁷ is mostly rounding, and a key never added (S = 1 − 1) are refused."""
+    from editor_core.alphaedit import _woodbury
+    from editor_core.rlsedit import SingularSystemError
+
+    gen = torch.Generator().manual_seed(1)
+    d = 32
+    P = torch.eye(d, dtype=torch.float64)
+    M0 = torch.eye(d, dtype=torch.float64)                                # λ = 1, nothing protected yet
+    basis = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0].T
+    six = basis[:6] * math.sqrt(1e3)                                      # K Kᵀ = 10³ I
+    g, km = _woodbury(M0, P, six, +1.0, "test")
+    M = M0 - g @ km
+    g, km = _woodbury(M, P, six, -1.0, "test")
+    assert float((M + g @ km - M0).norm()) <= 1e-8 * float(M0.norm())
+    one = basis[6:7] * math.sqrt(1e7)
+    g, km = _woodbury(M0, P, one, +1.0, "test")
+    with pytest.raises(SingularSystemError, match="working precision"):
+        _woodbury(M0 - g @ km, P, one, -1.0, "test")
+    with pytest.raises(SingularSystemError, match="working precision"):
+        _woodbury(M0, P, basis[7:8], -1.0, "test")
+
+
 def _run_all(tiny, out: Path, extra: list[str] = ()) -> int:
     from service.cli import main
 

@@ -110,6 +110,25 @@ def test_downdate_equals_never_having_seen_the_keys():
     assert (seen - skipped).abs().max() < 1e-8 * skipped.abs().max()
 
 
+def test_the_singularity_floor_is_relative_to_the_keys():
+    """Six keys with S = I − K C Kᵀ of 10⁻³ each downdate accurately; one key with ‖k‖² = 10⁷, whose S of 10⁻⁷
+    is mostly rounding, is refused (an absolute pivot threshold of 10⁻¹⁰ passed it, 4% wrong)."""
+    gen = torch.Generator().manual_seed(1)
+    d = 32
+    C0 = torch.eye(d, dtype=torch.float64)
+    basis = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0].T
+    six = basis[:6] * 1e3 ** 0.5                                   # K Kᵀ = 10³ I
+    C = C0.clone()
+    apply_correction(C, rls_gain(C, six)[1], -1.0)
+    apply_correction(C, rls_downdate_factor(C, six), +1.0)
+    assert float((C - C0).norm()) <= 1e-8 * float(C0.norm())
+    one = basis[6:7] * 1e7 ** 0.5
+    C = C0.clone()
+    apply_correction(C, rls_gain(C, one)[1], -1.0)
+    with pytest.raises(SingularSystemError, match="singular or indefinite"):
+        rls_downdate_factor(C, one)
+
+
 def test_non_finite_and_singular_systems_raise_and_change_nothing():
     sigma, _, batches = random_problem(4)
     C = initial_inverse(sigma, 0.1, 1.0, 5.0)
