@@ -225,11 +225,12 @@ def initial_inverse(sigma: torch.Tensor, alpha: float, beta: float, weight: floa
 
 
 def precision_floor(C: torch.Tensor, keys: torch.Tensor) -> float:
-    """√eps · (1 + ‖K‖_F² ‖C‖₂): a u×u system S = I ± K C Kᵀ whose smallest eigenvalue is below this has lost more
-    than half its digits to rounding (K C Kᵀ carries errors of order eps·‖K‖²‖C‖, and a downdate's S is a
-    difference of such terms). ‖C‖₂ ≤ √(‖C‖₁‖C‖_∞) keeps it O(d_k²). Shared by RLSEdit and AlphaEdit."""
+    """100 · eps · (1 + ‖K‖_F² ‖C‖₂): K C Kᵀ carries rounding of order eps·‖K‖²‖C‖, so a u×u system
+    S = I ± K C Kᵀ whose smallest eigenvalue is below this may be more than 1% rounding (a downdate's S is a
+    difference of such terms) and is refused. Relative to the keys and dtype: an absolute threshold refused
+    accurate downdates of large keys and passed wrong ones. ‖C‖₂ ≤ √(‖C‖₁‖C‖_∞) keeps it O(d_k²)."""
     c_norm = math.sqrt(float(torch.linalg.matrix_norm(C, ord=1)) * float(torch.linalg.matrix_norm(C, ord=math.inf)))
-    return math.sqrt(torch.finfo(C.dtype).eps) * (1.0 + float(keys.double().square().sum()) * c_norm)
+    return 100.0 * torch.finfo(C.dtype).eps * (1.0 + float(keys.double().square().sum()) * c_norm)
 
 
 def _cholesky(s: torch.Tensor, what: str, floor: float) -> torch.Tensor:
