@@ -104,7 +104,8 @@ def _woodbury(M: torch.Tensor, P: torch.Tensor, keys: torch.Tensor, sign: float,
     # relative to the keys (rlsedit.precision_floor); a det S threshold was absolute: it refused the downdate of
     # six keys with S = 10⁻³ each (det 10⁻¹⁸, accurate) and passed a key with S = 10⁻⁷ from ‖K‖² = 10⁷ (wrong by 4%)
     if float(torch.linalg.svdvals(s).min()) <= precision_floor(M, k):
-        raise SingularSystemError(f"{what}: the u×u system S = I ± K M P Kᵀ is singular to working precision (rounding could be 1% of it)")
+        raise SingularSystemError(f"{what}: the u×u system S = I ± K M P Kᵀ is singular to working precision "
+                                  "(rounding could be 1% of it)")
     g = torch.linalg.solve(s.T, f.T).T                             # F S⁻¹
     km = k @ M                                                     # K M [u, d_k]
     if not (bool(torch.isfinite(g).all()) and bool(torch.isfinite(km).all())):
