@@ -485,7 +485,8 @@ def _save_progress(directory: Path, key: str | None, editor: Editor, state: Weig
     state.save_checkpoint()
     editor_file = directory / f"editor-{trace.done:07d}.safetensors"
     editor.save_state(editor_file)  # a stateless editor writes nothing
-    payload = {"format": PROGRESS_FORMAT, "key": key, "done": trace.done, "ids": state.active_ids,
+    payload = {"format": PROGRESS_FORMAT, "key": key, "done": trace.done, "n": len(trace.edited),
+               "ids": state.active_ids,
                "editor_state": editor_file.name if editor_file.is_file() else None,
                "rng": torch.get_rng_state().tolist(), "edited": trace.edited.nonzero().flatten().tolist(),
                "latencies": trace.latencies, "selections": trace.selections, "skipped": trace.skipped,

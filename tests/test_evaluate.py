@@ -684,8 +684,8 @@ def test_ci_sized_run_every_method_and_metric(tiny, tmp_path):
     assert not third["methods"]["alphaedit"].get("from_cache") and third["methods"]["ft"].get("from_cache")
 
 
-def test_a_method_stopped_midway_resumes_to_the_same_row(tiny, tmp_path, monkeypatch):
-    """A run stopped inside a method (here at record 20 of 30) continues from the progress it wrote every
+def test_a_method_stopped_midway_resumes_to_the_same_row(tiny, tmp_path, monkeypatch, capsys):
+    """A run stopped inside a method (here at record 25 of 30) continues from the progress it wrote every
     --checkpoint-every edits: the weights' checkpoint, the editor's state (RLSEdit's C, AlphaEdit's K_pᵀK_p),
     the traces. It edits only the records after that progress, and ends with the row of a run never stopped."""
     import editor_core.evaluate as ev
@@ -708,7 +708,7 @@ def test_a_method_stopped_midway_resumes_to_the_same_row(tiny, tmp_path, monkeyp
     original, seen = ev._edit_one, []
 
     def stopping(editor, state, rec, i, *args):
-        if i == 20 and editor.method == "alphaedit":
+        if i == 25 and editor.method == "alphaedit":
             raise Stop
         seen.append((editor.method, i))
         return original(editor, state, rec, i, *args)
@@ -718,8 +718,19 @@ def test_a_method_stopped_midway_resumes_to_the_same_row(tiny, tmp_path, monkeyp
     with pytest.raises(Stop):
         run(out)
     partial = out / "methods" / "alphaedit.partial"
-    assert json.loads((partial / "progress.json").read_text())["done"] == 14
+    assert json.loads((partial / "progress.json").read_text())["done"] == 21
     assert len(list((partial / "weights").glob("*.safetensors"))) == 2  # the last two (a stop while writing)
+    capsys.readouterr()
+    assert main(["eval-progress", str(out), "--json"]) == 0                # what the stopped method had measured
+    (shown,) = json.loads(capsys.readouterr().out)
+    assert (shown["method"], shown["done"], shown["n"], len(shown["latency_s_p50_per_100"])) == ("alphaedit", 21, 30, 1)
+    at15 = next(c for c in whole["alphaedit"]["curve"] if c["edits"] == 15)  # the same running score the whole run had
+    assert [c["edits"] for c in shown["curve"]] == [15]
+    assert shown["curve"][0]["efficacy"] == round(at15["efficacy"], 2)
+    assert shown["curve"][0]["general_retention"] == round(at15["general_retention"], 2)
+    assert main(["eval-progress", str(out)]) == 0
+    assert "alphaedit: 21 of 30 records done" in capsys.readouterr().out
+    assert main(["eval-progress", str(tmp_path / "whole")]) == 2           # a finished run has no progress
     seen.clear()
 
     def recording(editor, state, rec, i, *args):
@@ -728,7 +739,7 @@ def test_a_method_stopped_midway_resumes_to_the_same_row(tiny, tmp_path, monkeyp
 
     monkeypatch.setattr(ev, "_edit_one", recording)
     assert run(out) == 0
-    assert [i for m, i in seen if m == "alphaedit"] == list(range(14, 30))  # from its progress, not from W^0
+    assert [i for m, i in seen if m == "alphaedit"] == list(range(21, 30))  # from its progress, not from W^0
     assert "rlsedit" not in {m for m, _ in seen}                            # a finished row is cached
     assert not partial.exists()
     resumed = json.loads((out / "results.json").read_text())["methods"]

@@ -1,7 +1,7 @@
 """``hiedit``: one command line for serving, training, evaluating and building assets.
 
 Each subcommand lives in its own module of this package (serve.py, export.py, train.py, eval.py,
-eval_merge.py, build_demo.py) exposing ``configure(parser)`` and ``run(args)``; modules are imported
+eval_merge.py, eval_progress.py, build_demo.py) exposing ``configure(parser)`` and ``run(args)``; modules are imported
 only when their subcommand runs, so ``hiedit --help`` stays fast. ``python -m service.cli`` is the
 same command (``__main__.py``).
 """
@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("service.cli.train", "train a HiEdit editor by hierarchical RL on an editing dataset"),
     "eval": ("service.cli.eval", "sequential-editing benchmark: results.json, a table and plots"),
     "eval-merge": ("service.cli.eval_merge", "one table from several hiedit eval runs on the same stream"),
+    "eval-progress": ("service.cli.eval_progress", "what a hiedit eval method stopped midway had measured"),
     "build-demo": ("service.cli.build_demo", "rebuild the committed demo model, tokenizer and editors (seeded)"),
 }
 
