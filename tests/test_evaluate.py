@@ -730,6 +730,8 @@ def test_a_method_stopped_midway_resumes_to_the_same_row(tiny, tmp_path, monkeyp
     assert shown["curve"][0]["general_retention"] == round(at15["general_retention"], 2)
     assert main(["eval-progress", str(out)]) == 0
     assert "alphaedit: 21 of 30 records done" in capsys.readouterr().out
+    assert main(["eval-progress", str(partial)]) == 0                      # one method's progress, kept elsewhere
+    assert "| 15 " in capsys.readouterr().out
     assert main(["eval-progress", str(tmp_path / "whole")]) == 2           # a finished run has no progress
     seen.clear()
 

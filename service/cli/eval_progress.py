@@ -1,6 +1,7 @@
 """``hiedit eval-progress``: what a method stopped midway had measured, from its saved progress.
 
     hiedit eval-progress runs/smol-cf-n1000-alphaedit
+    hiedit eval-progress docs/img/smol-cf-n1000-partial/*.partial      # kept progress files
 
 ``hiedit eval`` writes a method's progress to ``OUT/methods/NAME.partial/progress.json`` every
 ``--checkpoint-every`` edits and resumes from it; the row is only written when the method ends. For a
@@ -20,7 +21,8 @@ SCORES = ("efficacy", "generalization", "specificity", "edited_retention")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", metavar="OUT", help="a hiedit eval --out directory")
+    parser.add_argument("runs", nargs="+", metavar="OUT",
+                        help="a hiedit eval --out directory, or one method's NAME.partial directory or progress.json")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
@@ -57,7 +59,9 @@ def _table(s: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     summaries, errors = [], []
     for out in args.runs:
-        found = sorted(Path(out, "methods").glob("*.partial/progress.json"))
+        path = Path(out)
+        found = ([path] if path.is_file() else [path / "progress.json"] if (path / "progress.json").is_file()
+                 else sorted(path.glob("methods/*.partial/progress.json")))
         if not found:
             errors.append(f"{out}: no method in progress (no methods/NAME.partial/progress.json)")
         for path in found:
