@@ -23,7 +23,7 @@ SCORES = ("efficacy", "generalization", "specificity", "edited_retention")
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="OUT",
                         help="a hiedit eval --out directory, or one method's NAME.partial directory or progress.json")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument("--json", action="store_true", help="print a JSON list (one object per method in progress) instead of tables")
 
 
 def _summary(name: str, progress: dict) -> dict:
