@@ -733,6 +733,11 @@ def test_a_method_stopped_midway_resumes_to_the_same_row(tiny, tmp_path, monkeyp
     assert main(["eval-progress", str(partial)]) == 0                      # one method's progress, kept elsewhere
     assert "| 15 " in capsys.readouterr().out
     assert main(["eval-progress", str(tmp_path / "whole")]) == 2           # a finished run has no progress
+    capsys.readouterr()
+    assert main(["eval-progress", str(tmp_path / "whole" / "results.json"), "--json"]) == 0  # but has its curves
+    finished = {s["method"]: s for s in json.loads(capsys.readouterr().out)}
+    assert [c["edits"] for c in finished["alphaedit"]["curve"]] == [15, 30]
+    assert finished["alphaedit"]["curve"][0] == shown["curve"][0]
     seen.clear()
 
     def recording(editor, state, rec, i, *args):

@@ -2,6 +2,7 @@
 
     hiedit eval-progress runs/smol-cf-n1000-alphaedit
     hiedit eval-progress docs/img/smol-cf-n1000-partial/*.partial      # kept progress files
+    hiedit eval-progress docs/img/smol-cf-n1000/results.json           # finished methods, for comparison
 
 ``hiedit eval`` writes a method's progress to ``OUT/methods/NAME.partial/progress.json`` every
 ``--checkpoint-every`` edits and resumes from it; the row is only written when the method ends. For a
@@ -22,8 +23,10 @@ SCORES = ("efficacy", "generalization", "specificity", "edited_retention")
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="OUT",
-                        help="a hiedit eval --out directory, or one method's NAME.partial directory or progress.json")
-    parser.add_argument("--json", action="store_true", help="print a JSON list (one object per method in progress) instead of tables")
+                        help="a hiedit eval --out directory, one method's NAME.partial directory or progress.json, "
+                             "or a results.json (its finished methods' running scores)")
+    parser.add_argument("--json", action="store_true",
+                        help="print a JSON list (one object per method) instead of tables")
 
 
 def _summary(name: str, progress: dict) -> dict:
@@ -41,8 +44,9 @@ def _summary(name: str, progress: dict) -> dict:
 
 def _table(s: dict) -> str:
     of = f" of {s['n']}" if s["n"] else ""
-    lines = [f"{s['method']}: {s['done']}{of} records done, {s['skipped']} skipped, {s['rejected']} rejected",
-             "  edit latency p50 per 100 edits (s): " + " ".join(f"{x:g}" for x in s["latency_s_p50_per_100"])]
+    lines = [f"{s['method']}: {s['done']}{of} records done, {s['skipped']} skipped, {s['rejected']} rejected"]
+    if s["latency_s_p50_per_100"]:  # a results.json row keeps only its p50 over the whole stream
+        lines.append("  edit latency p50 per 100 edits (s): " + " ".join(f"{x:g}" for x in s["latency_s_p50_per_100"]))
     if not s["curve"]:
         lines.append("  no running scores yet (hiedit eval --every)")
         return "\n".join(lines)
@@ -60,6 +64,14 @@ def run(args: argparse.Namespace) -> int:
     summaries, errors = [], []
     for out in args.runs:
         path = Path(out)
+        if path.name == "results.json":  # a finished run: every method's running scores, from its curve
+            try:
+                results = json.loads(path.read_text())
+                summaries += [_summary(name, {"done": row["n_edits"], "n": results["n"], "curve": row["curve"]})
+                              for name, row in results["methods"].items()]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                errors.append(f"{path}: not a readable results.json ({e})")
+            continue
         found = ([path] if path.is_file() else [path / "progress.json"] if (path / "progress.json").is_file()
                  else sorted(path.glob("methods/*.partial/progress.json")))
         if not found:
