@@ -165,14 +165,17 @@ class AlphaEditor(RLSEditor):
             raise ValueError("AlphaEditor: configure(params) before proposing (AlphaEditor.create does)")
         return alphaedit_step(self.M[name], self.P[name], key)
 
-    def _update_all(self, keys: dict[str, torch.Tensor], sign: float) -> None:
-        """M ← M ∓ F S⁻¹ K M for every layer in ``keys`` (sign −1: K_pᵀK_p += KᵀK, +1: −= KᵀK), atomically:
-        every factor is computed and checked before any M changes."""
+    def _factors(self, keys: dict[str, torch.Tensor], sign: float) -> dict:
+        """(F S⁻¹, K M) of M ← M ∓ F S⁻¹ K M for every layer in ``keys`` (sign −1: K_pᵀK_p += KᵀK, +1: −= KᵀK),
+        each computed and checked (SingularSystemError), changing nothing."""
         factors = {}
         for name in self.modules:
             if name in keys:
                 what = f"AlphaEdit {'update' if sign < 0 else 'downdate'} of {name}"
                 factors[name] = _woodbury(self.M[name], self.P[name], keys[name].to(self.device), -sign, what)
+        return factors
+
+    def _apply(self, factors: dict, sign: float) -> None:
         for name, (g, km) in factors.items():
             self.M[name].addmm_(g, km, alpha=sign)
 

@@ -80,6 +80,9 @@ class Editor(Protocol):
         """Undo ``commit``/``restore`` of a rolled-back edit; ``state_blob`` is the one its proposal carried
         (read back from the log: an editor keeps no per-edit data, so its memory does not grow with edits)."""
 
+    def check_forget(self, edit_id: int, state_blob: bytes | None) -> None:
+        """Raise the error ``forget`` would raise, changing nothing (asked before a rollback)."""
+
     def restore(self, edit_id: int, state_blob: bytes | None) -> None: ...
 
     def save_state(self, path: Path) -> None:
@@ -98,6 +101,9 @@ class StatelessEditor:
         pass
 
     def forget(self, edit_id: int, state_blob: bytes | None) -> None:
+        pass
+
+    def check_forget(self, edit_id: int, state_blob: bytes | None) -> None:
         pass
 
     def restore(self, edit_id: int, state_blob: bytes | None) -> None:

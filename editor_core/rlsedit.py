@@ -491,9 +491,9 @@ class RLSEditor(MemitEditor):
 
     # ---- state hooks (Editor protocol) ---------------------------------------------------------------
 
-    def _update_all(self, keys: dict[str, torch.Tensor], sign: float) -> None:
-        """Woodbury-update (sign −1: new keys) or downdate (+1: remove keys) the layers in ``keys``,
-        atomically: every factor is computed and checked before any C changes."""
+    def _factors(self, keys: dict[str, torch.Tensor], sign: float) -> dict:
+        """The Woodbury correction of every layer in ``keys`` (sign −1: new keys, +1: remove keys), each
+        computed and checked (SingularSystemError), changing nothing."""
         factors = {}
         for name in self.modules:
             if name not in keys:
@@ -502,8 +502,15 @@ class RLSEditor(MemitEditor):
             m = rls_gain(self.C[name], k)[1] if sign < 0 else rls_downdate_factor(self.C[name], k)
             check_correction(self.C[name], m, name)
             factors[name] = m
+        return factors
+
+    def _apply(self, factors: dict, sign: float) -> None:
         for name, m in factors.items():
             apply_correction(self.C[name], m, sign)
+
+    def _update_all(self, keys: dict[str, torch.Tensor], sign: float) -> None:
+        """Update or downdate the layers in ``keys`` atomically: every factor is checked before any C changes."""
+        self._apply(self._factors(keys, sign), sign)
 
     def commit(self, edit_id: int, proposal: Proposal) -> None:
         """After the delta was logged and applied: C_t = C_{t-1} − F S⁻¹ Fᵀ with this edit's keys."""
@@ -538,6 +545,14 @@ class RLSEditor(MemitEditor):
             return
         self._update_all(self._logged_keys(edit_id, state_blob), +1.0)
         del self.history[edit_id]
+
+    def check_forget(self, edit_id: int, state_blob: bytes | None) -> None:
+        """Raise what ``forget`` would (RLSStateMismatch: the log's keys are not the committed ones;
+        SingularSystemError: the downdate is singular to working precision), changing nothing. The rollback
+        job asks before it rolls the weights back, so a refused downdate leaves the edit applied."""
+        if self.cfg.reset_every_edit or edit_id not in self.history:
+            return
+        self._factors(self._logged_keys(edit_id, state_blob), +1.0)
 
     def restore(self, edit_id: int, state_blob: bytes | None) -> None:
         """Replay ``commit`` from a logged key blob (start-up). An edit already in a loaded snapshot is

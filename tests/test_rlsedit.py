@@ -361,8 +361,13 @@ def test_commit_forget_restore_and_snapshots(llama, tmp_path):
     with pytest.raises(RLSStateMismatch, match="modules"):   # a fresh proposal must be for this editor
         narrow.commit(4, Proposal(ed.modules, torch.zeros(2), [0, 1], p.delta, 0.0, 1, state_blob=blobs[1]))
     path = ed.save_state(tmp_path / "rls.safetensors")
+    before = {n: c.clone() for n, c in ed.C.items()}
     with pytest.raises(RLSStateMismatch, match="not the ones committed"):
         ed.forget(2, blobs[3])                             # the log's keys are checked against the digest
+    with pytest.raises(RLSStateMismatch, match="not the ones committed"):
+        ed.check_forget(2, blobs[3])                       # what a rollback asks first
+    ed.check_forget(2, blobs[2])
+    assert all(torch.equal(ed.C[n], before[n]) for n in ed.modules) and sorted(ed.history) == [1, 2, 3]
     ed.forget(2, blobs[2])                                 # rollback of edit 2, its keys read from the log
     ed.forget(99, None)                                    # never committed here: no-op
     for eid in (1, 3):

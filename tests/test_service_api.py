@@ -101,6 +101,9 @@ class _OverflowEditor:
     def forget(self, edit_id, state_blob):
         pass
 
+    def check_forget(self, edit_id, state_blob):
+        pass
+
     def restore(self, edit_id, blob):
         pass
 
@@ -283,8 +286,18 @@ def test_rlsedit_through_the_api(tmp_path, standin_model_dir):
         assert layers and all(l["module"].endswith("down_proj") and l["selected"] for l in layers)
         assert c.post("/edits", json={"prompt": FACT1.prompt, "target": FACT1.target, "method": "rlsedit",
                                       "k": 99}).status_code == 422
+        # An editor that cannot forget the edit (here its log's keys no longer match the committed digest)
+        # refuses the rollback before anything changes: weights, log and C keep the edit.
+        rls = components[2]["rlsedit"]
+        fp1, digest = c.get("/state").json()["fingerprint"], rls.history[rec["id"]]
+        rls.history[rec["id"]] = "0" * len(digest)
+        r = c.post(f"/edits/{rec['id']}/rollback")
+        assert r.status_code == 409 and "cannot forget" in r.json()["detail"] and "nothing changed" in r.json()["detail"]
+        assert c.get("/state").json()["fingerprint"] == fp1 and fp1 != fp0
+        assert c.get(f"/edits/{rec['id']}").json()["status"] == "applied" and rec["id"] in rls.history
+        rls.history[rec["id"]] = digest
         assert c.post(f"/edits/{rec['id']}/rollback").status_code == 200
-        assert c.get("/state").json()["fingerprint"] == fp0
+        assert c.get("/state").json()["fingerprint"] == fp0 and rec["id"] not in rls.history
 
 
 def test_readers_never_see_a_half_applied_edit(tmp_path, standin_components):
@@ -441,6 +454,9 @@ class _SlowEditor:
         pass
 
     def forget(self, edit_id, state_blob):
+        pass
+
+    def check_forget(self, edit_id, state_blob):
         pass
 
     def restore(self, edit_id, blob):

@@ -32,6 +32,16 @@ class RollbackMixin:
             raise Conflict(f"edit_id: edit {edit_id} is already rolled back")
         if edit.status != EditStatus.APPLIED:
             raise Conflict(f"edit_id: edit {edit_id} is {edit.status}: only applied edits can be rolled back")
+        editor = self.editors.get(edit.method)
+        if editor is not None:
+            # Asked before anything changes: once the weights are rolled back, an editor that cannot forget
+            # the edit (RLSEdit's downdate singular to working precision, or keys in the log that are not
+            # the ones it committed) would leave its state holding an edit the weights no longer have.
+            try:
+                editor.check_forget(edit_id, state_blob)
+            except ValueError as e:  # SingularSystemError, RLSStateMismatch
+                raise Conflict(f"edit_id: edit {edit_id} cannot be rolled back: the {edit.method} editor "
+                               f"cannot forget it ({e}); nothing changed") from e
         # Log first, as for edits: if the process dies right after, the replay leaves the edit out.
         with self._writing_log(f"the rollback of edit {edit_id} could not be logged, so it was not made",
                                edit.method), self.sessions.begin() as session:
@@ -57,7 +67,6 @@ class RollbackMixin:
             log.warning("rollback of edit %s: the fingerprint after it was not stored (%s); replicas cannot "
                         "verify this state", edit_id, db.describe(e))
         self._notify("rolled_back", edit_id)
-        editor = self.editors.get(edit.method)
         if editor is not None:
             editor.forget(edit_id, state_blob)
         self.metrics.rollbacks.inc()
