@@ -224,12 +224,14 @@ def initial_inverse(sigma: torch.Tensor, alpha: float, beta: float, weight: floa
     return ((c0 + c0.T) / 2).to(dtype).contiguous()
 
 
-def precision_floor(C: torch.Tensor, keys: torch.Tensor) -> float:
+def precision_floor(C: torch.Tensor, keys: torch.Tensor, symmetric: bool = False) -> float:
     """100 · eps · (1 + ‖K‖_F² ‖C‖₂): K C Kᵀ carries rounding of order eps·‖K‖²‖C‖, so a u×u system
     S = I ± K C Kᵀ whose smallest eigenvalue is below this may be more than 1% rounding (a downdate's S is a
     difference of such terms) and is refused. Relative to the keys and dtype: an absolute threshold refused
-    accurate downdates of large keys and passed wrong ones. ‖C‖₂ ≤ √(‖C‖₁‖C‖_∞) keeps it O(d_k²)."""
-    c_norm = math.sqrt(float(torch.linalg.matrix_norm(C, ord=1)) * float(torch.linalg.matrix_norm(C, ord=math.inf)))
+    accurate downdates of large keys and passed wrong ones. ‖C‖₂ ≤ √(‖C‖₁‖C‖_∞) keeps it O(d_k²); for a
+    symmetric C (RLSEdit's) ‖C‖₁ = ‖C‖_∞, so one pass over C gives it."""
+    c1 = float(torch.linalg.matrix_norm(C, ord=1))
+    c_norm = c1 if symmetric else math.sqrt(c1 * float(torch.linalg.matrix_norm(C, ord=math.inf)))
     return 100.0 * torch.finfo(C.dtype).eps * (1.0 + float(keys.double().square().sum()) * c_norm)
 
 
@@ -273,7 +275,7 @@ def rls_gain(C: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.T
     f = C @ k.T                                                     # F [d_k, u]
     s = k @ f
     s.diagonal().add_(1.0)                                          # S = I + K C Kᵀ [u, u]
-    chol = _cholesky(s, "RLS update", precision_floor(C, k))
+    chol = _cholesky(s, "RLS update", precision_floor(C, k, symmetric=True))
     m = torch.linalg.solve_triangular(chol, f.T, upper=False).T     # M = F L⁻ᵀ
     g = torch.linalg.solve_triangular(chol.T, m.T, upper=True).T    # G = M L⁻¹ = F S⁻¹
     if not (bool(torch.isfinite(g).all()) and bool(torch.isfinite(m).all())):
@@ -291,7 +293,7 @@ def rls_downdate_factor(C: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     f = C @ k.T
     s = -(k @ f)
     s.diagonal().add_(1.0)
-    chol = _cholesky(s, "RLS downdate", precision_floor(C, k))
+    chol = _cholesky(s, "RLS downdate", precision_floor(C, k, symmetric=True))
     m = torch.linalg.solve_triangular(chol, f.T, upper=False).T
     if not bool(torch.isfinite(m).all()):
         raise SingularSystemError("RLS downdate: the correction is not finite")

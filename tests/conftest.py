@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get("HIEDIT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -51,6 +52,15 @@ STANDIN_OTHER_PROMPT = "Berlin is the capital of"
 
 
 # ---- stand-in assets ---------------------------------------------------------------------------
+
+def scaled_orthonormal_keys(d: int = 32, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(six, one) float64 keys from one random orthonormal basis of R^d: six keys with K Kᵀ = 10³ I and one with
+    ‖k‖² = 10⁷, orthogonal to them. The singularity tests (RLSEdit's downdate, AlphaEdit's Woodbury) use them:
+    the six downdate accurately though det S = 10⁻¹⁸; the one's S is mostly rounding."""
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0].T
+    return basis[:6] * 1e3 ** 0.5, basis[6:7] * 1e7 ** 0.5
+
 
 @pytest.fixture(scope="session")
 def standin_model_dir(tmp_path_factory) -> Path:

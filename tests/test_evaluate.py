@@ -18,6 +18,7 @@ from editor_core.hiedit import HiEditor
 from editor_core.model import load_model
 from editor_core.state import WeightState
 from editor_core.tiny import build_tiny_model
+from conftest import scaled_orthonormal_keys
 
 SHARED_CF = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "counterfact-edit.json"
 SPEC = "gate[1-2],up[1-2]"
@@ -621,22 +622,19 @@ def test_alphaedit_singularity_test_is_relative_to_the_keys():
     from editor_core.alphaedit import _woodbury
     from editor_core.rlsedit import SingularSystemError
 
-    gen = torch.Generator().manual_seed(1)
-    d = 32
+    six, one = scaled_orthonormal_keys()                                  # K Kᵀ = 10³ I; ‖one‖² = 10⁷
+    d = six.shape[1]
     P = torch.eye(d, dtype=torch.float64)
     M0 = torch.eye(d, dtype=torch.float64)                                # λ = 1, nothing protected yet
-    basis = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0].T
-    six = basis[:6] * math.sqrt(1e3)                                      # K Kᵀ = 10³ I
     g, km = _woodbury(M0, P, six, +1.0, "test")
     M = M0 - g @ km
     g, km = _woodbury(M, P, six, -1.0, "test")
     assert float((M + g @ km - M0).norm()) <= 1e-8 * float(M0.norm())
-    one = basis[6:7] * math.sqrt(1e7)
     g, km = _woodbury(M0, P, one, +1.0, "test")
     with pytest.raises(SingularSystemError, match="working precision"):
         _woodbury(M0 - g @ km, P, one, -1.0, "test")
     with pytest.raises(SingularSystemError, match="working precision"):
-        _woodbury(M0, P, basis[7:8], -1.0, "test")
+        _woodbury(M0, P, one / one.norm(), -1.0, "test")                  # a unit key never added: S = 1 − 1
 
 
 def _run_all(tiny, out: Path, extra: list[str] = ()) -> int:

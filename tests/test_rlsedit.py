@@ -11,10 +11,11 @@ from editor_core.editor import EditRequest, Proposal
 from editor_core.model import load_model, resolve_modules
 from editor_core.rlsedit import (RLSEditConfig, RLSEditor, RLSStateMismatch, SingularSystemError, apply_correction,
                                  check_correction, default_fact_token, default_layer_spec, default_mom2_weight,
-                                 initial_inverse, rls_downdate_factor, rls_gain, rls_step)
+                                 initial_inverse, precision_floor, rls_downdate_factor, rls_gain, rls_step)
 from editor_core.state import WeightState
 from editor_core.stats import StatsMismatch, load_second_moments, read_corpus
 from editor_core.subject import SubjectError, find_subject
+from conftest import scaled_orthonormal_keys
 from tiny_models import TINY, tiny_model_dir
 
 SPEC = "down[1-2]"
@@ -113,20 +114,18 @@ def test_downdate_equals_never_having_seen_the_keys():
 def test_the_singularity_floor_is_relative_to_the_keys():
     """Six keys with S = I − K C Kᵀ of 10⁻³ each downdate accurately; one key with ‖k‖² = 10⁷, whose S of 10⁻⁷
     is mostly rounding, is refused (an absolute pivot threshold of 10⁻¹⁰ passed it, 4% wrong)."""
-    gen = torch.Generator().manual_seed(1)
-    d = 32
-    C0 = torch.eye(d, dtype=torch.float64)
-    basis = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0].T
-    six = basis[:6] * 1e3 ** 0.5                                   # K Kᵀ = 10³ I
+    six, one = scaled_orthonormal_keys()
+    C0 = torch.eye(six.shape[1], dtype=torch.float64)
     C = C0.clone()
     apply_correction(C, rls_gain(C, six)[1], -1.0)
     apply_correction(C, rls_downdate_factor(C, six), +1.0)
     assert float((C - C0).norm()) <= 1e-8 * float(C0.norm())
-    one = basis[6:7] * 1e7 ** 0.5
     C = C0.clone()
     apply_correction(C, rls_gain(C, one)[1], -1.0)
     with pytest.raises(SingularSystemError, match="singular or indefinite"):
         rls_downdate_factor(C, one)
+    # a symmetric C's one-pass floor is the general bound √(‖C‖₁‖C‖∞)
+    assert precision_floor(C, one, symmetric=True) == pytest.approx(precision_floor(C, one), rel=1e-12)
 
 
 def test_non_finite_and_singular_systems_raise_and_change_nothing():
