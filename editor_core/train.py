@@ -580,7 +580,8 @@ def train_editor(model: nn.Module, tokenizer, layer_spec: str, k: int, records: 
     examples, skipped = tokenize_records(tokenizer, records, editor.cfg.max_prompt_tokens,
                                          editor.cfg.max_target_tokens, cfg.skip_bad)
     if skipped:
-        log.warning("skipped %d of %d records the tokenizer cannot encode", skipped, len(records))
+        log.warning("skipped %d of %d records the tokenizer cannot encode or that exceed the editor's "
+                    "max_prompt_tokens / max_target_tokens", skipped, len(records))
     n_traj = cfg.trajectories or len(examples) // cfg.traj_len
     if n_traj < 1 or n_traj * cfg.traj_len > len(examples):
         raise TrainConfigError(f"trajectories: {n_traj} trajectories of traj_len {cfg.traj_len} need "
