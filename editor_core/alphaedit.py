@@ -189,10 +189,10 @@ class AlphaEditor(RLSEditor):
     def forget(self, edit_id: int, state_blob: bytes | None) -> None:
         """After a rollback: K_pᵀ K_p −= Kᵀ K (the edit's keys, from its logged ``state_blob``, leave the
         protected set), as M's downdate."""
-        if edit_id not in self.history:
-            return
-        self._update_all(self._logged_keys(edit_id, state_blob), +1.0)
-        del self.history[edit_id]
+        keys = self._keys_to_forget(edit_id, state_blob)
+        if keys is not None:
+            self._update_all(keys, +1.0)
+            del self.history[edit_id]
 
     # ---- snapshots (a resumed evaluation: RLSEditor.save_state / load_state with M in place of C) ----
 

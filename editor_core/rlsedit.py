@@ -543,18 +543,25 @@ class RLSEditor(MemitEditor):
         The keys come from the edit's logged ``state_blob`` (the editor keeps only their digest, so its
         memory does not grow with the number of edits). Edits this editor never committed (other
         methods, memit-nohist) leave C unchanged."""
-        if self.cfg.reset_every_edit or edit_id not in self.history:
-            return
-        self._update_all(self._logged_keys(edit_id, state_blob), +1.0)
-        del self.history[edit_id]
+        keys = self._keys_to_forget(edit_id, state_blob)
+        if keys is not None:
+            self._update_all(keys, +1.0)
+            del self.history[edit_id]
+
+    def _keys_to_forget(self, edit_id: int, state_blob: bytes | None) -> dict[str, torch.Tensor] | None:
+        """The logged keys ``forget`` downdates, or None when this editor holds nothing of the edit (another
+        method's edit, or memit-nohist, whose ``_commit_keys`` records none)."""
+        if edit_id not in self.history:
+            return None
+        return self._logged_keys(edit_id, state_blob)
 
     def check_forget(self, edit_id: int, state_blob: bytes | None) -> None:
         """Raise what ``forget`` would (RLSStateMismatch: the log's keys are not the committed ones;
         SingularSystemError: the downdate is singular to working precision), changing nothing. The rollback
         job asks before it rolls the weights back, so a refused downdate leaves the edit applied."""
-        if self.cfg.reset_every_edit or edit_id not in self.history:
-            return
-        self._factors(self._logged_keys(edit_id, state_blob), +1.0)
+        keys = self._keys_to_forget(edit_id, state_blob)
+        if keys is not None:
+            self._factors(keys, +1.0)
 
     def restore(self, edit_id: int, state_blob: bytes | None) -> None:
         """Replay ``commit`` from a logged key blob (start-up). An edit already in a loaded snapshot is

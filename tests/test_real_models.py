@@ -100,8 +100,8 @@ def _edit_lowers_loss_and_rolls_back(model, tok, editor) -> tuple[float, float]:
                                           ("zsre/rledit", "rledit")])
 def test_committed_smollm2_editors(path, method, smollm2_dir):
     """issue 18's rows use committed SmolLM2 editors (RLEdit, MEND, the training-seed-1 and -2 replicates of
-    HiEdit and RLEdit, and the HiEdit and RLEdit editors trained on ZsRE): they load on SmolLM2 (the base fingerprint is checked), edit the served HiEdit editor's modules,
-    k of them like it (HiEdit) or every one (k = L), and one edit lowers the target's loss."""
+    HiEdit and RLEdit, and the HiEdit and RLEdit editors trained on ZsRE): they load on SmolLM2 (the base
+    fingerprint is checked), edit the served HiEdit editor's modules, k of them like it (HiEdit) or every one (k = L), and one edit lowers the target's loss."""
     model, tok = load_model(smollm2_dir)
     hiedit_dir = KNOWN_MODELS["smollm2-135m-instruct"].editor
     editor = HiEditor.load(hiedit_dir.parent / path, model, tok)
