@@ -126,10 +126,10 @@ class AlphaEditor(RLSEditor):
     """
 
     def __init__(self, model, tokenizer, cfg: RLSEditConfig, stats, params: AlphaEditParams | None = None):
+        self.params: AlphaEditParams | None = None  # before RLSEditor.__init__, whose _init_state reads it
+        self.M: dict[str, torch.Tensor] = {}
         super().__init__(model, tokenizer, cfg, stats)
         self.method = "alphaedit"
-        self.params: AlphaEditParams | None = None
-        self.M: dict[str, torch.Tensor] = {}
         if params is not None:  # RLSEditor.create builds without params; AlphaEditor.create configures after
             self.configure(params)
 
@@ -147,10 +147,13 @@ class AlphaEditor(RLSEditor):
             self.P[name] = P.to(self.device)
             self.null_dim[name] = dim
             self.lam[name] = float(params.l2_rel * torch.trace(P @ sigma))
-            self.M[name] = torch.eye(P.shape[0], dtype=torch.float64, device=self.device) / self.lam[name]
+        self._init_state()
 
     def _init_state(self) -> None:
-        """No C_0: AlphaEdit's state is M, which needs the params (configure)."""
+        """M_0 = I / λ per layer: no edit protected yet (needs the params: before configure, nothing)."""
+        if self.params is not None:
+            self.M = {n: torch.eye(self.P[n].shape[0], dtype=torch.float64, device=self.device) / self.lam[n]
+                      for n in self.modules}
 
     @classmethod
     def create(cls, model, tokenizer, layers: str | None = None, cfg: RLSEditConfig | None = None,
@@ -166,8 +169,9 @@ class AlphaEditor(RLSEditor):
         return alphaedit_step(self.M[name], self.P[name], key)
 
     def _factors(self, keys: dict[str, torch.Tensor], sign: float) -> dict:
-        """(F S⁻¹, K M) of M ← M ∓ F S⁻¹ K M for every layer in ``keys`` (sign −1: K_pᵀK_p += KᵀK, +1: −= KᵀK),
-        each computed and checked (SingularSystemError), changing nothing."""
+        """(F S⁻¹, K M) of M ← M ∓ F S⁻¹ K M for every layer in ``keys`` (sign −1: K_pᵀK_p += KᵀK, +1: −= KᵀK,
+        the downdate of a rolled-back edit: its keys leave the protected set), each computed and checked
+        (SingularSystemError), changing nothing."""
         factors = {}
         for name in self.modules:
             if name in keys:
@@ -185,14 +189,6 @@ class AlphaEditor(RLSEditor):
             raise ValueError(f"edit {edit_id} is already committed to the AlphaEdit state")
         self._update_all(keys, -1.0)
         self.history[edit_id] = keys_digest(keys)
-
-    def forget(self, edit_id: int, state_blob: bytes | None) -> None:
-        """After a rollback: K_pᵀ K_p −= Kᵀ K (the edit's keys, from its logged ``state_blob``, leave the
-        protected set), as M's downdate."""
-        keys = self._keys_to_forget(edit_id, state_blob)
-        if keys is not None:
-            self._update_all(keys, +1.0)
-            del self.history[edit_id]
 
     # ---- snapshots (a resumed evaluation: RLSEditor.save_state / load_state with M in place of C) ----
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -64,9 +64,9 @@ class Editor(Protocol):
 
     ``propose`` must not change the model or the editor. Stateful editors (RLSEdit's C
     matrices) change their state only in ``commit`` (called after the delta was logged
-    and applied), ``forget`` (after an edit was rolled back) and ``restore`` (replaying the
-    log at start-up, with the ``state_blob`` the proposal carried). Stateless editors
-    (HiEdit) implement them as no-ops.
+    and applied), ``forget`` (after an edit was rolled back), ``restore`` (replaying the
+    log at start-up, with the ``state_blob`` the proposal carried) and ``reset``. Stateless
+    editors (HiEdit) implement them as no-ops.
     """
 
     method: str
@@ -78,12 +78,19 @@ class Editor(Protocol):
 
     def forget(self, edit_id: int, state_blob: bytes | None) -> None:
         """Undo ``commit``/``restore`` of a rolled-back edit; ``state_blob`` is the one its proposal carried
-        (read back from the log: an editor keeps no per-edit data, so its memory does not grow with edits)."""
+        (read back from the log: an editor keeps no per-edit data, so its memory does not grow with edits).
+        ``prepare_forget(edit_id, state_blob)()``."""
 
-    def check_forget(self, edit_id: int, state_blob: bytes | None) -> None:
-        """Raise the error ``forget`` would raise, changing nothing (asked before a rollback)."""
+    def prepare_forget(self, edit_id: int, state_blob: bytes | None) -> Callable[[], None]:
+        """Compute and check ``forget``, changing nothing: raises what ``forget`` would raise (ValueError),
+        else returns the call that applies it, valid until the editor's state next changes. A rollback asks
+        before it changes the weights or the log, and applies the result after."""
 
     def restore(self, edit_id: int, state_blob: bytes | None) -> None: ...
+
+    def reset(self) -> None:
+        """Back to the state of an editor that has committed nothing (the repair when a ``forget`` of an edit
+        the log no longer has is refused: the engine then restores the edits still applied)."""
 
     def save_state(self, path: Path) -> None:
         """Snapshot the editor's state to ``path`` (stateless editors write nothing)."""
@@ -103,10 +110,13 @@ class StatelessEditor:
     def forget(self, edit_id: int, state_blob: bytes | None) -> None:
         pass
 
-    def check_forget(self, edit_id: int, state_blob: bytes | None) -> None:
-        pass
+    def prepare_forget(self, edit_id: int, state_blob: bytes | None) -> Callable[[], None]:
+        return lambda: None
 
     def restore(self, edit_id: int, state_blob: bytes | None) -> None:
+        pass
+
+    def reset(self) -> None:
         pass
 
     def save_state(self, path: Path) -> None:

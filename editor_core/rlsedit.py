@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -366,8 +367,13 @@ class RLSEditor(MemitEditor):
                              for n in self.modules}
         self.history: dict[int, str] = {}
 
+    def reset(self) -> None:
+        """C back to C_0, no edit committed."""
+        self.history = {}
+        self._init_state()
+
     def _init_state(self) -> None:
-        """C_0 = (α I + β w Σ̂)⁻¹ per layer (AlphaEditor overrides: its state M is built by configure)."""
+        """C_0 = (α I + β w Σ̂)⁻¹ per layer (AlphaEditor overrides: its state is M)."""
         for name in self.modules:
             self.C[name] = initial_inverse(self.sigma[name].to(self.device), self.alpha[name], self.cfg.beta,
                                            self.weight[name], self.c_dtype)
@@ -543,25 +549,23 @@ class RLSEditor(MemitEditor):
         The keys come from the edit's logged ``state_blob`` (the editor keeps only their digest, so its
         memory does not grow with the number of edits). Edits this editor never committed (other
         methods, memit-nohist) leave C unchanged."""
-        keys = self._keys_to_forget(edit_id, state_blob)
-        if keys is not None:
-            self._update_all(keys, +1.0)
-            del self.history[edit_id]
+        self.prepare_forget(edit_id, state_blob)()
 
-    def _keys_to_forget(self, edit_id: int, state_blob: bytes | None) -> dict[str, torch.Tensor] | None:
-        """The logged keys ``forget`` downdates, or None when this editor holds nothing of the edit (another
-        method's edit, or memit-nohist, whose ``_commit_keys`` records none)."""
+    def prepare_forget(self, edit_id: int, state_blob: bytes | None) -> Callable[[], None]:
+        """The downdate of ``forget``, computed and checked now, applied by the returned call.
+
+        Raises RLSStateMismatch (the log's keys are not the committed ones) or SingularSystemError (the
+        downdate is singular to working precision), changing nothing. The rollback job asks before it rolls
+        the weights back, so a refused downdate leaves the edit applied; the factors are computed once, on
+        the C they will be applied to (the engine's single writer changes nothing in between)."""
         if edit_id not in self.history:
-            return None
-        return self._logged_keys(edit_id, state_blob)
+            return lambda: None  # another method's edit, or memit-nohist's, whose _commit_keys records none
+        factors = self._factors(self._logged_keys(edit_id, state_blob), +1.0)
 
-    def check_forget(self, edit_id: int, state_blob: bytes | None) -> None:
-        """Raise what ``forget`` would (RLSStateMismatch: the log's keys are not the committed ones;
-        SingularSystemError: the downdate is singular to working precision), changing nothing. The rollback
-        job asks before it rolls the weights back, so a refused downdate leaves the edit applied."""
-        keys = self._keys_to_forget(edit_id, state_blob)
-        if keys is not None:
-            self._factors(keys, +1.0)
+        def apply() -> None:
+            self._apply(factors, +1.0)
+            del self.history[edit_id]
+        return apply
 
     def restore(self, edit_id: int, state_blob: bytes | None) -> None:
         """Replay ``commit`` from a logged key blob (start-up). An edit already in a loaded snapshot is

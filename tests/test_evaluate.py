@@ -580,6 +580,9 @@ def test_alphaedit_editor_commits_and_forgets(tiny):
     editor.forget(1, p.state_blob)
     for n in editor.modules:  # the downdate returns M to (λI)⁻¹: the edit's keys left the protected set
         assert torch.allclose(editor.M[n], m0[n], rtol=0, atol=1e-9 * float(m0[n].abs().max()))
+    editor.commit(1, p)
+    editor.reset()            # the repair when a forget is refused: M back to (λI)⁻¹ exactly
+    assert editor.history == {} and all(torch.equal(editor.M[n], m0[n]) for n in editor.modules)
     state.reset()
 
 

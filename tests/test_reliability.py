@@ -207,6 +207,7 @@ def test_rlsedit_state_snapshot_spares_the_replay_and_forgets_what_was_rolled_ba
             ids.append(r.json()["id"])
     snapshot = tmp_path / "state" / "rlsedit.safetensors"
     assert snapshot.is_file()
+    three = snapshot.read_bytes()
     db_url = f"sqlite:///{tmp_path / 'hiedit.db'}"
     sql = create_engine(db_url)
     with sql.begin() as conn:  # rolled back behind this writer's back, after its snapshot
@@ -234,6 +235,69 @@ def test_rlsedit_state_snapshot_spares_the_replay_and_forgets_what_was_rolled_ba
     assert all(torch.allclose(rls.C[n], fresh.C[n], rtol=1e-9, atol=1e-12) for n in fresh.modules)
     assert c2.get("/state").json()["fingerprint"] == state1["fingerprint"]
     c2.__exit__(None, None, None)
+    # A snapshot holding a rolled-back edit the editor cannot forget (its logged keys are not the ones it
+    # committed) is not used: the editor restarts from C_0 and replays the log, to the same state.
+    snapshot.write_bytes(three)
+    sql = create_engine(db_url)
+    with sql.begin() as conn:
+        conn.execute(text("UPDATE edit_deltas SET state_blob = (SELECT state_blob FROM edit_deltas WHERE edit_id = :a)"
+                          " WHERE edit_id = :b"), {"a": ids[0], "b": ids[1]})
+    sql.dispose()
+    caplog.clear()
+    refused, c3 = started()
+    assert f"rlsedit snapshot {snapshot} not used: it holds edit {ids[1]}, since rolled back" in caplog.text
+    rebuilt = refused.state.engine.editors["rlsedit"]
+    assert sorted(rebuilt.history) == sorted(fresh.history)
+    assert all(torch.allclose(rebuilt.C[n], fresh.C[n], rtol=1e-9, atol=1e-12) for n in fresh.modules)
+    assert c3.get("/state").json()["fingerprint"] == state1["fingerprint"]
+    c3.__exit__(None, None, None)
+
+
+def test_a_log_sync_whose_forget_is_refused_rebuilds_the_editor_state(tmp_path, standin_model_dir, caplog):
+    """The repair after an uncertain write (``_sync_with_log``) drops an edit the log no longer has applied. The
+    log has already decided, so an editor that cannot forget it (here: its logged keys are not the committed
+    ones) is not asked again: its state is rebuilt from C_0 and the log, the state a fresh start builds."""
+    from sqlalchemy import create_engine, text
+
+    from service.loading import load_all
+
+    def app():
+        cfg = app_settings(tmp_path, model=str(standin_model_dir), editor="none", rlsedit_stats_tokens=2000)
+        cfg = cfg.model_copy(update={"rlsedit": "on"})
+        return create_app(cfg, load_all(cfg))
+
+    facts = [(FACT1.prompt, FACT1.target, "The Eiffel Tower"), (FACT2.prompt, FACT2.target, "Danielle Darrieux"),
+             ("Berlin is the capital of", "France", "Berlin")]
+    caplog.set_level("INFO", logger="hiedit.engine")
+    synced = app()
+    with TestClient(synced) as c:
+        wait_ready(c)
+        ids = []
+        for prompt, target, subject in facts:
+            r = c.post("/edits", json={"prompt": prompt, "target": target, "subject": subject, "method": "rlsedit"})
+            assert r.status_code == 201, r.text
+            ids.append(r.json()["id"])
+        sql = create_engine(f"sqlite:///{tmp_path / 'hiedit.db'}")
+        with sql.begin() as conn:  # another writer rolled edit 2 back; its logged keys are edit 1's
+            conn.execute(text("UPDATE edits SET status = 'rolled_back' WHERE id = :i"), {"i": ids[1]})
+            conn.execute(text("UPDATE edit_deltas SET state_blob = (SELECT state_blob FROM edit_deltas WHERE "
+                              "edit_id = :a) WHERE edit_id = :b"), {"a": ids[0], "b": ids[1]})
+        sql.dispose()
+        engine = synced.state.engine
+        engine._log_uncertain = True               # as after a commit whose answer was lost
+        assert c.post("/edits/999999/rollback").status_code == 404   # a write job: it syncs with the log first
+        assert f"the rlsedit editor cannot forget edit {ids[1]}" in caplog.text
+        assert "rlsedit editor state rebuilt from the log (2 edits)" in caplog.text
+        rls = engine.editors["rlsedit"]
+        assert sorted(rls.history) == [ids[0], ids[2]] and engine.state.active_ids == [ids[0], ids[2]]
+        state = c.get("/state").json()
+    (tmp_path / "state" / "rlsedit.safetensors").unlink()
+    with TestClient(app()) as c:                   # a fresh start from the log alone
+        wait_ready(c)
+        fresh = c.app.state.engine.editors["rlsedit"]
+        assert sorted(fresh.history) == sorted(rls.history)
+        assert all(torch.allclose(rls.C[n], fresh.C[n], rtol=1e-9, atol=1e-12) for n in fresh.modules)
+        assert c.get("/state").json()["fingerprint"] == state["fingerprint"]
 
 
 def test_a_log_written_under_other_layers_stops_the_start_and_keeps_its_edits(tmp_path, standin_model_dir):

@@ -364,10 +364,10 @@ def test_commit_forget_restore_and_snapshots(llama, tmp_path):
     with pytest.raises(RLSStateMismatch, match="not the ones committed"):
         ed.forget(2, blobs[3])                             # the log's keys are checked against the digest
     with pytest.raises(RLSStateMismatch, match="not the ones committed"):
-        ed.check_forget(2, blobs[3])                       # what a rollback asks first
-    ed.check_forget(2, blobs[2])
+        ed.prepare_forget(2, blobs[3])                     # what a rollback asks first
+    forget_2 = ed.prepare_forget(2, blobs[2])
     assert all(torch.equal(ed.C[n], before[n]) for n in ed.modules) and sorted(ed.history) == [1, 2, 3]
-    ed.forget(2, blobs[2])                                 # rollback of edit 2, its keys read from the log
+    forget_2()                                             # rollback of edit 2, its keys read from the log
     ed.forget(99, None)                                    # never committed here: no-op
     for eid in (1, 3):
         fresh.restore(eid, blobs[eid])
@@ -391,6 +391,8 @@ def test_commit_forget_restore_and_snapshots(llama, tmp_path):
         make(fact_token="subject_last").load_state(path)
     with pytest.raises(ValueError, match="already committed"):
         ed.commit(1, Proposal(ed.modules, torch.zeros(2), [0, 1], p.delta, 0.0, 1, state_blob=blobs[1]))
+    ed.reset()                                             # the repair when a forget is refused
+    assert ed.history == {} and all(torch.equal(ed.C[n], c0[n]) for n in ed.modules)
 
 
 def test_memit_nohist_keeps_c0_before_every_edit(llama):

@@ -101,7 +101,10 @@ class _OverflowEditor:
     def forget(self, edit_id, state_blob):
         pass
 
-    def check_forget(self, edit_id, state_blob):
+    def prepare_forget(self, edit_id, state_blob):
+        return lambda: None
+
+    def reset(self):
         pass
 
     def restore(self, edit_id, blob):
@@ -456,7 +459,10 @@ class _SlowEditor:
     def forget(self, edit_id, state_blob):
         pass
 
-    def check_forget(self, edit_id, state_blob):
+    def prepare_forget(self, edit_id, state_blob):
+        return lambda: None
+
+    def reset(self):
         pass
 
     def restore(self, edit_id, blob):

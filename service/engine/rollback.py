@@ -33,12 +33,13 @@ class RollbackMixin:
         if edit.status != EditStatus.APPLIED:
             raise Conflict(f"edit_id: edit {edit_id} is {edit.status}: only applied edits can be rolled back")
         editor = self.editors.get(edit.method)
+        forget = None
         if editor is not None:
             # Asked before anything changes: once the weights are rolled back, an editor that cannot forget
             # the edit (RLSEdit's downdate singular to working precision, or keys in the log that are not
             # the ones it committed) would leave its state holding an edit the weights no longer have.
             try:
-                editor.check_forget(edit_id, state_blob)
+                forget = editor.prepare_forget(edit_id, state_blob)
             except ValueError as e:  # SingularSystemError, RLSStateMismatch
                 raise Conflict(f"edit_id: edit {edit_id} cannot be rolled back: the {edit.method} editor "
                                f"cannot forget it ({e}); nothing changed") from e
@@ -67,8 +68,8 @@ class RollbackMixin:
             log.warning("rollback of edit %s: the fingerprint after it was not stored (%s); replicas cannot "
                         "verify this state", edit_id, db.describe(e))
         self._notify("rolled_back", edit_id)
-        if editor is not None:
-            editor.forget(edit_id, state_blob)
+        if forget is not None:
+            forget()  # computed above, on the state it applies to: this writer is the only one that changes it
         self.metrics.rollbacks.inc()
         self.metrics.edits.labels(method=edit.method, status="rolled_back").inc()
         self.metrics.active_edits.set(len(self.state.active_ids))

@@ -37,8 +37,14 @@ class SnapshotsMixin:
                 continue
             stale = sorted((i for i in held if i not in applied), reverse=True)
             blobs = self._state_blobs(stale)
-            for edit_id in stale:
-                editor.forget(edit_id, blobs.get(edit_id, ("", None))[1])
+            try:
+                for edit_id in stale:
+                    editor.forget(edit_id, blobs.get(edit_id, ("", None))[1])
+            except ValueError as e:  # SingularSystemError, RLSStateMismatch
+                log.warning("%s snapshot %s not used: it holds edit %s, since rolled back, which the editor "
+                            "cannot forget (%s); replaying the whole log", method, path, edit_id, e)
+                editor.reset()
+                continue
             held_by[method] = set(held) - set(stale)
             log.info("%s state from %s (%d edits in it, %d since rolled back)", method, path, len(held), len(stale))
         return held_by
@@ -71,6 +77,19 @@ class SnapshotsMixin:
     def _delta_blobs(self, ids: list[int]) -> Iterator[tuple[int, bytes]]:
         """(id, delta blob) of ``ids`` from the log, in id order, 200 rows at a time (LogDeltas' reader)."""
         return self._read_batched(crud.delta_blobs, ids, batch=200)
+
+    def _rebuild_editor_state(self, method: str) -> None:
+        """Reset the ``method`` editor and restore, in id order, the logged state of the active edits it made:
+        the state a fresh replay of the log builds (when a ``forget`` was refused)."""
+        editor = self.editors[method]
+        editor.reset()
+        active = self.state.active_ids
+        methods = dict(self._read_batched(lambda s, chunk: crud.edit_methods(s, chunk).items(), active))
+        mine = sorted(i for i in active if methods.get(i) == method)
+        for edit_id, (_, blob) in self._read_batched(lambda s, chunk: sorted(crud.state_blobs(s, chunk).items()),
+                                                     mine):
+            editor.restore(edit_id, blob)
+        log.info("%s editor state rebuilt from the log (%d edits)", method, len(mine))
 
     def _state_blobs(self, ids: list[int]) -> dict[int, tuple[str, bytes | None]]:
         """{id: (method, editor state blob)} of ``ids``."""
