@@ -94,21 +94,25 @@ def _edit_lowers_loss_and_rolls_back(model, tok, editor) -> tuple[float, float]:
     return loss0, loss1
 
 
-@pytest.mark.parametrize("path, method", [("rledit", "rledit"), ("mend", "mend"), ("seed1/hiedit", "hiedit"),
-                                          ("seed1/rledit", "rledit"), ("seed2/hiedit", "hiedit"),
-                                          ("seed2/rledit", "rledit"), ("zsre/hiedit", "hiedit"),
-                                          ("zsre/rledit", "rledit")])
-def test_committed_smollm2_editors(path, method, smollm2_dir):
-    """issue 18's rows use committed SmolLM2 editors (RLEdit, MEND, the training-seed-1 and -2 replicates of
-    HiEdit and RLEdit, and the HiEdit and RLEdit editors trained on ZsRE): they load on SmolLM2 (the base
-    fingerprint is checked), edit the served HiEdit editor's modules, k of them like it (HiEdit) or every one (k = L), and one edit lowers the target's loss."""
-    model, tok = load_model(smollm2_dir)
-    hiedit_dir = KNOWN_MODELS["smollm2-135m-instruct"].editor
+@pytest.mark.parametrize("model_name, path, method", [
+    ("smollm2-135m-instruct", "rledit", "rledit"), ("smollm2-135m-instruct", "mend", "mend"),
+    ("smollm2-135m-instruct", "seed1/hiedit", "hiedit"), ("smollm2-135m-instruct", "seed1/rledit", "rledit"),
+    ("smollm2-135m-instruct", "seed2/hiedit", "hiedit"), ("smollm2-135m-instruct", "seed2/rledit", "rledit"),
+    ("smollm2-135m-instruct", "zsre/hiedit", "hiedit"), ("smollm2-135m-instruct", "zsre/rledit", "rledit"),
+    ("gemma-3-270m", "rledit", "rledit"), ("gemma-3-270m", "mend", "mend")])
+def test_committed_baseline_and_replicate_editors(model_name, path, method, request):
+    """issue 18's rows use committed editors beside each model's served HiEdit one (SmolLM2: RLEdit, MEND, the
+    training-seed-1 and -2 replicates of HiEdit and RLEdit, the HiEdit and RLEdit editors trained on ZsRE;
+    Gemma-3: RLEdit, MEND): they load on their model (the base fingerprint is checked), edit the served
+    editor's modules, k of them like it (HiEdit) or every one (k = L), and one edit lowers the target's loss."""
+    model, tok = load_model(request.getfixturevalue("smollm2_dir" if model_name.startswith("smollm2")
+                                                    else "gemma3_dir"))
+    hiedit_dir = KNOWN_MODELS[model_name].editor
     editor = HiEditor.load(hiedit_dir.parent / path, model, tok)
     hiedit = HiEditor.load(hiedit_dir, model, tok)
     assert editor.method == method and editor.cfg.layer_spec == hiedit.cfg.layer_spec
-    assert len(editor.modules) == 16 and editor.cfg.tokens == hiedit.cfg.tokens == "target"
-    assert editor.cfg.k == (hiedit.cfg.k if method == "hiedit" else 16)
+    assert editor.modules == hiedit.modules and editor.cfg.tokens == hiedit.cfg.tokens == "target"
+    assert editor.cfg.k == (hiedit.cfg.k if method == "hiedit" else len(hiedit.modules))
     loss0, loss1 = _edit_lowers_loss_and_rolls_back(model, tok, editor)
     assert loss1 < loss0
 
