@@ -182,6 +182,26 @@ def test_batched_replay_builds_the_bytes_of_one_by_one_and_refuses_the_same_edit
     assert batched.active_ids == reference.active_ids and batched.fingerprint() == reference.fingerprint()
 
 
+def _rlsedit_app(tmp_path, model_dir):
+    """A server with RLSEdit on and no HiEdit editor, its log and state under ``tmp_path``."""
+    from service.loading import load_all
+
+    cfg = app_settings(tmp_path, model=str(model_dir), editor="none", rlsedit_stats_tokens=2000)
+    cfg = cfg.model_copy(update={"rlsedit": "on"})
+    return create_app(cfg, load_all(cfg))
+
+
+def _three_rlsedit_edits(client) -> list[int]:
+    ids = []
+    for prompt, target, subject in [(FACT1.prompt, FACT1.target, "The Eiffel Tower"),
+                                    (FACT2.prompt, FACT2.target, "Danielle Darrieux"),
+                                    ("Berlin is the capital of", "France", "Berlin")]:
+        r = client.post("/edits", json={"prompt": prompt, "target": target, "subject": subject, "method": "rlsedit"})
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["id"])
+    return ids
+
+
 def test_rlsedit_state_snapshot_spares_the_replay_and_forgets_what_was_rolled_back_since(tmp_path, standin_model_dir,
                                                                                          caplog):
     """A graceful stop snapshots RLSEdit's C; the next start loads it, so ``restore`` skips the edits in
@@ -189,22 +209,12 @@ def test_rlsedit_state_snapshot_spares_the_replay_and_forgets_what_was_rolled_ba
     writer, say) is forgotten: the state equals that of a start without the snapshot."""
     from sqlalchemy import create_engine, text
 
-    from service.loading import load_all
-
     def app():
-        cfg = app_settings(tmp_path, model=str(standin_model_dir), editor="none", rlsedit_stats_tokens=2000)
-        cfg = cfg.model_copy(update={"rlsedit": "on"})
-        return create_app(cfg, load_all(cfg))
+        return _rlsedit_app(tmp_path, standin_model_dir)
 
-    facts = [(FACT1.prompt, FACT1.target, "The Eiffel Tower"), (FACT2.prompt, FACT2.target, "Danielle Darrieux"),
-             ("Berlin is the capital of", "France", "Berlin")]
     with TestClient(app()) as c:
         wait_ready(c)
-        ids = []
-        for prompt, target, subject in facts:
-            r = c.post("/edits", json={"prompt": prompt, "target": target, "subject": subject, "method": "rlsedit"})
-            assert r.status_code == 201, r.text
-            ids.append(r.json()["id"])
+        ids = _three_rlsedit_edits(c)
     snapshot = tmp_path / "state" / "rlsedit.safetensors"
     assert snapshot.is_file()
     three = snapshot.read_bytes()
@@ -259,24 +269,11 @@ def test_a_log_sync_whose_forget_is_refused_rebuilds_the_editor_state(tmp_path, 
     ones) is not asked again: its state is rebuilt from C_0 and the log, the state a fresh start builds."""
     from sqlalchemy import create_engine, text
 
-    from service.loading import load_all
-
-    def app():
-        cfg = app_settings(tmp_path, model=str(standin_model_dir), editor="none", rlsedit_stats_tokens=2000)
-        cfg = cfg.model_copy(update={"rlsedit": "on"})
-        return create_app(cfg, load_all(cfg))
-
-    facts = [(FACT1.prompt, FACT1.target, "The Eiffel Tower"), (FACT2.prompt, FACT2.target, "Danielle Darrieux"),
-             ("Berlin is the capital of", "France", "Berlin")]
     caplog.set_level("INFO", logger="hiedit.engine")
-    synced = app()
+    synced = _rlsedit_app(tmp_path, standin_model_dir)
     with TestClient(synced) as c:
         wait_ready(c)
-        ids = []
-        for prompt, target, subject in facts:
-            r = c.post("/edits", json={"prompt": prompt, "target": target, "subject": subject, "method": "rlsedit"})
-            assert r.status_code == 201, r.text
-            ids.append(r.json()["id"])
+        ids = _three_rlsedit_edits(c)
         sql = create_engine(f"sqlite:///{tmp_path / 'hiedit.db'}")
         with sql.begin() as conn:  # another writer rolled edit 2 back; its logged keys are edit 1's
             conn.execute(text("UPDATE edits SET status = 'rolled_back' WHERE id = :i"), {"i": ids[1]})
@@ -292,7 +289,7 @@ def test_a_log_sync_whose_forget_is_refused_rebuilds_the_editor_state(tmp_path, 
         assert sorted(rls.history) == [ids[0], ids[2]] and engine.state.active_ids == [ids[0], ids[2]]
         state = c.get("/state").json()
     (tmp_path / "state" / "rlsedit.safetensors").unlink()
-    with TestClient(app()) as c:                   # a fresh start from the log alone
+    with TestClient(_rlsedit_app(tmp_path, standin_model_dir)) as c:   # a fresh start from the log alone
         wait_ready(c)
         fresh = c.app.state.engine.editors["rlsedit"]
         assert sorted(fresh.history) == sorted(rls.history)
