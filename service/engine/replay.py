@@ -108,20 +108,20 @@ class ReplayMixin:
         add = [i for i in wanted if i in missing or i in set(drop)]
         if drop:
             blobs = self._state_blobs(drop)
-            refused: set[str] = set()
+            cannot_forget: set[str] = set()  # methods whose editor state is rebuilt from the log instead
             for edit_id in drop:
                 self.state.rollback(edit_id, swap_lock=self.lock.write())
                 method, blob = blobs.get(edit_id, ("", None))
                 editor = self.editors.get(method)
-                if editor is not None and method not in refused:
+                if editor is not None and method not in cannot_forget:
                     try:
                         editor.forget(edit_id, blob)
                     except ValueError as e:  # SingularSystemError, RLSStateMismatch: unlike a user's rollback,
                         # the log already says the edit is gone, so the editor's state is rebuilt without it
                         log.warning("log sync: the %s editor cannot forget edit %s (%s); rebuilding its state "
                                     "from the log", method, edit_id, e)
-                        refused.add(method)
-            for method in sorted(refused):
+                        cannot_forget.add(method)
+            for method in sorted(cannot_forget):
                 self._rebuild_editor_state(method)
         applied = 0
         for rows in self.stored_edits(add):
