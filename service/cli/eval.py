@@ -89,7 +89,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "run continues from there (0: never; not with --fresh)")
     parser.add_argument("--train-option", action="append", default=[], metavar="KEY=VALUE",
                         help="TrainConfig field for editors trained here (repeatable), e.g. epochs=1")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs of background runs)")
 
 
 def _parse_value(text: str):

@@ -18,6 +18,9 @@ import json
 import sys
 from pathlib import Path
 
+from editor_core.evaluate import MEAN_OF as SCORES  # the four scores the headline mean averages
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="OUT",
                         help="a hiedit eval --out directory, one method's NAME.partial directory or progress.json, "
@@ -27,8 +30,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _summary(name: str, progress: dict) -> dict:
-    from editor_core.evaluate import MEAN_OF as SCORES  # the four scores the headline mean averages
-
     latencies = [float(x) for x in progress.get("latencies", [])]
     buckets = [latencies[i:i + 100] for i in range(0, len(latencies), 100)]
     return {"method": name, "done": int(progress["done"]), "n": progress.get("n"),
@@ -42,8 +43,6 @@ def _summary(name: str, progress: dict) -> dict:
 
 
 def _table(s: dict) -> str:
-    from editor_core.evaluate import MEAN_OF as SCORES
-
     of = f" of {s['n']}" if s["n"] else ""
     lines = [f"{s['method']}: {s['done']}{of} records done, {s['skipped']} skipped, {s['rejected']} rejected"]
     if s["latency_s_p50_per_100"]:  # a results.json row keeps only its p50 over the whole stream

@@ -80,7 +80,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "SmolLM2 and Gemma editors are trained with all and served with target (docs/models.md)")
     parser.add_argument("--eval-data", help="after training, measure single-edit efficacy on these records")
     parser.add_argument("--eval-n", type=int, default=50, help="records of --eval-data to measure")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs of background runs)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
