@@ -100,12 +100,16 @@ def _edit_lowers_loss_and_rolls_back(model, tok, editor) -> tuple[float, float]:
     ("smollm2-135m-instruct", "seed2/hiedit", "hiedit"), ("smollm2-135m-instruct", "seed2/rledit", "rledit"),
     ("smollm2-135m-instruct", "zsre/hiedit", "hiedit"), ("smollm2-135m-instruct", "zsre/rledit", "rledit"),
     ("smollm2-135m-instruct", "zsre/mend", "mend"),
+    ("smollm2-135m-instruct", "zsre/seed1/hiedit", "hiedit"), ("smollm2-135m-instruct", "zsre/seed1/rledit", "rledit"),
+    ("smollm2-135m-instruct", "zsre/seed2/hiedit", "hiedit"), ("smollm2-135m-instruct", "zsre/seed2/rledit", "rledit"),
     ("gemma-3-270m", "rledit", "rledit"), ("gemma-3-270m", "mend", "mend"), ("gemma-3-270m", "seed1/hiedit", "hiedit"),
-    ("gemma-3-270m", "seed1/rledit", "rledit")])
+    ("gemma-3-270m", "seed1/rledit", "rledit"), ("gemma-3-270m", "seed2/hiedit", "hiedit"),
+    ("gemma-3-270m", "seed2/rledit", "rledit")])
 def test_committed_baseline_and_replicate_editors(model_name, path, method, request):
     """issue 18's rows use committed editors beside each model's served HiEdit one (SmolLM2: RLEdit, MEND, the
-    training-seed-1 and -2 replicates of HiEdit and RLEdit, the HiEdit, RLEdit and MEND editors trained on ZsRE;
-    Gemma-3: RLEdit, MEND, the training-seed-1 replicates of HiEdit and RLEdit): they load on their model (the
+    training-seed-1 and -2 replicates of HiEdit and RLEdit, the HiEdit, RLEdit and MEND editors trained on ZsRE and
+    the ZsRE HiEdit and RLEdit seed-1 and -2 replicates; Gemma-3: RLEdit, MEND, the training-seed-1 and -2
+    replicates of HiEdit and RLEdit): they load on their model (the
     base fingerprint is checked), edit the served editor's modules, k of them like it (HiEdit) or every one
     (k = L), and one edit lowers the target's loss."""
     model, tok = load_model(request.getfixturevalue("smollm2_dir" if model_name.startswith("smollm2")
