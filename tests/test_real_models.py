@@ -106,12 +106,10 @@ def _edit_lowers_loss_and_rolls_back(model, tok, editor) -> tuple[float, float]:
     ("gemma-3-270m", "seed1/rledit", "rledit"), ("gemma-3-270m", "seed2/hiedit", "hiedit"),
     ("gemma-3-270m", "seed2/rledit", "rledit")])
 def test_committed_baseline_and_replicate_editors(model_name, path, method, request):
-    """issue 18's rows use committed editors beside each model's served HiEdit one (SmolLM2: RLEdit, MEND, the
-    training-seed-1 and -2 replicates of HiEdit and RLEdit, the HiEdit, RLEdit and MEND editors trained on ZsRE and
-    the ZsRE HiEdit and RLEdit seed-1 and -2 replicates; Gemma-3: RLEdit, MEND, the training-seed-1 and -2
-    replicates of HiEdit and RLEdit): they load on their model (the
-    base fingerprint is checked), edit the served editor's modules, k of them like it (HiEdit) or every one
-    (k = L), and one edit lowers the target's loss."""
+    """issue 18's rows use committed editors beside each model's served HiEdit one (baselines, training-seed
+    replicates, the ZsRE editors; the list above, docs/models.md): they load on their model (the base fingerprint
+    is checked), edit the served editor's modules, k of them like it (HiEdit) or every one (k = L), and one edit
+    lowers the target's loss."""
     model, tok = load_model(request.getfixturevalue("smollm2_dir" if model_name.startswith("smollm2")
                                                     else "gemma3_dir"))
     hiedit_dir = KNOWN_MODELS[model_name].editor

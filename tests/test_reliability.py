@@ -209,10 +209,7 @@ def test_rlsedit_state_snapshot_spares_the_replay_and_forgets_what_was_rolled_ba
     writer, say) is forgotten: the state equals that of a start without the snapshot."""
     from sqlalchemy import create_engine, text
 
-    def app():
-        return _rlsedit_app(tmp_path, standin_model_dir)
-
-    with TestClient(app()) as c:
+    with TestClient(_rlsedit_app(tmp_path, standin_model_dir)) as c:
         wait_ready(c)
         ids = _three_rlsedit_edits(c)
     snapshot = tmp_path / "state" / "rlsedit.safetensors"
@@ -225,7 +222,7 @@ def test_rlsedit_state_snapshot_spares_the_replay_and_forgets_what_was_rolled_ba
     sql.dispose()
 
     def started():
-        a = app()
+        a = _rlsedit_app(tmp_path, standin_model_dir)
         client = TestClient(a)
         client.__enter__()
         wait_ready(client)
