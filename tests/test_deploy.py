@@ -295,6 +295,39 @@ def _common_image_checks(text: str) -> None:
         assert needed not in ignored, f".dockerignore drops {needed}, which the image needs"
 
 
+def test_package_and_image_carry_the_served_editors_not_the_replicates():
+    """The wheel and the image hold each catalogue model's served editors and the demo assets; the
+    training-seed replicates and ZsRE editors (about 100 MB of evaluation inputs) stay in the checkout."""
+    import fnmatch
+    import tomllib
+
+    from setuptools import find_namespace_packages
+
+    from editor_core.catalog import KNOWN_MODELS
+
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packaged = set(find_namespace_packages(str(ROOT), include=find["include"], exclude=find.get("exclude", ())))
+    assets = ROOT / "editor_core" / "assets"
+    served = [KNOWN_MODELS[name].assets / kind for name in KNOWN_MODELS for kind in ("hiedit", "rledit")]
+    served += [p for p in (assets / "demo").iterdir() if p.is_dir()]
+    replicates = [p for p in assets.glob("*/*") if p.is_dir() and (fnmatch.fnmatch(p.name, "seed*") or p.name == "zsre")]
+    assert replicates, "no replicate editors found under editor_core/assets/<model>/"
+    ignored = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
+
+    def package(path: Path) -> str:
+        return ".".join(path.relative_to(ROOT).parts)
+
+    for path in served:
+        assert path.is_dir() and package(path) in packaged, f"{path} is served but not packaged"
+        rel = str(path.relative_to(ROOT))
+        assert not any(fnmatch.fnmatch(rel, pattern) for pattern in ignored), f".dockerignore drops {rel}"
+    for path in replicates:
+        inside = [p for p in packaged if p == package(path) or p.startswith(package(path) + ".")]
+        assert not inside, f"the package carries the replicates {inside}"
+        rel = str(path.relative_to(ROOT))
+        assert any(fnmatch.fnmatch(rel, pattern) for pattern in ignored), f"the image carries {rel}"
+
+
 # ----------------------------------------------------------------------------------- entrypoint
 
 @pytest.fixture
