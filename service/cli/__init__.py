@@ -23,6 +23,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends an option's default only where it tells the reader something: not for an option that is
+    off or unset by default, nor where the help already states its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="hiedit", description="Correct facts inside a served LLM.")
@@ -35,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[0]
     module = importlib.import_module(COMMANDS[name][0])
     cmd_parser = argparse.ArgumentParser(prog=f"hiedit {name}", description=COMMANDS[name][1],
-                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                         formatter_class=_HelpFormatter)
     module.configure(cmd_parser)
     args = cmd_parser.parse_args(argv[1:])
     return int(module.run(args) or 0)
