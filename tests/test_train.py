@@ -1,6 +1,7 @@
 """The hierarchical-RL trainer: router gradients, accumulation, learning, resume, refusals."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -386,6 +387,14 @@ def test_cli_trains_resumes_and_refuses(tmp_path, capsys):
     offset = [a if a != str(tmp_path / "ed") else str(tmp_path / "ed-offset") for a in base]
     assert main(offset + ["--offset", "2", "--limit", str(n - 3), "--stop-after", "1"]) == 0
     assert f'"records": {n - 3}' in capsys.readouterr().out
+
+    # a record over the editor's prompt limit loads, then the trainer leaves it out: the summary counts it
+    long = _records()
+    long[0] = dataclasses.replace(long[0], prompt=" ".join([long[0].prompt] * 200))
+    skip = [a if a != str(data) else str(_write_counterfact(tmp_path / "long.json", long)) for a in offset]
+    assert main(skip + ["--skip-bad", "--out", str(tmp_path / "ed-skip"), "--stop-after", "1"]) == 0
+    summary = capsys.readouterr().out
+    assert f'"records": {n - 1}' in summary and '"skipped": 1' in summary, summary
     with pytest.raises(SystemExit):
         main(base + ["--offset", "-1"])
     assert "--offset: must be >= 0" in capsys.readouterr().err

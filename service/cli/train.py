@@ -125,8 +125,11 @@ def run(args: argparse.Namespace) -> int:
             if args.publish_tokens:
                 editor.cfg.tokens = args.publish_tokens  # read per proposal: nothing else depends on it
             editor.save(args.publish, dtype=torch.float16)
+        # the trainer leaves out records over the editor's token limits too: report what it trained on
+        trained = json.loads((Path(args.out) / "train.json").read_text())
         summary = {"out": str(args.out), "method": editor.method, "k": k, "modules": n_modules,
-                   "records": len(records), "skipped": loaded.skipped, "seconds": round(time.time() - start, 1)}
+                   "records": trained["records"], "skipped": loaded.skipped + trained["skipped"],
+                   "seconds": round(time.time() - start, 1)}
         if args.eval_data:
             eval_records = load_records(args.eval_data, tokenizer=tokenizer, skip_bad=True, limit=args.eval_n).records
             summary["single_edit_efficacy"] = single_edit_efficacy(editor, eval_records, progress=not args.no_progress)
