@@ -102,6 +102,7 @@ def _edit_lowers_loss_and_rolls_back(model, tok, editor) -> tuple[float, float]:
     ("smollm2-135m-instruct", "zsre/mend", "mend"),
     ("smollm2-135m-instruct", "zsre/seed1/hiedit", "hiedit"), ("smollm2-135m-instruct", "zsre/seed1/rledit", "rledit"),
     ("smollm2-135m-instruct", "zsre/seed2/hiedit", "hiedit"), ("smollm2-135m-instruct", "zsre/seed2/rledit", "rledit"),
+    ("smollm2-135m-instruct", "zsre/epoch/hiedit", "hiedit"), ("smollm2-135m-instruct", "zsre/epoch/rledit", "rledit"),
     ("gemma-3-270m", "rledit", "rledit"), ("gemma-3-270m", "mend", "mend"), ("gemma-3-270m", "seed1/hiedit", "hiedit"),
     ("gemma-3-270m", "seed1/rledit", "rledit"), ("gemma-3-270m", "seed2/hiedit", "hiedit"),
     ("gemma-3-270m", "seed2/rledit", "rledit")])
