@@ -391,8 +391,9 @@ def test_cli_trains_resumes_and_refuses(tmp_path, capsys):
     # a record over the editor's prompt limit loads, then the trainer leaves it out: the summary counts it
     long = _records()
     long[0] = dataclasses.replace(long[0], prompt=" ".join([long[0].prompt] * 200))
-    skip = [a if a != str(data) else str(_write_counterfact(tmp_path / "long.json", long)) for a in offset]
-    assert main(skip + ["--skip-bad", "--out", str(tmp_path / "ed-skip"), "--stop-after", "1"]) == 0
+    swap = {str(data): str(_write_counterfact(tmp_path / "long.json", long)),
+            str(tmp_path / "ed"): str(tmp_path / "ed-skip")}
+    assert main([swap.get(a, a) for a in base] + ["--skip-bad", "--stop-after", "1"]) == 0
     summary = capsys.readouterr().out
     assert f'"records": {n - 1}' in summary and '"skipped": 1' in summary, summary
     with pytest.raises(SystemExit):

@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from editor_core.model import LayerSpecError, load_model, resolve_modules
     from editor_core.train import TrainConfigError, train_editor
     from editor_core.train_data import BadRecord
+    from editor_core.train_io import TRAIN_LOG_FILE
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.threads:
@@ -126,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
                 editor.cfg.tokens = args.publish_tokens  # read per proposal: nothing else depends on it
             editor.save(args.publish, dtype=torch.float16)
         # the trainer leaves out records over the editor's token limits too: report what it trained on
-        trained = json.loads((Path(args.out) / "train.json").read_text())
+        trained = json.loads((Path(args.out) / TRAIN_LOG_FILE).read_text())
         summary = {"out": str(args.out), "method": editor.method, "k": k, "modules": n_modules,
                    "records": trained["records"], "skipped": loaded.skipped + trained["skipped"],
                    "seconds": round(time.time() - start, 1)}
