@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 import tempfile
 from pathlib import Path
 
@@ -489,18 +488,3 @@ def test_train_help_reads_as_a_recipe():
                  "--reg-coef", "--block-lr", "--tokens", "--seed", "--resume", "--publish"):
         assert kept in flags, kept
 
-
-@pytest.mark.parametrize("command", ["serve", "export", "train", "eval", "eval-merge", "eval-progress", "build-demo"])
-def test_help_states_each_default_once_and_never_none(command, capsys):
-    """`hiedit COMMAND --help` appends an option's default where it says something: not "(default: None)"
-    for an unset option, not a second default after a help text that states its own."""
-    from service.cli import main
-
-    with pytest.raises(SystemExit) as done:
-        main([command, "--help"])
-    assert done.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())
-    assert "(default: None)" not in text and "(default: False)" not in text
-    options = re.split(r"\s(?=--?[a-z])", text.split("options:", 1)[1])
-    for option in options:
-        assert option.count("(default") <= 1, option
