@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 from .capture import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TARGET_TOKENS, EditInputError, teacher_forced
 from .data import EditRecord
 from .editor import EditRequest, Editor, LocalityPrompt
+from .memit import ValueLog
 from .rlsedit import SingularSystemError
 from .state import DeltaRejected, WeightState
 from .tensors import logits_at, right_pad
@@ -453,12 +454,17 @@ class _Trace:
 def _edit_one(editor: Editor, state: WeightState, rec: EditRecord, i: int, k: int | None, cfg: EvalConfig,
               trace: _Trace):
     """Edit stream record ``i``; the proposal, or None when the record was skipped or the method failed."""
+    values = getattr(editor, "value_log", None)
+    if values is not None:
+        values.index = i
     try:
         t0 = time.perf_counter()
         proposal = editor.propose(request_for(rec), k)
         state.apply(i + 1, proposal.delta)
         editor.commit(i + 1, proposal)
-        trace.latencies.append(1000.0 * (time.perf_counter() - t0))
+        ms = 1000.0 * (time.perf_counter() - t0)
+        # A replayed value (memit.ValueLog) skipped the search; the edit's latency is the run's, so its time is added back.
+        trace.latencies.append(ms + (proposal.info.get("z_ms", 0.0) if proposal.info.get("z_replayed") else 0.0))
     except EditInputError as exc:
         if not cfg.skip_bad:
             raise EditInputError(f"stream record {i} (case {rec.case_id}): {exc}") from None
@@ -475,6 +481,7 @@ def _edit_one(editor: Editor, state: WeightState, rec: EditRecord, i: int, k: in
 
 
 PROGRESS_FORMAT = "hiedit-eval-progress-v1"
+VALUES_FILE = "values.jsonl"  # memit.ValueLog, in a method's progress directory
 
 
 def _save_progress(directory: Path, key: str | None, editor: Editor, state: WeightState, trace: _Trace) -> None:
@@ -517,7 +524,9 @@ def _load_progress(directory: Path, key: str | None, editor: Editor, state: Weig
     except Exception as exc:  # noqa: BLE001 - a foreign or torn progress only costs the edits it held
         log.warning("progress in %s not used (%s): starting from W^0", directory, exc)
         state.reset()
-        shutil.rmtree(directory, ignore_errors=True)
+        for item in directory.iterdir():  # the value log checks its own key (memit.ValueLog)
+            if item.name != VALUES_FILE:
+                shutil.rmtree(item) if item.is_dir() else item.unlink(missing_ok=True)
         return None
     torch.set_rng_state(torch.tensor(p["rng"], dtype=torch.uint8))
     edited = torch.zeros(n, dtype=torch.bool)
@@ -534,8 +543,10 @@ def run_method(bench: Bench, name: str, editor: Editor, state: WeightState, base
     resume_dir / resume_key: every ``cfg.checkpoint_every`` edits the method's progress (the weights'
     accumulators, the editor's state, the traces and curve so far, the RNG) is written to ``resume_dir``
     under ``resume_key``; a later call with the same key continues after the last one written instead of
-    starting from W^0, and ends with the row an uninterrupted run gives (latencies aside). The caller
-    removes ``resume_dir`` once the row is kept.
+    starting from W^0, and ends with the row an uninterrupted run gives (latencies aside). MEMIT-style
+    editors also log every edit's target value there (``values.jsonl``, memit.ValueLog): the edits it
+    holds past the last progress, or from W^0 when it is the only file left, are replayed without the
+    value search. The caller removes ``resume_dir`` once the row is kept.
     """
     state.reset()
     n = len(bench.stream)
@@ -546,6 +557,10 @@ def run_method(bench: Bench, name: str, editor: Editor, state: WeightState, base
         resumed = _load_progress(Path(resume_dir), resume_key, editor, state, n)
         if resumed is not None:
             trace = resumed
+    if resume_dir is not None and resume_key is not None and hasattr(editor, "value_log"):
+        # MEMIT-style editors log each edit's target value beside the progress: the edits after the last
+        # progress written (or all of them, from W^0, with this file alone) are replayed without the search.
+        editor.value_log = ValueLog(Path(resume_dir) / VALUES_FILE, resume_key)
     start = trace.done
     bar = tqdm(bench.stream[start:], desc=f"{name:>13s}", unit="edit", disable=not cfg.progress, leave=True,
                initial=start, total=n)
@@ -566,6 +581,10 @@ def run_method(bench: Bench, name: str, editor: Editor, state: WeightState, base
         final = score_edited(bench, n, base, cfg, trace.edited)
     finally:
         bar.close()
+        if getattr(editor, "value_log", None) is not None:
+            if editor.value_log.replayed:
+                log.info("%s: %d edits replayed from %s", name, editor.value_log.replayed, editor.value_log.path)
+            editor.value_log = None
         state.reset()
         state.checkpoint_dir, state.keep_checkpoints = saved_dir, saved_keep
         if state.fingerprint() != state.base_fingerprint:

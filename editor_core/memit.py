@@ -16,8 +16,14 @@ thread-local forward hooks (``_override_hooks``), so concurrent generation never
 """
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+import logging
 import math
 import random
+import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,6 +37,8 @@ from .tensors import logits_at, right_pad
 
 if TYPE_CHECKING:
     from .rlsedit import RLSEditConfig
+
+log = logging.getLogger(__name__)
 
 
 CONTEXT_POOL = (
@@ -69,6 +77,86 @@ def _with_block_output(out, new):
     return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
 
 
+VALUES_FORMAT = "hiedit-memit-values-v1"
+
+
+class ValueLog:
+    """The target values z of a stream's edits, by record index, in a JSON-lines file: written as a
+    benchmark run edits, read back to replay those edits without the value search.
+
+    Why: MEMIT's value search (``_compute_z``, up to ``v_steps`` forward and backward passes) is about 90%
+    of an edit's time on SmolLM2 (py-spy, docs/results.md), and everything else an edit does (keys on the
+    partly edited model, the per-layer solve, the editor's state) is cheap and is recomputed. A run's
+    progress thus travels as ~3 KB an edit, where its weights' checkpoint and AlphaEdit's state are tens of
+    MB: a run stopped on a machine that does not keep its disk starts again from W^0 with this file and
+    redoes only the cheap part of the edits it holds. A replayed z is the one the run computed for the
+    same fact on the same partly edited model (the edits before it are replayed the same way), so the
+    replayed run is the run itself, up to float rounding where the replaying machine's kernels differ.
+
+    Line 1: {"format", "key"} (a log made under another key is discarded); then one line per value
+    search: {"i": record index, "fact": digest of (prompt, target, subject), "z": base64 float32 [d_v],
+    "info": the search's info}. A torn last line is dropped.
+    """
+
+    def __init__(self, path: str | Path, key: str):
+        self.path, self.key = Path(path), key
+        self.entries: dict[int, dict] = {}
+        self.index: int | None = None   # the stream record being edited (the harness sets it)
+        self.replayed = 0
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        try:
+            head = json.loads(lines[0]) if lines else None
+        except json.JSONDecodeError:
+            head = None
+        if head == {"format": VALUES_FORMAT, "key": key}:
+            for line in lines[1:]:
+                try:
+                    e = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a stop while writing: the torn line and nothing after it
+                self.entries[int(e["i"])] = e
+        elif lines:
+            log.warning("value log %s made under other settings: not used", self.path)
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(x) + "\n" for x in
+                               [{"format": VALUES_FORMAT, "key": self.key}, *self.entries.values()]))
+        tmp.replace(self.path)
+
+    @staticmethod
+    def fact_digest(subject: Subject, prompt: str, target: str) -> str:
+        return hashlib.sha256(json.dumps([prompt, target, subject.text]).encode()).hexdigest()[:16]
+
+    def get(self, fact: str) -> tuple[torch.Tensor, dict] | None:
+        """(z [d_v] float32, info) logged for the current record, or None. A record logged for another
+        fact ends the log there: it, and everything after it, was made on another stream."""
+        e = self.entries.get(self.index) if self.index is not None else None
+        if e is None:
+            return None
+        if e["fact"] != fact:
+            log.warning("value log %s: record %d is another fact; its values from there on are dropped",
+                        self.path, self.index)
+            self.entries = {i: x for i, x in self.entries.items() if i < self.index}
+            self._rewrite()
+            return None
+        self.replayed += 1
+        z = torch.frombuffer(bytearray(base64.b64decode(e["z"])), dtype=torch.float32).clone()
+        return z, {**e["info"], "z_replayed": True}
+
+    def put(self, fact: str, z: torch.Tensor, info: dict) -> None:
+        if self.index is None:
+            return
+        e = {"i": self.index, "fact": fact,
+             "z": base64.b64encode(z.detach().float().cpu().contiguous().numpy().tobytes()).decode(),
+             "info": info}
+        self.entries[self.index] = e
+        with self.path.open("a") as f:
+            f.write(json.dumps(e) + "\n")
+
+
 class MemitEditor:
     """The key/value half of a MEMIT-style editor bound to a model's down_proj layers.
 
@@ -97,6 +185,7 @@ class MemitEditor:
         self.z_layer = refs[-1].layer
         self.device = next(model.parameters()).device
         self.contexts = self._make_contexts()
+        self.value_log: ValueLog | None = None  # set by the benchmark harness (evaluate.run_method) only
 
     # ---- context prefixes ------------------------------------------------------------------------------
 
@@ -179,6 +268,18 @@ class MemitEditor:
         """(input_ids of ``text``, the fact token: the subject's last token or the text's last token)."""
         ids, i = _token_index(self.tokenizer, text, subject_end)
         return (ids, len(ids) - 1) if self.cfg.fact_token == "last" else (ids, i)
+
+    def _value(self, subject: Subject, prompt: str, target: str) -> tuple[torch.Tensor, dict]:
+        """z and the search's info: from ``value_log`` when it holds this edit, else searched (and logged)."""
+        fact = ValueLog.fact_digest(subject, prompt, target) if self.value_log is not None else ""
+        if self.value_log is not None and (hit := self.value_log.get(fact)) is not None:
+            return hit
+        t0 = time.perf_counter()
+        z, info = self._compute_z(subject, prompt, target)
+        info["z_ms"] = 1000.0 * (time.perf_counter() - t0)
+        if self.value_log is not None:
+            self.value_log.put(fact, z, info)
+        return z, info
 
     def _compute_z(self, subject: Subject, prompt: str, target: str):
         """Target hidden state z = h_init + δ at the z layer (reference §3.2). Returns (z [d_v], info)."""

@@ -422,7 +422,7 @@ class RLSEditor(MemitEditor):
         with torch.no_grad():
             logits = self.model(input_ids=example.input_ids.to(self.device), use_cache=False).logits
             loss_before = float(target_loss(logits, example.labels.to(self.device)))
-        z, info = self._compute_z(subject, request.prompt, request.target)
+        z, info = self._value(subject, request.prompt, request.target)
         key_rows, key_idx = [], []  # the same fact token as z's (cfg.fact_token), in every context
         for ctx in self.contexts:
             ids, i = self._fact_index(ctx + request.prompt, len(ctx) + subject.end)

@@ -824,3 +824,88 @@ def test_zsre_half_split_offset(tiny, tmp_path):
     assert stream[0] == "zsre-500" and "zsre-534" not in stream and len(stream) == 40
     assert results["setup"]["skipped_records"] >= 2  # the tiny tokenizer refuses more than the two bad ones
     assert "500-999 are evaluated" in results["setup"]["zsre_split"]
+
+
+def test_a_run_restarted_from_its_value_log_alone_gives_the_same_row(tiny, tmp_path, monkeypatch):
+    """A MEMIT-style method stopped with no progress written (a machine that lost its disk keeps only the
+    small values.jsonl) starts again from W^0 and replays the edits that file holds without MEMIT's value
+    search, then searches the rest: the row is the row of a run never stopped. A log made under other
+    settings, or for another fact at a record, is not used from there on."""
+    import editor_core.evaluate as ev
+    from editor_core.memit import MemitEditor
+    from service.cli import main
+
+    methods = ["memit-nohist", "alphaedit"]
+
+    def run(out: Path, *extra: str) -> int:
+        return main(["eval", "--methods", ",".join(methods), "--n", "30", "--every", "15", "--out", str(out),
+                     "--model", str(tiny["model"]), "--editor", str(tiny["hiedit"]), "--data", str(tiny["data"]),
+                     "--n-known", "10", "--n-ppl", "20", "--glue-n", "20", "--threads", "1", "--no-progress",
+                     "--checkpoint-every", "0", *TINY_RLS, *extra])
+
+    searched: list[str] = []
+    original_z = MemitEditor._compute_z
+
+    def counting(self, *args):
+        searched.append(self.method)
+        return original_z(self, *args)
+
+    monkeypatch.setattr(MemitEditor, "_compute_z", counting)
+    assert run(tmp_path / "whole") == 0
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())["methods"]
+    assert searched.count("alphaedit") == 30
+
+    class Stop(Exception):
+        pass
+
+    original = ev._edit_one
+
+    def stopping(editor, state, rec, i, *args):
+        if i == 25 and editor.method == "alphaedit":
+            raise Stop
+        return original(editor, state, rec, i, *args)
+
+    out = tmp_path / "stopped"
+    monkeypatch.setattr(ev, "_edit_one", stopping)
+    with pytest.raises(Stop):
+        run(out)
+    partial = out / "methods" / "alphaedit.partial"
+    assert sorted(p.name for p in partial.iterdir()) == [ev.VALUES_FILE]  # no progress: --checkpoint-every 0
+    lines = (partial / ev.VALUES_FILE).read_text().splitlines()
+    assert len(lines) == 1 + 25
+
+    monkeypatch.setattr(ev, "_edit_one", original)
+    searched.clear()
+    assert run(out) == 0
+    assert searched.count("alphaedit") == 5                  # records 25-29; 0-24 replayed from the log
+    assert "memit-nohist" not in searched                    # its row was cached
+    assert not partial.exists()
+    resumed = json.loads((out / "results.json").read_text())["methods"]
+    for name in methods:
+        a, b = dict(whole[name]), dict(resumed[name])
+        b.pop("from_cache", None)
+        for key in ("edit_latency_ms_p50", "edit_latency_ms_mean"):
+            assert b[key] > 0
+            a.pop(key), b.pop(key)
+        assert a == b, name
+
+    # Record 3 logged for another fact: records 0-2 replayed, the rest searched again (and logged anew).
+    head, *entries = [json.loads(x) for x in lines]
+    entries[3]["fact"] = "0" * 16
+    (out / "methods" / "alphaedit.json").unlink()           # its cached row: the method runs again
+    partial.mkdir(parents=True)
+    (partial / ev.VALUES_FILE).write_text("".join(json.dumps(x) + "\n" for x in [head, *entries]))
+    searched.clear()
+    assert run(out) == 0
+    assert searched.count("alphaedit") == 27
+    # Made under other settings (another key): not used at all.
+    head["key"] = "another"
+    (out / "methods" / "alphaedit.json").unlink()           # its cached row: the method runs again
+    partial.mkdir(parents=True)
+    (partial / ev.VALUES_FILE).write_text("".join(json.dumps(x) + "\n" for x in [head, *entries]))
+    searched.clear()
+    assert run(out) == 0
+    assert searched.count("alphaedit") == 30
+    again = json.loads((out / "results.json").read_text())["methods"]["alphaedit"]
+    assert {k: v for k, v in again.items() if "latency" not in k} == \
+        {k: v for k, v in whole["alphaedit"].items() if "latency" not in k}
