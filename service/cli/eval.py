@@ -441,7 +441,7 @@ def _cache_keys(args, model, ctx, stream, known, ppl_texts, glue, cfg, editor_di
     from editor_core.rlsedit import RLSEditConfig
 
     rls = {"rls": asdict(RLSEditConfig(**ctx.rls_options)), "layers": ctx.rls_layers,
-           "code": source("rlsedit", "stats", "capture")}
+           "code": source("rlsedit", "memit", "stats", "capture")}
     trained = {"train": ctx.train_options, "train_cases": [r.case_id for r in ctx.train_records],
                "code": source("hiedit", "nets", "train", "capture")}
     per_method = {
