@@ -826,7 +826,7 @@ def test_zsre_half_split_offset(tiny, tmp_path):
     assert "500-999 are evaluated" in results["setup"]["zsre_split"]
 
 
-def test_a_run_restarted_from_its_value_log_alone_gives_the_same_row(tiny, tmp_path, monkeypatch):
+def test_a_run_restarted_from_its_value_log_alone_gives_the_same_row(tiny, tmp_path, monkeypatch, capsys):
     """A MEMIT-style method stopped with no progress written (a machine that lost its disk keeps only the
     small values.jsonl) starts again from W^0 and replays the edits that file holds without MEMIT's value
     search, then searches the rest: the row is the row of a run never stopped. A log made under other
@@ -873,6 +873,12 @@ def test_a_run_restarted_from_its_value_log_alone_gives_the_same_row(tiny, tmp_p
     assert sorted(p.name for p in partial.iterdir()) == [ev.VALUES_FILE]  # no progress: --checkpoint-every 0
     lines = (partial / ev.VALUES_FILE).read_text().splitlines()
     assert len(lines) == 1 + 25
+    capsys.readouterr()
+    assert main(["eval-progress", str(out), "--json"]) == 0      # the log alone is a progress to show
+    (shown,) = json.loads(capsys.readouterr().out)
+    assert (shown["method"], shown["done"], shown["values_logged"]) == ("alphaedit", 0, 25)
+    assert main(["eval-progress", str(partial)]) == 0
+    assert "target values logged: 25 edits" in capsys.readouterr().out
 
     monkeypatch.setattr(ev, "_edit_one", original)
     searched.clear()

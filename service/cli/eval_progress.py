@@ -9,7 +9,9 @@
 run that cannot end where it started (a session shorter than the method), this prints what the
 progress holds: records done, skips and rejections, edit latency per 100 edits, and the running scores
 measured every ``--every`` edits (whole-object scoring; General Retention from perplexity alone, as in
-the curves of ``results.json``). Nothing is changed; the run still resumes.
+the curves of ``results.json``), and how many edits its value log holds (``values.jsonl``, MEMIT-style
+methods: a restart from W^0 with that file alone replays them without the value search). Nothing is
+changed; the run still resumes.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import sys
 from pathlib import Path
 
 from editor_core.evaluate import MEAN_OF as SCORES  # the four scores the headline mean averages
+from editor_core.evaluate import VALUES_FILE
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -29,10 +32,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="print a JSON list (one object per method) instead of tables")
 
 
-def _summary(name: str, progress: dict) -> dict:
+def _values_logged(directory: Path) -> int | None:
+    """Edits whose target value ``directory``'s value log holds (its header and a torn last line aside)."""
+    path = directory / VALUES_FILE
+    if not path.is_file():
+        return None
+    n = 0
+    for line in path.read_text().splitlines()[1:]:
+        try:
+            json.loads(line)
+        except ValueError:
+            break
+        n += 1
+    return n
+
+
+def _summary(name: str, progress: dict, values: int | None = None) -> dict:
     latencies = [float(x) for x in progress.get("latencies", [])]
     buckets = [latencies[i:i + 100] for i in range(0, len(latencies), 100)]
-    return {"method": name, "done": int(progress["done"]), "n": progress.get("n"),
+    return {"method": name, "done": int(progress["done"]), "n": progress.get("n"), "values_logged": values,
             "skipped": len(progress.get("skipped", [])), "rejected": len(progress.get("rejected", [])),
             "latency_s_p50_per_100": [round(sorted(b)[len(b) // 2] / 1000, 2) for b in buckets],
             "curve": [{"edits": c["edits"], **{m: round(float(c[m]), 2) for m in SCORES},
@@ -45,6 +63,8 @@ def _summary(name: str, progress: dict) -> dict:
 def _table(s: dict) -> str:
     of = f" of {s['n']}" if s["n"] else ""
     lines = [f"{s['method']}: {s['done']}{of} records done, {s['skipped']} skipped, {s['rejected']} rejected"]
+    if s.get("values_logged") is not None:
+        lines.append(f"  target values logged: {s['values_logged']} edits (a restart replays them without the value search)")
     if s["latency_s_p50_per_100"]:  # a results.json row keeps only its p50 over the whole stream
         lines.append("  edit latency p50 per 100 edits (s): " + " ".join(f"{x:g}" for x in s["latency_s_p50_per_100"]))
     if not s["curve"]:
@@ -72,15 +92,20 @@ def run(args: argparse.Namespace) -> int:
             except (OSError, ValueError, KeyError, TypeError) as e:
                 errors.append(f"{path}: not a readable results.json ({e})")
             continue
-        found = ([path] if path.is_file() else [path / "progress.json"] if (path / "progress.json").is_file()
-                 else sorted(path.glob("methods/*.partial/progress.json")))
+        def held(d: Path) -> bool:
+            return (d / "progress.json").is_file() or (d / VALUES_FILE).is_file()
+
+        found = ([path.parent] if path.is_file() else [path] if held(path)
+                 else [d for d in sorted(path.glob("methods/*.partial")) if held(d)])
         if not found:
-            errors.append(f"{out}: no method in progress (no methods/NAME.partial/progress.json)")
-        for path in found:
+            errors.append(f"{out}: no method in progress (no methods/NAME.partial/progress.json or {VALUES_FILE})")
+        for d in found:
             try:
-                summaries.append(_summary(path.parent.name.removesuffix(".partial"), json.loads(path.read_text())))
+                progress = json.loads((d / "progress.json").read_text()) if (d / "progress.json").is_file() \
+                    else {"done": 0}
+                summaries.append(_summary(d.name.removesuffix(".partial"), progress, _values_logged(d)))
             except (OSError, ValueError, KeyError, TypeError) as e:
-                errors.append(f"{path}: not a readable progress file ({e})")
+                errors.append(f"{d}: not a readable progress file ({e})")
     for e in errors:
         print(f"hiedit eval-progress: {e}", file=sys.stderr)
     if args.json:
