@@ -9,7 +9,12 @@ editors, and the evaluation stream written in the demo split. Writes ``results.j
 
 Resumable: each finished method's row is cached in ``OUT/methods/<name>.json`` under a digest of
 everything it depends on (model weights, stream, editors, options, torch threads, scoring version);
-rerunning the same command takes finished rows from there and runs only the rest.
+rerunning the same command takes finished rows from there and runs only the rest. A method stopped
+midway continues from ``OUT/methods/<name>.partial/`` (its progress every ``--checkpoint-every`` edits).
+MEMIT-style methods (rlsedit, memit-nohist, alphaedit) also log every edit's target value there
+(``values.jsonl``, ~3 KB an edit): copied alone into a fresh ``OUT/methods/<name>.partial/`` on another
+machine, the rerun starts from W^0 and replays those edits without MEMIT's value search (about 90% of an
+edit's time), so a run longer than a machine's lease goes on across machines.
 
 ZsRE (../shared/data/zsre/zsre_mend_train_1k.json, 1,000 records of the MEND ZsRE *train* split): the
 protocol trains ZsRE editors on records 0-499 (``hiedit train --limit 500``) and evaluates on records
