@@ -685,6 +685,38 @@ def test_ci_sized_run_every_method_and_metric(tiny, tmp_path):
     assert not third["methods"]["alphaedit"].get("from_cache") and third["methods"]["ft"].get("from_cache")
 
 
+class _Stop(Exception):
+    """Stops a hiedit eval run midway, as a kill would."""
+
+
+def _stop_alphaedit_at(monkeypatch, record: int, seen: list | None = None) -> None:
+    """hiedit eval raises _Stop when alphaedit reaches stream ``record`` (other methods run on); every
+    edit made before is appended to ``seen`` as (method, record)."""
+    import editor_core.evaluate as ev
+
+    original = ev._edit_one
+
+    def stopping(editor, state, rec, i, *args):
+        if i == record and editor.method == "alphaedit":
+            raise _Stop
+        if seen is not None:
+            seen.append((editor.method, i))
+        return original(editor, state, rec, i, *args)
+
+    monkeypatch.setattr(ev, "_edit_one", stopping)
+
+
+def _assert_same_rows(whole: dict, resumed: dict, methods: list[str]) -> None:
+    """Every method's row of a resumed run is the uninterrupted run's, its (timed, nonzero) latencies aside."""
+    for name in methods:
+        a, b = dict(whole[name]), dict(resumed[name])
+        b.pop("from_cache", None)
+        for key in ("edit_latency_ms_p50", "edit_latency_ms_mean"):
+            assert b[key] > 0, (name, key)
+            a.pop(key), b.pop(key)
+        assert a == b, name
+
+
 def test_a_method_stopped_midway_resumes_to_the_same_row(tiny, tmp_path, monkeypatch, capsys):
     """A run stopped inside a method (here at record 25 of 30) continues from the progress it wrote every
     --checkpoint-every edits: the weights' checkpoint, the editor's state (RLSEdit's C, AlphaEdit's K_pᵀK_p),
@@ -703,20 +735,10 @@ def test_a_method_stopped_midway_resumes_to_the_same_row(tiny, tmp_path, monkeyp
     assert run(tmp_path / "whole") == 0
     whole = json.loads((tmp_path / "whole" / "results.json").read_text())["methods"]
 
-    class Stop(Exception):
-        pass
-
     original, seen = ev._edit_one, []
-
-    def stopping(editor, state, rec, i, *args):
-        if i == 25 and editor.method == "alphaedit":
-            raise Stop
-        seen.append((editor.method, i))
-        return original(editor, state, rec, i, *args)
-
     out = tmp_path / "stopped"
-    monkeypatch.setattr(ev, "_edit_one", stopping)
-    with pytest.raises(Stop):
+    _stop_alphaedit_at(monkeypatch, 25, seen)
+    with pytest.raises(_Stop):
         run(out)
     partial = out / "methods" / "alphaedit.partial"
     assert json.loads((partial / "progress.json").read_text())["done"] == 21
@@ -750,13 +772,7 @@ def test_a_method_stopped_midway_resumes_to_the_same_row(tiny, tmp_path, monkeyp
     assert [i for m, i in seen if m == "alphaedit"] == list(range(21, 30))  # from its progress, not from W^0
     assert "rlsedit" not in {m for m, _ in seen}                            # a finished row is cached
     assert not partial.exists()
-    resumed = json.loads((out / "results.json").read_text())["methods"]
-    for name in methods:
-        a, b = dict(whole[name]), dict(resumed[name])
-        b.pop("from_cache", None)
-        for key in ("edit_latency_ms_p50", "edit_latency_ms_mean"):
-            a.pop(key), b.pop(key)
-        assert a == b, name
+    _assert_same_rows(whole, json.loads((out / "results.json").read_text())["methods"], methods)
 
 
 def test_a_collapsed_model_is_marked_collapsed(tmp_path):
@@ -855,19 +871,10 @@ def test_a_run_restarted_from_its_value_log_alone_gives_the_same_row(tiny, tmp_p
     whole = json.loads((tmp_path / "whole" / "results.json").read_text())["methods"]
     assert searched.count("alphaedit") == 30
 
-    class Stop(Exception):
-        pass
-
     original = ev._edit_one
-
-    def stopping(editor, state, rec, i, *args):
-        if i == 25 and editor.method == "alphaedit":
-            raise Stop
-        return original(editor, state, rec, i, *args)
-
     out = tmp_path / "stopped"
-    monkeypatch.setattr(ev, "_edit_one", stopping)
-    with pytest.raises(Stop):
+    _stop_alphaedit_at(monkeypatch, 25)
+    with pytest.raises(_Stop):
         run(out)
     partial = out / "methods" / "alphaedit.partial"
     assert sorted(p.name for p in partial.iterdir()) == [ev.VALUES_FILE]  # no progress: --checkpoint-every 0
@@ -886,32 +893,19 @@ def test_a_run_restarted_from_its_value_log_alone_gives_the_same_row(tiny, tmp_p
     assert searched.count("alphaedit") == 5                  # records 25-29; 0-24 replayed from the log
     assert "memit-nohist" not in searched                    # its row was cached
     assert not partial.exists()
-    resumed = json.loads((out / "results.json").read_text())["methods"]
-    for name in methods:
-        a, b = dict(whole[name]), dict(resumed[name])
-        b.pop("from_cache", None)
-        for key in ("edit_latency_ms_p50", "edit_latency_ms_mean"):
-            assert b[key] > 0
-            a.pop(key), b.pop(key)
-        assert a == b, name
+    _assert_same_rows(whole, json.loads((out / "results.json").read_text())["methods"], methods)
 
-    # Record 3 logged for another fact: records 0-2 replayed, the rest searched again (and logged anew).
+    def rerun_alphaedit_from(values: list[dict]) -> int:
+        """Searches alphaedit makes when its row is gone and its progress directory holds ``values`` alone."""
+        (out / "methods" / "alphaedit.json").unlink()
+        partial.mkdir(parents=True)
+        (partial / ev.VALUES_FILE).write_text("".join(json.dumps(x) + "\n" for x in values))
+        searched.clear()
+        assert run(out) == 0
+        return searched.count("alphaedit")
+
     head, *entries = [json.loads(x) for x in lines]
     entries[3]["fact"] = "0" * 16
-    (out / "methods" / "alphaedit.json").unlink()           # its cached row: the method runs again
-    partial.mkdir(parents=True)
-    (partial / ev.VALUES_FILE).write_text("".join(json.dumps(x) + "\n" for x in [head, *entries]))
-    searched.clear()
-    assert run(out) == 0
-    assert searched.count("alphaedit") == 27
-    # Made under other settings (another key): not used at all.
-    head["key"] = "another"
-    (out / "methods" / "alphaedit.json").unlink()           # its cached row: the method runs again
-    partial.mkdir(parents=True)
-    (partial / ev.VALUES_FILE).write_text("".join(json.dumps(x) + "\n" for x in [head, *entries]))
-    searched.clear()
-    assert run(out) == 0
-    assert searched.count("alphaedit") == 30
-    again = json.loads((out / "results.json").read_text())["methods"]["alphaedit"]
-    assert {k: v for k, v in again.items() if "latency" not in k} == \
-        {k: v for k, v in whole["alphaedit"].items() if "latency" not in k}
+    assert rerun_alphaedit_from([head, *entries]) == 27      # record 3 is another fact: 0-2 replayed, then searched
+    assert rerun_alphaedit_from([{**head, "key": "another"}, *entries]) == 30  # another key: not used at all
+    _assert_same_rows(whole, json.loads((out / "results.json").read_text())["methods"], ["alphaedit"])
