@@ -10,8 +10,8 @@ run that cannot end where it started (a session shorter than the method), this p
 progress holds: records done, skips and rejections, edit latency per 100 edits, and the running scores
 measured every ``--every`` edits (whole-object scoring; General Retention from perplexity alone, as in
 the curves of ``results.json``), and how many edits its value log holds (``values.jsonl``, MEMIT-style
-methods: a restart from W^0 with that file alone replays them without the value search). Nothing is
-changed; the run still resumes.
+methods: a restart from W^0 with that file alone replays them without the value search) with the value
+search's mean step count per 100 edits. Nothing is changed; the run still resumes.
 """
 from __future__ import annotations
 
@@ -32,25 +32,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="print a JSON list (one object per method) instead of tables")
 
 
-def _values_logged(directory: Path) -> int | None:
-    """Edits whose target value ``directory``'s value log holds (its header and a torn last line aside)."""
+def _value_steps(directory: Path) -> list[int] | None:
+    """The value search's step count of every edit ``directory``'s value log holds (None: no log)."""
     path = directory / VALUES_FILE
     if not path.is_file():
         return None
-    n = 0
+    steps = []
     for line in path.read_text().splitlines()[1:]:
         try:
-            json.loads(line)
-        except ValueError:
-            break
-        n += 1
-    return n
+            steps.append(int(json.loads(line)["info"]["z_steps"]))
+        except (ValueError, KeyError, TypeError):
+            break  # a torn last line
+    return steps
 
 
-def _summary(name: str, progress: dict, values: int | None = None) -> dict:
+def _summary(name: str, progress: dict, steps: list[int] | None = None) -> dict:
     latencies = [float(x) for x in progress.get("latencies", [])]
     buckets = [latencies[i:i + 100] for i in range(0, len(latencies), 100)]
-    return {"method": name, "done": int(progress["done"]), "n": progress.get("n"), "values_logged": values,
+    return {"method": name, "done": int(progress["done"]), "n": progress.get("n"),
+            "values_logged": None if steps is None else len(steps),
+            "value_steps_mean_per_100": None if steps is None else
+            [round(sum(steps[i:i + 100]) / len(steps[i:i + 100]), 1) for i in range(0, len(steps), 100)],
             "skipped": len(progress.get("skipped", [])), "rejected": len(progress.get("rejected", [])),
             "latency_s_p50_per_100": [round(sorted(b)[len(b) // 2] / 1000, 2) for b in buckets],
             "curve": [{"edits": c["edits"], **{m: round(float(c[m]), 2) for m in SCORES},
@@ -65,6 +67,9 @@ def _table(s: dict) -> str:
     lines = [f"{s['method']}: {s['done']}{of} records done, {s['skipped']} skipped, {s['rejected']} rejected"]
     if s.get("values_logged") is not None:
         lines.append(f"  target values logged: {s['values_logged']} edits (a restart replays them without the value search)")
+        if s["value_steps_mean_per_100"]:
+            lines.append("  value search steps, mean per 100 edits: "
+                         + " ".join(f"{x:g}" for x in s["value_steps_mean_per_100"]))
     if s["latency_s_p50_per_100"]:  # a results.json row keeps only its p50 over the whole stream
         lines.append("  edit latency p50 per 100 edits (s): " + " ".join(f"{x:g}" for x in s["latency_s_p50_per_100"]))
     if not s["curve"]:
@@ -103,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 progress = json.loads((d / "progress.json").read_text()) if (d / "progress.json").is_file() \
                     else {"done": 0}
-                summaries.append(_summary(d.name.removesuffix(".partial"), progress, _values_logged(d)))
+                summaries.append(_summary(d.name.removesuffix(".partial"), progress, _value_steps(d)))
             except (OSError, ValueError, KeyError, TypeError) as e:
                 errors.append(f"{d}: not a readable progress file ({e})")
     for e in errors:
