@@ -32,6 +32,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="print a JSON list (one object per method) instead of tables")
 
 
+def _holds_progress(directory: Path) -> bool:
+    return (directory / "progress.json").is_file() or (directory / VALUES_FILE).is_file()
+
+
 def _value_steps(directory: Path) -> list[int] | None:
     """The value search's step count of every edit ``directory``'s value log holds (None: no log)."""
     path = directory / VALUES_FILE
@@ -97,11 +101,8 @@ def run(args: argparse.Namespace) -> int:
             except (OSError, ValueError, KeyError, TypeError) as e:
                 errors.append(f"{path}: not a readable results.json ({e})")
             continue
-        def held(d: Path) -> bool:
-            return (d / "progress.json").is_file() or (d / VALUES_FILE).is_file()
-
-        found = ([path.parent] if path.is_file() else [path] if held(path)
-                 else [d for d in sorted(path.glob("methods/*.partial")) if held(d)])
+        found = ([path.parent] if path.is_file() else [path] if _holds_progress(path)
+                 else [d for d in sorted(path.glob("methods/*.partial")) if _holds_progress(d)])
         if not found:
             errors.append(f"{out}: no method in progress (no methods/NAME.partial/progress.json or {VALUES_FILE})")
         for d in found:
