@@ -778,7 +778,8 @@ def merge_results(parts: list[dict]) -> dict:
             methods[name], taken_from[name] = row, i  # a replaced row keeps its place in the table
     runs = [{"methods": [n for n, j in taken_from.items() if j == i], "setup": part.get("setup", {})}
             for i, part in enumerate(parts)]
-    return {**{k: v for k, v in first.items() if k not in ("methods", "setup")},
+    # "partial" (a run stopped between methods) describes one run, not the merged table.
+    return {**{k: v for k, v in first.items() if k not in ("methods", "setup", "partial")},
             "methods": methods, "setup": {"runs": [r for r in runs if r["methods"]]}}
 
 
@@ -829,7 +830,7 @@ def average_results(parts: list[dict]) -> dict:
         # Collapsed in any replicate is collapsed: a mean must not hide one destroyed model.
         row["collapsed"] = any(r.get("collapsed") for r in rows)
         methods[name] = {**row, "spread": spread}
-    return {**{k: v for k, v in first.items() if k not in ("methods", "setup", "order_seed", "replicates")},
+    return {**{k: v for k, v in first.items() if k not in ("methods", "setup", "order_seed", "replicates", "partial")},
             "methods": methods, "replicates": sum(weights), "setup": {"runs": run_setups}}
 
 

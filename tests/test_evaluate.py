@@ -326,7 +326,7 @@ def _check_merge(results: dict, tmp_path: Path, methods: list[str]) -> None:
 
     stale = json.loads(json.dumps(results["methods"]["hiedit"]))
     stale["mean"] = -1.0
-    early = part(methods[:3])
+    early = part(methods[:3], partial=f"3 of {len(methods)} methods")  # written by a run stopped between methods
     stale_run = tmp_path / "stale.json"
     stale_run.write_text(json.dumps({**results, "methods": {"hiedit": stale}}))
     late = part(methods[1:])
@@ -334,6 +334,7 @@ def _check_merge(results: dict, tmp_path: Path, methods: list[str]) -> None:
     merged = _check_results(tmp_path / "merged", methods, 20)          # the table keeps the first run's order
     assert merged["methods"] == results["methods"]                      # hiedit's stale row was replaced
     assert [r["methods"] for r in merged["setup"]["runs"]] == [methods[:1], methods[1:]]
+    assert "partial" not in merged                                       # one run's note, not the table's
     # --drop leaves a method out (a row measured by code since changed); a method no run has is refused
     assert main(["eval-merge", early, late, "--drop", methods[1], "--out", str(tmp_path / "dropped")]) == 0
     dropped = json.loads((tmp_path / "dropped" / "results.json").read_text())
@@ -353,10 +354,10 @@ def _check_merge(results: dict, tmp_path: Path, methods: list[str]) -> None:
         row["curve"][0]["specificity"] += 4.0
     # another order of the same facts, run with an editor trained from another seed
     reordered = {**results["setup"], "stream": list(reversed(results["setup"]["stream"])), "editor": "/seed1/hiedit"}
-    one, two = part(methods), part(methods, methods=bumped, setup=reordered)
+    one, two = part(methods, partial="stopped"), part(methods, methods=bumped, setup=reordered)
     assert main(["eval-merge", "--mean", one, two, "--out", str(tmp_path / "mean")]) == 0
     mean = json.loads((tmp_path / "mean" / "results.json").read_text())
-    assert mean["replicates"] == 2 and list(mean["methods"]) == methods
+    assert mean["replicates"] == 2 and list(mean["methods"]) == methods and "partial" not in mean
     md = (tmp_path / "mean" / "results.md").read_text()  # every cell: mean (min–max)
     hi = mean["methods"]["hiedit"]
     assert "mean of 2 replicates" in md
