@@ -103,21 +103,35 @@ class ValueLog:
         self.entries: dict[int, dict] = {}
         self.index: int | None = None   # the stream record being edited (the harness sets it)
         self.replayed = 0
-        lines = self.path.read_text().splitlines() if self.path.is_file() else []
-        try:
-            head = json.loads(lines[0]) if lines else None
-        except json.JSONDecodeError:
-            head = None
+        head, entries = self.read(self.path)
         if head == {"format": VALUES_FORMAT, "key": key}:
-            for line in lines[1:]:
-                try:
-                    e = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a stop while writing: the torn line and nothing after it
-                self.entries[int(e["i"])] = e
-        elif lines:
+            self.entries = {int(e["i"]): e for e in entries}
+        elif head is not None:
             log.warning("value log %s made under other settings: not used", self.path)
         self._rewrite()
+
+    @staticmethod
+    def read(path: str | Path) -> tuple[dict | None, list[dict]]:
+        """(header, entries) of a value log as written, changing nothing: (None, []) for no file, header
+        None for a file whose first line is not JSON; entries stop before a torn line (a stop while writing)."""
+        path = Path(path)
+        lines = path.read_text().splitlines() if path.is_file() else []
+        if not lines:
+            return None, []
+        try:
+            head = json.loads(lines[0])
+        except json.JSONDecodeError:
+            return None, []
+        entries = []
+        for line in lines[1:]:
+            try:
+                e = json.loads(line)
+            except json.JSONDecodeError:
+                break  # the torn line and nothing after it
+            if not isinstance(e, dict) or "i" not in e or "info" not in e:
+                break
+            entries.append(e)
+        return head, entries
 
     def _rewrite(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

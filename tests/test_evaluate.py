@@ -843,6 +843,25 @@ def test_zsre_half_split_offset(tiny, tmp_path):
     assert "500-999 are evaluated" in results["setup"]["zsre_split"]
 
 
+def test_value_log_reads_what_a_stop_left_and_changes_nothing(tmp_path):
+    """ValueLog.read (also eval-progress's reader): the entries before a torn line, the file left as it is."""
+    import editor_core.evaluate as ev
+    from editor_core.memit import ValueLog
+    from service.cli.eval_progress import _value_steps
+
+    path = tmp_path / ev.VALUES_FILE
+    assert ValueLog.read(path) == (None, [])                                   # no file
+    head = {"format": "x", "key": "k"}
+    entries = [{"i": i, "fact": f"{i:016d}", "z": "", "info": {"z_steps": 3 + i}} for i in range(3)]
+    text = "".join(json.dumps(x) + "\n" for x in (head, *entries)) + '{"i": 3, "fa'   # a stop while writing
+    path.write_text(text)
+    assert ValueLog.read(path) == (head, entries)
+    assert _value_steps(tmp_path) == [3, 4, 5]
+    assert path.read_text() == text                                            # read-only, unlike ValueLog(...)
+    path.write_text("not json\n" + json.dumps(entries[0]) + "\n")
+    assert ValueLog.read(path) == (None, [])
+
+
 def test_a_run_restarted_from_its_value_log_alone_gives_the_same_row(tiny, tmp_path, monkeypatch, capsys):
     """A MEMIT-style method stopped with no progress written (a machine that lost its disk keeps only the
     small values.jsonl) starts again from W^0 and replays the edits that file holds without MEMIT's value

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from editor_core.evaluate import MEAN_OF as SCORES  # the four scores the headline mean averages
 from editor_core.evaluate import VALUES_FILE
+from editor_core.memit import ValueLog
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -41,13 +42,8 @@ def _value_steps(directory: Path) -> list[int] | None:
     path = directory / VALUES_FILE
     if not path.is_file():
         return None
-    steps = []
-    for line in path.read_text().splitlines()[1:]:
-        try:
-            steps.append(int(json.loads(line)["info"]["z_steps"]))
-        except (ValueError, KeyError, TypeError):
-            break  # a torn last line
-    return steps
+    _, entries = ValueLog.read(path)
+    return [int(e["info"]["z_steps"]) for e in entries if "z_steps" in e["info"]]
 
 
 def _summary(name: str, progress: dict, steps: list[int] | None = None) -> dict:
