@@ -758,6 +758,11 @@ class MergeError(ValueError):
     """Runs that cannot share one table: another N, scoring, base model or stream."""
 
 
+# Keys of a results dict that describe one run, not a table merged or averaged from several ("partial": a run
+# stopped between methods); merge_results and average_results rebuild or drop them.
+_ONE_RUN_KEYS = ("methods", "setup", "partial")
+
+
 def merge_results(parts: list[dict]) -> dict:
     """One results dict from several runs on the same stream; a later run's row replaces an earlier one's.
 
@@ -778,8 +783,7 @@ def merge_results(parts: list[dict]) -> dict:
             methods[name], taken_from[name] = row, i  # a replaced row keeps its place in the table
     runs = [{"methods": [n for n, j in taken_from.items() if j == i], "setup": part.get("setup", {})}
             for i, part in enumerate(parts)]
-    # "partial" (a run stopped between methods) describes one run, not the merged table.
-    return {**{k: v for k, v in first.items() if k not in ("methods", "setup", "partial")},
+    return {**{k: v for k, v in first.items() if k not in _ONE_RUN_KEYS},
             "methods": methods, "setup": {"runs": [r for r in runs if r["methods"]]}}
 
 
@@ -830,7 +834,7 @@ def average_results(parts: list[dict]) -> dict:
         # Collapsed in any replicate is collapsed: a mean must not hide one destroyed model.
         row["collapsed"] = any(r.get("collapsed") for r in rows)
         methods[name] = {**row, "spread": spread}
-    return {**{k: v for k, v in first.items() if k not in ("methods", "setup", "order_seed", "replicates", "partial")},
+    return {**{k: v for k, v in first.items() if k not in (*_ONE_RUN_KEYS, "order_seed", "replicates")},
             "methods": methods, "replicates": sum(weights), "setup": {"runs": run_setups}}
 
 
